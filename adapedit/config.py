@@ -1,0 +1,129 @@
+"""Frozen, validated configurations of an edit and of the sampler (ALGORITHM.md §2, §5–§9)."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from adapedit.errors import ConfigError
+
+EDIT_TYPES = ("refine", "replace", "reweight")
+TAU_RULES = ("paper", "released")
+CALIBRATION_MODES = ("mean", "last")
+SCHEDULERS = ("ddim", "pndm")
+
+
+def _check_range(name: str, value: float, lo: float, hi: float, where: str) -> None:
+    if not (isinstance(value, (int, float)) and math.isfinite(value) and lo <= value <= hi):
+        raise ConfigError(f"{name} is out of range", where=where, expected=f"{lo} ≤ {name} ≤ {hi}",
+                          got=value)
+
+
+def _check_choice(name: str, value: str, choices: tuple[str, ...], where: str) -> None:
+    if value not in choices:
+        raise ConfigError(f"unknown {name}", where=where, expected=" | ".join(choices), got=value)
+
+
+@dataclass(frozen=True)
+class EditConfig:
+    """How the edit branch's attention is controlled.
+
+    Defaults are the paper's (§4.1): FWT and DPS on, ``λ_τ = 1``, ``λ_S = 0.9``, ``λ_SV = 1``,
+    ``α_m = 0.03``. With ``use_fwt = use_dps = False`` the method is exactly P2P refine with
+    ``cross_replace_steps = tau_fixed`` and ``self_replace_steps = tau_self_fixed``.
+    """
+
+    edit_type: str = "refine"
+    use_fwt: bool = True
+    use_dps: bool = True
+    dps_mask: bool = True
+    lambda_tau: float = 1.0
+    lambda_s: float = 0.9
+    lambda_sv: float = 1.0
+    alpha_m: float = 0.03
+    tau_rule: str = "paper"
+    tau_fixed: float = 0.8
+    tau_self_fixed: float = 0.4
+    calibration: str = "mean"
+    calibration_downscale: int = 2
+    local_blend: tuple[str, ...] = ()
+    local_blend_threshold: float = 0.3
+    reweight: tuple[tuple[str, float], ...] = ()
+    self_max_queries: int = 256
+
+    def __post_init__(self) -> None:
+        w = "EditConfig"
+        _check_choice("edit_type", self.edit_type, EDIT_TYPES, w)
+        _check_choice("tau_rule", self.tau_rule, TAU_RULES, w)
+        _check_choice("calibration", self.calibration, CALIBRATION_MODES, w)
+        _check_range("lambda_tau", self.lambda_tau, 0.0, 100.0, w)
+        _check_range("lambda_s", self.lambda_s, 0.0, 1.0, w)
+        _check_range("lambda_sv", self.lambda_sv, 0.0, 100.0, w)
+        _check_range("alpha_m", self.alpha_m, 0.0, 1.0, w)
+        _check_range("tau_fixed", self.tau_fixed, 0.0, 1.0, w)
+        _check_range("tau_self_fixed", self.tau_self_fixed, 0.0, 1.0, w)
+        _check_range("local_blend_threshold", self.local_blend_threshold, 0.0, 1.0, w)
+        if self.calibration_downscale not in (1, 2, 4, 8):
+            raise ConfigError("calibration_downscale must be a power of two", where=w,
+                              expected="1, 2, 4 or 8", got=self.calibration_downscale)
+        if self.self_max_queries < 0:
+            raise ConfigError("self_max_queries must be ≥ 0", where=w, got=self.self_max_queries)
+        object.__setattr__(self, "local_blend", tuple(self.local_blend))
+        object.__setattr__(self, "reweight", tuple((str(k), float(v)) for k, v in self.reweight))
+        for word, factor in self.reweight:
+            _check_range(f"reweight factor of {word!r}", factor, -100.0, 100.0, w)
+        if self.edit_type == "reweight" and not self.reweight:
+            raise ConfigError("edit_type 'reweight' needs at least one word and factor", where=w,
+                              expected="reweight=(('word', factor), ...)", got="none")
+        if self.reweight and self.edit_type != "reweight":
+            raise ConfigError("reweight words are given but edit_type is not 'reweight'", where=w,
+                              expected="edit_type='reweight'", got=self.edit_type)
+
+    @property
+    def needs_calibration(self) -> bool:
+        """The calibration pass is needed for FWT's τ and for DPS's keyword embeddings."""
+        return self.use_fwt or self.use_dps
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["local_blend"] = list(self.local_blend)
+        d["reweight"] = {k: v for k, v in self.reweight}
+        return d
+
+
+@dataclass(frozen=True)
+class SamplerConfig:
+    """Sampler settings shared by every pass of an edit. ``height``/``width`` of ``None`` take the
+    model's native resolution."""
+
+    steps: int = 50
+    guidance: float = 7.5
+    scheduler: str = "ddim"
+    seed: int = 0
+    height: int | None = None
+    width: int | None = None
+
+    def __post_init__(self) -> None:
+        w = "SamplerConfig"
+        _check_choice("scheduler", self.scheduler, SCHEDULERS, w)
+        if not (isinstance(self.steps, int) and 1 <= self.steps <= 1000):
+            raise ConfigError("steps out of range", where=w, expected="1 ≤ steps ≤ 1000",
+                              got=self.steps)
+        _check_range("guidance", self.guidance, 0.0, 100.0, w)
+        if not (isinstance(self.seed, int) and 0 <= self.seed < 2**63):
+            raise ConfigError("seed must be a non-negative integer", where=w, got=self.seed)
+        for name in ("height", "width"):
+            v = getattr(self, name)
+            if v is None:
+                continue
+            if not isinstance(v, int) or v <= 0 or v % 8:
+                raise ConfigError(f"{name} must be a positive multiple of 8", where=w,
+                                  expected="e.g. 256, 512", got=v)
+
+    def resolved(self, default_size: int) -> tuple[int, int]:
+        """(height, width) in pixels, falling back to the model's native size."""
+        return (self.height or default_size, self.width or default_size)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)

@@ -1,0 +1,47 @@
+"""One exception hierarchy for the whole project.
+
+Every message reads *what / where / expected / got*, so that a user (or a C++ caller through the
+Python bridge) can tell what to fix without reading a traceback.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+class AdapEditError(Exception):
+    """Base class of every error raised by adapedit."""
+
+    def __init__(
+        self,
+        what: str,
+        *,
+        where: str | None = None,
+        expected: Any = None,
+        got: Any = None,
+    ) -> None:
+        parts = [what]
+        if where is not None:
+            parts.append(f"where: {where}")
+        if expected is not None:
+            parts.append(f"expected: {expected}")
+        if got is not None:
+            parts.append(f"got: {got}")
+        super().__init__(" | ".join(parts))
+        self.what, self.where, self.expected, self.got = what, where, expected, got
+
+
+class InputError(AdapEditError, ValueError):
+    """Bad user input: prompts, words, sizes, options."""
+
+
+class PromptError(InputError):
+    """A prompt that cannot be used (too long, word not found, mismatched for replace)."""
+
+
+class ConfigError(InputError):
+    """An invalid configuration value."""
+
+
+class ModelError(AdapEditError):
+    """A model that cannot be loaded (missing folder, missing component, unknown name)."""

@@ -1,0 +1,232 @@
+"""The PyTorch reference pipeline: plain generation, the calibration pass and the edit pass
+(batch ``[u_src, u_edt, c_src, c_edt]``), on diffusers components. Everything else in the project
+is measured against it."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from adapedit.alignment import MAX_TOKENS
+from adapedit.config import EditConfig, SamplerConfig
+from adapedit.controller import CalibrationRecorder, EditController
+from adapedit.errors import ConfigError
+from adapedit.fwt import TauPlan, fixed_tau
+from adapedit.models import Components, load_model, make_scheduler
+from adapedit.plan import EditPlan, build_plan
+from adapedit.processors import ControlSlot, install_processors
+
+
+@dataclass
+class GenerationResult:
+    """A plain generation: the image [H, W, 3] uint8 and, if asked, the latents after each
+    step."""
+
+    image: np.ndarray
+    latents: list[torch.Tensor] = field(default_factory=list)
+
+
+@dataclass
+class EditResult:
+    """The outcome of one edit.
+
+    Attributes:
+        source_image / edited_image: [H, W, 3] uint8.
+        tau: the temporal plan (τ per word of the edit prompt, τ_self).
+        attention_maps: [n, h, w] mean edit-branch cross-attention of the edit prompt's tokens
+            1…n (start token excluded, end token included), labelled by ``attention_labels``.
+        timings: seconds per stage (``text``, ``calibration``, ``edit``, ``decode``, ``total``).
+        latents: [2, C, h, w] (source, edit) after each step, if asked.
+    """
+
+    source_image: np.ndarray
+    edited_image: np.ndarray
+    plan: EditPlan
+    tau: TauPlan
+    sampler: SamplerConfig
+    attention_maps: torch.Tensor
+    attention_labels: list[str]
+    timings: dict[str, float]
+    latents: list[torch.Tensor] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def keywords(self) -> list[str]:
+        return self.plan.keyword_words
+
+    def to_json(self, model: str) -> dict[str, Any]:
+        """The ``result.json`` document."""
+        return {
+            "source": self.plan.source.text,
+            "target": self.plan.target.text,
+            "model": model,
+            "tau": [{"word": w.word, "tokens": list(w.tokens), "tau": w.tau}
+                    for w in self.tau.words],
+            "tau_self": self.tau.tau_self,
+            "tau_default": self.tau.tau_default,
+            "keywords": self.keywords,
+            "config": {"edit": self.plan.config.to_dict(), "sampler": self.sampler.to_dict()},
+            "timings_s": self.timings,
+            "notes": self.notes,
+        }
+
+
+class ReferencePipeline:
+    """AdapEdit on diffusers modules with explicit attention in the controlled layers."""
+
+    def __init__(self, components: Components, device: str | torch.device = "cpu") -> None:
+        self.components = components.to(device)
+        self.device = torch.device(device)
+        self.dtype = next(components.unet.parameters()).dtype
+        self.slot = ControlSlot()
+        install_processors(components.unet, self.slot)
+
+    @classmethod
+    def from_model(cls, spec: str, device: str | torch.device = "cpu") -> ReferencePipeline:
+        """Build from a built-in model name or a local diffusers folder."""
+        return cls(load_model(spec), device)
+
+    # -- building blocks ---------------------------------------------------------------------
+
+    def latent_hw(self, sampler: SamplerConfig) -> tuple[int, int]:
+        """Validated latent size for the sampler's resolution."""
+        c = self.components
+        h, w = sampler.resolved(c.default_size)
+        for name, v in (("height", h), ("width", w)):
+            if v % c.size_multiple:
+                raise ConfigError(f"{name} does not fit the model", where=f"model {c.name}",
+                                  expected=f"a multiple of {c.size_multiple}", got=v)
+        return h // c.vae_scale_factor, w // c.vae_scale_factor
+
+    @torch.no_grad()
+    def encode(self, prompts: list[str]) -> torch.Tensor:
+        """Text embeddings [n, 77, D] (prompts must already be validated for length)."""
+        tok = self.components.tokenizer(prompts, padding="max_length", max_length=MAX_TOKENS,
+                                        truncation=True, return_tensors="pt")
+        ids = tok.input_ids.to(self.device)
+        return self.components.text_encoder(ids)[0].to(self.dtype)
+
+    def initial_latent(self, sampler: SamplerConfig) -> torch.Tensor:
+        """The seed's initial latent [1, 4, h, w] (drawn on the CPU, so any device agrees)."""
+        h, w = self.latent_hw(sampler)
+        gen = torch.Generator().manual_seed(sampler.seed)
+        x = torch.randn((1, self.components.unet.config.in_channels, h, w), generator=gen)
+        return x.to(self.device, self.dtype)
+
+    @torch.no_grad()
+    def decode(self, latents: torch.Tensor) -> list[np.ndarray]:
+        """VAE-decode latents [B, 4, h, w] to uint8 images [H, W, 3], one sample at a time (so
+        an image does not depend on what else is in the batch)."""
+        vae = self.components.vae
+        images = []
+        for z in latents.split(1):
+            img = vae.decode(z / vae.config.scaling_factor).sample[0]  # [3, H, W]
+            img = ((img.float() / 2 + 0.5).clamp(0, 1) * 255).round().to(torch.uint8)
+            images.append(img.permute(1, 2, 0).cpu().numpy())
+        return images
+
+    @torch.no_grad()
+    def denoise(self, latents: torch.Tensor, embeddings: torch.Tensor, sampler: SamplerConfig,
+                controller=None, *, desc: str = "denoise", progress: bool = False,
+                record: list[torch.Tensor] | None = None) -> torch.Tensor:
+        """The CFG sampling loop. ``latents`` [B, 4, h, w]; ``embeddings`` [2B, 77, D] laid out
+        ``[uncond…, cond…]``. The controller sees every controlled attention layer."""
+        scheduler = make_scheduler(sampler.scheduler, self.components.scheduler_config)
+        scheduler.set_timesteps(sampler.steps)
+        latents = latents * scheduler.init_noise_sigma
+        self.slot.controller = controller
+        try:
+            for t in tqdm(scheduler.timesteps, desc=desc, disable=not progress, leave=False):
+                x_in = scheduler.scale_model_input(torch.cat([latents, latents]), t)
+                eps = self.components.unet(x_in, t, encoder_hidden_states=embeddings).sample
+                eps_u, eps_c = eps.chunk(2)
+                eps = eps_u + sampler.guidance * (eps_c - eps_u)
+                latents = scheduler.step(eps, t, latents).prev_sample
+                if controller is not None:
+                    controller.end_step()
+                    latents = controller.after_scheduler_step(latents)
+                if record is not None:
+                    record.append(latents.detach().cpu().clone())
+        finally:
+            self.slot.controller = None
+        return latents
+
+    def num_steps(self, sampler: SamplerConfig) -> int:
+        """UNet calls per pass (``steps`` for DDIM, ``steps + 1`` for PNDM's PLMS warm-up)."""
+        scheduler = make_scheduler(sampler.scheduler, self.components.scheduler_config)
+        scheduler.set_timesteps(sampler.steps)
+        return len(scheduler.timesteps)
+
+    # -- public API --------------------------------------------------------------------------
+
+    def generate(self, prompt: str, sampler: SamplerConfig = SamplerConfig(), *,
+                 record_latents: bool = False, progress: bool = False) -> GenerationResult:
+        """Plain text-to-image generation of ``prompt`` (batch ``[u, c]``)."""
+        build_plan(self.components.tokenizer, prompt, prompt, EditConfig())  # validates length
+        x0 = self.initial_latent(sampler)
+        emb = self.encode(["", prompt])
+        record: list[torch.Tensor] | None = [] if record_latents else None
+        latents = self.denoise(x0, emb, sampler, desc="generate", progress=progress,
+                               record=record)
+        return GenerationResult(self.decode(latents)[0], record or [])
+
+    def plan(self, source: str, target: str, edit: EditConfig = EditConfig()) -> EditPlan:
+        """Validate and align the prompts (raises before any model work)."""
+        return build_plan(self.components.tokenizer, source, target, edit)
+
+    def edit(self, source: str, target: str, edit: EditConfig = EditConfig(),
+             sampler: SamplerConfig = SamplerConfig(), *, record_latents: bool = False,
+             progress: bool = False) -> EditResult:
+        """Edit ``source`` into ``target``: calibration pass (if FWT or DPS is on), then the
+        edit pass; returns both images, τ, attention maps and stage timings."""
+        t_start = time.perf_counter()
+        plan = self.plan(source, target, edit)
+        x0 = self.initial_latent(sampler)  # validates the resolution
+        latent_hw = tuple(x0.shape[-2:])
+        self.slot.self_max_queries = edit.self_max_queries
+        n = self.num_steps(sampler)
+        timings: dict[str, float] = {}
+        notes: list[str] = []
+
+        t = time.perf_counter()
+        uncond, c_src, c_edt = self.encode(["", source, target]).split(1)
+        timings["text"] = time.perf_counter() - t
+
+        t = time.perf_counter()
+        keys = None
+        if edit.needs_calibration:
+            recorder = CalibrationRecorder(latent_hw, n, edit)
+            self.denoise(x0, torch.cat([uncond, c_edt]), sampler, recorder, desc="calibration",
+                         progress=progress)
+            tau, keys = recorder.finish(plan)
+        else:
+            tau = fixed_tau(plan, edit, "FWT off")
+        if tau.fallback:
+            notes.append(f"fixed τ = {edit.tau_fixed}: {tau.fallback}")
+        if edit.use_dps and keys is None:
+            notes.append("DPS off: no keyword to compute E_k from")
+        timings["calibration"] = time.perf_counter() - t
+
+        t = time.perf_counter()
+        controller = EditController(plan, tau, keys, n, latent_hw)
+        record: list[torch.Tensor] | None = [] if record_latents else None
+        latents = self.denoise(torch.cat([x0, x0]), torch.cat([uncond, uncond, c_src, c_edt]),
+                               sampler, controller, desc="edit", progress=progress,
+                               record=record)
+        timings["edit"] = time.perf_counter() - t
+
+        t = time.perf_counter()
+        src_img, edt_img = self.decode(latents)
+        timings["decode"] = time.perf_counter() - t
+        timings["total"] = time.perf_counter() - t_start
+
+        n_tok = plan.target.length - 1  # tokens 1 … end
+        maps = controller.attention_maps()[1:n_tok + 1]
+        labels = [self.components.tokenizer.decode([i]) for i in plan.target.ids[1:n_tok + 1]]
+        return EditResult(src_img, edt_img, plan, tau, sampler, maps, labels, timings,
+                          record or [], notes)

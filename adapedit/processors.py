@@ -1,0 +1,85 @@
+"""Attention processors of the PyTorch reference: explicit attention in controlled layers, whose
+probabilities go through the current controller, identified by the layer's module path."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+#: ``controller(layer_id, is_cross, probs [B*H, P, T], hidden [B, P, C]) -> probs``
+Controller = Callable[[str, bool, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+@dataclass
+class ControlSlot:
+    """Shared by all processors of a UNet: the controller of the current pass (or None) and the
+    query count up to which self-attention layers are controlled."""
+
+    controller: Controller | None = None
+    self_max_queries: int = 256
+
+    def is_controlled(self, is_cross: bool, queries: int) -> bool:
+        """Cross-attention always; self-attention with at most ``self_max_queries`` queries."""
+        return is_cross or queries <= self.self_max_queries
+
+
+class ControlledAttnProcessor:
+    """Explicit softmax attention (diffusers ``AttnProcessor`` math) for controlled layers, SDPA
+    for the others. The choice depends only on the layer, never on whether a controller is set,
+    so plain generation and the source branch of an edit run the same arithmetic."""
+
+    def __init__(self, layer_id: str, slot: ControlSlot) -> None:
+        self.layer_id = layer_id
+        self.slot = slot
+
+    def __call__(self, attn, hidden_states: torch.Tensor,
+                 encoder_hidden_states: torch.Tensor | None = None,
+                 attention_mask: torch.Tensor | None = None, temb=None, **kwargs) -> torch.Tensor:
+        is_cross = encoder_hidden_states is not None
+        # hidden_states: [B, P, C] (transformer blocks of the SD UNet)
+        batch, queries, _ = hidden_states.shape
+        context = encoder_hidden_states if is_cross else hidden_states  # [B, K, Cc]
+        query = attn.to_q(hidden_states)
+        key = attn.to_k(context)
+        value = attn.to_v(context)
+        if self.slot.is_controlled(is_cross, queries):
+            q, k, v = (attn.head_to_batch_dim(x) for x in (query, key, value))  # [B*H, ·, d]
+            probs = attn.get_attention_scores(q, k, None)  # [B*H, P, K]
+            if self.slot.controller is not None:
+                probs = self.slot.controller(self.layer_id, is_cross, probs, hidden_states)
+            out = attn.batch_to_head_dim(torch.bmm(probs, v))  # [B, P, H*d]
+        else:
+            heads = attn.heads
+            q, k, v = (x.view(batch, -1, heads, x.shape[-1] // heads).transpose(1, 2)
+                       for x in (query, key, value))  # [B, H, ·, d]
+            out = F.scaled_dot_product_attention(q, k, v, scale=attn.scale)
+            out = out.transpose(1, 2).reshape(batch, queries, -1)  # [B, P, H*d]
+        out = attn.to_out[1](attn.to_out[0](out))
+        if attn.residual_connection:
+            out = out + hidden_states
+        return out / attn.rescale_output_factor
+
+
+def attention_layers(unet) -> list[tuple[str, object]]:
+    """(module path, module) of every attention layer of the UNet, in module order."""
+    from diffusers.models.attention_processor import Attention
+
+    return [(name, m) for name, m in unet.named_modules() if isinstance(m, Attention)]
+
+
+def _shared_time_embedding(module, inputs, output: torch.Tensor) -> torch.Tensor:
+    return output[:1]  # [1, C]: every sample of a call has the same timestep
+
+
+def install_processors(unet, slot: ControlSlot) -> None:
+    """Give every attention layer a :class:`ControlledAttnProcessor` sharing ``slot``, and make
+    the UNet batch-invariant: the timestep embedding (the same for every sample of a call) is
+    computed once as [1, C] and broadcast by the ResNet blocks, so no matrix product has a
+    batch-sized M dimension whose BLAS kernel could change with the batch. A sample's
+    arithmetic is then the same in a batch of 2 (plain generation) and of 4 (an edit)."""
+    for name, module in attention_layers(unet):
+        module.set_processor(ControlledAttnProcessor(name, slot))
+    unet.time_proj.register_forward_hook(_shared_time_embedding)

@@ -1,0 +1,1 @@
+"""Engine builders and runners (ONNX Runtime, TensorRT) behind one ``Runner`` interface."""

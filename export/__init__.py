@@ -1,0 +1,1 @@
+"""PyTorch → ONNX export of the text encoder, VAE and UNet (whole and segmented)."""

@@ -1,0 +1,1 @@
+"""The lightweight runtime: segmented UNet executor, controller between segments, session API."""
