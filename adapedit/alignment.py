@@ -70,8 +70,9 @@ class TokenizedPrompt:
         return {t: i for i, w in enumerate(self.words) for t in w.tokens}
 
 
-def tokenize(tokenizer, prompt: str, *, where: str = "prompt",
-             max_length: int = MAX_TOKENS) -> TokenizedPrompt:
+def tokenize(
+    tokenizer, prompt: str, *, where: str = "prompt", max_length: int = MAX_TOKENS
+) -> TokenizedPrompt:
     """Tokenize ``prompt`` without truncation and split it into words.
 
     Raises:
@@ -79,8 +80,7 @@ def tokenize(tokenizer, prompt: str, *, where: str = "prompt",
     """
     if not isinstance(prompt, str):
         raise PromptError("prompt must be a string", where=where, got=type(prompt).__name__)
-    enc = tokenizer(prompt, add_special_tokens=True, truncation=False,
-                    return_offsets_mapping=True)
+    enc = tokenizer(prompt, add_special_tokens=True, truncation=False, return_offsets_mapping=True)
     ids = tuple(int(i) for i in enc["input_ids"])
     if len(ids) > max_length:
         raise PromptError(
@@ -93,8 +93,7 @@ def tokenize(tokenizer, prompt: str, *, where: str = "prompt",
     words = []
     for m in _WORD_RE.finditer(prompt):
         toks = tuple(
-            i for i, (a, b) in enumerate(offsets)
-            if b > a and a < m.end() and b > m.start()
+            i for i, (a, b) in enumerate(offsets) if b > a and a < m.end() and b > m.start()
         )
         if toks:
             words.append(Word(m.group(0), toks))
@@ -191,8 +190,11 @@ def swapped_words(source: TokenizedPrompt, target: TokenizedPrompt) -> list[int]
             expected=f"{len(source.words)} words in both",
             got=f"{len(source.words)} and {len(target.words)} words",
         )
-    return [k for k, (a, b) in enumerate(zip(source.words, target.words, strict=True))
-            if a.text.lower() != b.text.lower()]
+    return [
+        k
+        for k, (a, b) in enumerate(zip(source.words, target.words, strict=True))
+        if a.text.lower() != b.text.lower()
+    ]
 
 
 def replace_map(source: TokenizedPrompt, target: TokenizedPrompt) -> TokenMap:

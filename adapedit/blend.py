@@ -6,8 +6,9 @@ import torch
 import torch.nn.functional as F
 
 
-def local_blend_mask(maps: torch.Tensor, latent_hw: tuple[int, int],
-                     threshold: float) -> torch.Tensor:
+def local_blend_mask(
+    maps: torch.Tensor, latent_hw: tuple[int, int], threshold: float
+) -> torch.Tensor:
     """The blend mask from accumulated word maps.
 
     Args:

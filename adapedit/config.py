@@ -16,8 +16,9 @@ SCHEDULERS = ("ddim", "pndm")
 
 def _check_range(name: str, value: float, lo: float, hi: float, where: str) -> None:
     if not (isinstance(value, (int, float)) and math.isfinite(value) and lo <= value <= hi):
-        raise ConfigError(f"{name} is out of range", where=where, expected=f"{lo} ≤ {name} ≤ {hi}",
-                          got=value)
+        raise ConfigError(
+            f"{name} is out of range", where=where, expected=f"{lo} ≤ {name} ≤ {hi}", got=value
+        )
 
 
 def _check_choice(name: str, value: str, choices: tuple[str, ...], where: str) -> None:
@@ -65,8 +66,12 @@ class EditConfig:
         _check_range("tau_self_fixed", self.tau_self_fixed, 0.0, 1.0, w)
         _check_range("local_blend_threshold", self.local_blend_threshold, 0.0, 1.0, w)
         if self.calibration_downscale not in (1, 2, 4, 8):
-            raise ConfigError("calibration_downscale must be a power of two", where=w,
-                              expected="1, 2, 4 or 8", got=self.calibration_downscale)
+            raise ConfigError(
+                "calibration_downscale must be a power of two",
+                where=w,
+                expected="1, 2, 4 or 8",
+                got=self.calibration_downscale,
+            )
         if self.self_max_queries < 0:
             raise ConfigError("self_max_queries must be ≥ 0", where=w, got=self.self_max_queries)
         object.__setattr__(self, "local_blend", tuple(self.local_blend))
@@ -74,11 +79,19 @@ class EditConfig:
         for word, factor in self.reweight:
             _check_range(f"reweight factor of {word!r}", factor, -100.0, 100.0, w)
         if self.edit_type == "reweight" and not self.reweight:
-            raise ConfigError("edit_type 'reweight' needs at least one word and factor", where=w,
-                              expected="reweight=(('word', factor), ...)", got="none")
+            raise ConfigError(
+                "edit_type 'reweight' needs at least one word and factor",
+                where=w,
+                expected="reweight=(('word', factor), ...)",
+                got="none",
+            )
         if self.reweight and self.edit_type != "reweight":
-            raise ConfigError("reweight words are given but edit_type is not 'reweight'", where=w,
-                              expected="edit_type='reweight'", got=self.edit_type)
+            raise ConfigError(
+                "reweight words are given but edit_type is not 'reweight'",
+                where=w,
+                expected="edit_type='reweight'",
+                got=self.edit_type,
+            )
 
     @property
     def needs_calibration(self) -> bool:
@@ -108,8 +121,9 @@ class SamplerConfig:
         w = "SamplerConfig"
         _check_choice("scheduler", self.scheduler, SCHEDULERS, w)
         if not (isinstance(self.steps, int) and 1 <= self.steps <= 1000):
-            raise ConfigError("steps out of range", where=w, expected="1 ≤ steps ≤ 1000",
-                              got=self.steps)
+            raise ConfigError(
+                "steps out of range", where=w, expected="1 ≤ steps ≤ 1000", got=self.steps
+            )
         _check_range("guidance", self.guidance, 0.0, 100.0, w)
         if not (isinstance(self.seed, int) and 0 <= self.seed < 2**63):
             raise ConfigError("seed must be a non-negative integer", where=w, got=self.seed)
@@ -118,8 +132,12 @@ class SamplerConfig:
             if v is None:
                 continue
             if not isinstance(v, int) or v <= 0 or v % 8:
-                raise ConfigError(f"{name} must be a positive multiple of 8", where=w,
-                                  expected="e.g. 256, 512", got=v)
+                raise ConfigError(
+                    f"{name} must be a positive multiple of 8",
+                    where=w,
+                    expected="e.g. 256, 512",
+                    got=v,
+                )
 
     def resolved(self, default_size: int) -> tuple[int, int]:
         """(height, width) in pixels, falling back to the model's native size."""

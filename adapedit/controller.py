@@ -64,8 +64,9 @@ class CalibrationRecorder:
     final_maps: dict[str, torch.Tensor] = field(default_factory=dict)
     final_hidden: dict[str, torch.Tensor] = field(default_factory=dict)
 
-    def __call__(self, layer_id: str, is_cross: bool, probs: torch.Tensor,
-                 hidden: torch.Tensor) -> torch.Tensor:
+    def __call__(
+        self, layer_id: str, is_cross: bool, probs: torch.Tensor, hidden: torch.Tensor
+    ) -> torch.Tensor:
         if not is_cross:
             return probs
         heads = probs.shape[0] // 2
@@ -97,9 +98,10 @@ class CalibrationRecorder:
                 "no cross-attention layer at the calibration resolution",
                 where="calibration pass",
                 expected=f"cross-attention at 1/{cfg.calibration_downscale} of the latent "
-                         f"{self.latent_hw}",
-                got=sorted({layer_hw(self.latent_hw, m.shape[0])
-                            for m in self.final_maps.values()}),
+                f"{self.latent_hw}",
+                got=sorted(
+                    {layer_hw(self.latent_hw, m.shape[0]) for m in self.final_maps.values()}
+                ),
             )
         if cfg.use_fwt:
             mean_map = self.map_sum / self.map_count  # [P, T]
@@ -111,8 +113,9 @@ class CalibrationRecorder:
         if cfg.use_dps and plan.keywords:
             alpha_m = cfg.alpha_m if cfg.dps_mask else None
             keys = {
-                layer: mean_embedding(token_embeddings(m, self.final_hidden[layer], alpha_m),
-                                      plan.keywords)
+                layer: mean_embedding(
+                    token_embeddings(m, self.final_hidden[layer], alpha_m), plan.keywords
+                )
                 for layer, m in self.final_maps.items()
             }
         return tau, keys
@@ -139,8 +142,9 @@ class EditController:
         self.gates = cross_gates(self.tau.token_tau, self.num_steps)
         self.n_self = self_steps(self.tau.tau_self, self.num_steps)
 
-    def __call__(self, layer_id: str, is_cross: bool, probs: torch.Tensor,
-                 hidden: torch.Tensor) -> torch.Tensor:
+    def __call__(
+        self, layer_id: str, is_cross: bool, probs: torch.Tensor, hidden: torch.Tensor
+    ) -> torch.Tensor:
         heads = probs.shape[0] // 4
         v = probs.view(4, heads, *probs.shape[1:])  # [4, H, P, T]
         if not is_cross:
@@ -153,8 +157,15 @@ class EditController:
         s = None
         if self.keys is not None:
             s = pixel_similarity(hidden[3], self.keys[layer_id], cfg.lambda_sv)  # [P]
-        v[3] = edit_cross_attention(v[2], v[3], self.plan.token_map, self.gates[self.step],
-                                    s=s, lambda_s=cfg.lambda_s, equalizer=self.plan.equalizer)
+        v[3] = edit_cross_attention(
+            v[2],
+            v[3],
+            self.plan.token_map,
+            self.gates[self.step],
+            s=s,
+            lambda_s=cfg.lambda_s,
+            equalizer=self.plan.equalizer,
+        )
         if blend_layer:
             m = v[3].float().mean(dim=0)  # [P, T]
             self.vis_sum = m if self.vis_sum is None else self.vis_sum + m
@@ -165,8 +176,11 @@ class EditController:
         hw = layer_hw(self.latent_hw, v.shape[2])
         maps = []
         for b, toks in ((2, self.plan.blend_source), (3, self.plan.blend_target)):
-            m = v[b][..., list(toks)].sum(dim=-1).float().mean(dim=0) if toks else \
-                torch.zeros(v.shape[2])  # [P]
+            m = (
+                v[b][..., list(toks)].sum(dim=-1).float().mean(dim=0)
+                if toks
+                else torch.zeros(v.shape[2])
+            )  # [P]
             maps.append(m.reshape(hw))
         # Each layer contributes its head-mean; the mask is max-normalised, so a sum over
         # layers and steps gives the same mask as P2P's mean.
@@ -180,8 +194,9 @@ class EditController:
         """LocalBlend on latents [2, C, H, W] after each scheduler step (identity without it)."""
         if not self.plan.config.local_blend or self.blend_maps is None:
             return latents
-        mask = local_blend_mask(self.blend_maps, self.latent_hw,
-                                self.plan.config.local_blend_threshold)
+        mask = local_blend_mask(
+            self.blend_maps, self.latent_hw, self.plan.config.local_blend_threshold
+        )
         return apply_local_blend(latents, mask.to(latents.dtype))
 
     def attention_maps(self) -> torch.Tensor:
@@ -189,5 +204,8 @@ class EditController:
         if self.vis_sum is None:
             return torch.zeros(0)
         p = self.vis_sum.shape[0]
-        return (self.vis_sum / self.vis_count).transpose(0, 1).reshape(
-            -1, *layer_hw(self.latent_hw, p))
+        return (
+            (self.vis_sum / self.vis_count)
+            .transpose(0, 1)
+            .reshape(-1, *layer_hw(self.latent_hw, p))
+        )

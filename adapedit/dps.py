@@ -19,8 +19,9 @@ def pixel_similarity(hidden: torch.Tensor, e_k: torch.Tensor, lambda_sv: float) 
     return (lambda_sv * (F.normalize(hidden, dim=-1) @ e_k.to(hidden.dtype))).clamp(0.0, 1.0)
 
 
-def dps_blend(carried: torch.Tensor, own: torch.Tensor, s: torch.Tensor,
-              lambda_s: float) -> torch.Tensor:
+def dps_blend(
+    carried: torch.Tensor, own: torch.Tensor, s: torch.Tensor, lambda_s: float
+) -> torch.Tensor:
     """Eq. 8: ``C(Mc, Mc*) = λ_S [S ⊙ Mc* + (1 − S) ⊙ Mc] + (1 − λ_S) Mc``.
 
     Args:

@@ -13,8 +13,9 @@ from adapedit.config import EditConfig
 from adapedit.plan import EditPlan
 
 
-def token_embeddings(maps: torch.Tensor, hidden: torch.Tensor,
-                     alpha_m: float | None) -> torch.Tensor:
+def token_embeddings(
+    maps: torch.Tensor, hidden: torch.Tensor, alpha_m: float | None
+) -> torch.Tensor:
     """Eq. 5–6: token embeddings ``E_c* = M̄ᵀ E_V`` with rows L2-normalised.
 
     Args:
@@ -69,18 +70,29 @@ class TauPlan:
     fallback: str | None = None
 
     def to_list(self) -> list[dict]:
-        return [{"word": w.word, "tokens": list(w.tokens), "tau": w.tau,
-                 "similarity": w.similarity, "keyword": w.keyword} for w in self.words]
+        return [
+            {
+                "word": w.word,
+                "tokens": list(w.tokens),
+                "tau": w.tau,
+                "similarity": w.similarity,
+                "keyword": w.keyword,
+            }
+            for w in self.words
+        ]
 
 
 def fixed_tau(plan: EditPlan, config: EditConfig, reason: str | None) -> TauPlan:
     """Every token gets ``tau_fixed`` and self-attention ``tau_self_fixed`` (P2P)."""
     n = plan.target.max_length
     kw = set(plan.keywords)
-    words = tuple(WordTau(w.text, w.tokens, config.tau_fixed, None, bool(kw & set(w.tokens)))
-                  for w in plan.target.words)
-    return TauPlan(words, torch.full((n,), config.tau_fixed), config.tau_self_fixed,
-                   config.tau_fixed, reason)
+    words = tuple(
+        WordTau(w.text, w.tokens, config.tau_fixed, None, bool(kw & set(w.tokens)))
+        for w in plan.target.words
+    )
+    return TauPlan(
+        words, torch.full((n,), config.tau_fixed), config.tau_self_fixed, config.tau_fixed, reason
+    )
 
 
 def compute_tau(plan: EditPlan, token_emb: torch.Tensor, config: EditConfig) -> TauPlan:

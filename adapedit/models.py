@@ -91,6 +91,8 @@ _TINY_VAE = {
     "layers_per_block": 1,
     "sample_size": 128,
 }
+#: Config keys that say where or how a model was saved, not what it is.
+_VOLATILE = {"transformers_version", "architectures", "dtype", "torch_dtype"}
 _BUILTIN_CONFIGS = {
     "tiny": (_TINY_UNET, _TINY_TEXT, _TINY_VAE),
     "sd14-random": (_SD14_UNET, _SD14_TEXT, _SD14_VAE),
@@ -124,10 +126,16 @@ class Components:
 
     def config_hash(self) -> str:
         """A short hash of the architecture (configs of UNet, text encoder and VAE)."""
-        blob = json.dumps(
-            [dict(self.unet.config), self.text_encoder.config.to_dict(), dict(self.vae.config)],
-            sort_keys=True, default=str,
-        )
+        configs = [
+            dict(self.unet.config),
+            self.text_encoder.config.to_dict(),
+            dict(self.vae.config),
+        ]
+        arch = [
+            {k: v for k, v in c.items() if not k.startswith("_") and k not in _VOLATILE}
+            for c in configs
+        ]
+        blob = json.dumps(arch, sort_keys=True, default=str)
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
     def to(self, device: str | torch.device, dtype: torch.dtype | None = None) -> Components:
@@ -170,6 +178,9 @@ def build_random(name: str, seed: int = 0) -> Components:
     return Components(name, unet, text_encoder, vae, load_tokenizer(), dict(SD_SCHEDULER_CONFIG))
 
 
+_MARKERS = {"tokenizer": ("vocab.json", "tokenizer.json"), "scheduler": ("scheduler_config.json",)}
+
+
 def load_folder(path: str | Path) -> Components:
     """Load a local diffusers-format Stable Diffusion v1.x folder.
 
@@ -178,31 +189,40 @@ def load_folder(path: str | Path) -> Components:
     """
     path = Path(path)
     if not path.is_dir():
-        raise ModelError("model not found", where=str(path),
-                         expected=f"a built-in name ({', '.join(BUILTIN_MODELS)}) or a "
-                                  "diffusers model folder", got="no such folder")
+        raise ModelError(
+            "model not found",
+            where=str(path),
+            expected=f"a built-in name ({', '.join(BUILTIN_MODELS)}) or a diffusers model folder",
+            got="no such folder",
+        )
     for comp in COMPONENTS:
-        marker = {"tokenizer": "vocab.json", "scheduler": "scheduler_config.json"}.get(
-            comp, "config.json")
-        if not (path / comp / marker).is_file():
+        markers = _MARKERS.get(comp, ("config.json",))
+        if not any((path / comp / m).is_file() for m in markers):
             raise ModelError(
                 f"model folder is missing its {comp}",
                 where=str(path / comp),
-                expected=f"{comp}/{marker} (diffusers layout of CompVis/stable-diffusion-v1-4)",
+                expected=f"{comp}/{' or '.join(markers)} (diffusers layout of "
+                "CompVis/stable-diffusion-v1-4)",
                 got=f"folder holds {sorted(p.name for p in path.iterdir())}",
             )
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextModel
 
-    unet = UNet2DConditionModel.from_pretrained(path / "unet")
+    unet = UNet2DConditionModel.from_pretrained(path / "unet", low_cpu_mem_usage=False)
     text_encoder = CLIPTextModel.from_pretrained(path / "text_encoder")
-    vae = AutoencoderKL.from_pretrained(path / "vae")
+    vae = AutoencoderKL.from_pretrained(path / "vae", low_cpu_mem_usage=False)
     for m in (unet, text_encoder, vae):
         m.eval().requires_grad_(False)
     sched = json.loads((path / "scheduler" / "scheduler_config.json").read_text())
     sched = {k: v for k, v in sched.items() if not k.startswith("_")}
-    return Components(str(path), unet, text_encoder, vae, load_tokenizer(path / "tokenizer"),
-                      {**SD_SCHEDULER_CONFIG, **sched})
+    return Components(
+        str(path),
+        unet,
+        text_encoder,
+        vae,
+        load_tokenizer(path / "tokenizer"),
+        {**SD_SCHEDULER_CONFIG, **sched},
+    )
 
 
 def load_model(spec: str, *, seed: int = 0) -> Components:

@@ -12,7 +12,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from adapedit.alignment import MAX_TOKENS
+from adapedit.alignment import MAX_TOKENS, tokenize
 from adapedit.config import EditConfig, SamplerConfig
 from adapedit.controller import CalibrationRecorder, EditController
 from adapedit.errors import ConfigError
@@ -65,8 +65,9 @@ class EditResult:
             "source": self.plan.source.text,
             "target": self.plan.target.text,
             "model": model,
-            "tau": [{"word": w.word, "tokens": list(w.tokens), "tau": w.tau}
-                    for w in self.tau.words],
+            "tau": [
+                {"word": w.word, "tokens": list(w.tokens), "tau": w.tau} for w in self.tau.words
+            ],
             "tau_self": self.tau.tau_self,
             "tau_default": self.tau.tau_default,
             "keywords": self.keywords,
@@ -99,15 +100,24 @@ class ReferencePipeline:
         h, w = sampler.resolved(c.default_size)
         for name, v in (("height", h), ("width", w)):
             if v % c.size_multiple:
-                raise ConfigError(f"{name} does not fit the model", where=f"model {c.name}",
-                                  expected=f"a multiple of {c.size_multiple}", got=v)
+                raise ConfigError(
+                    f"{name} does not fit the model",
+                    where=f"model {c.name}",
+                    expected=f"a multiple of {c.size_multiple}",
+                    got=v,
+                )
         return h // c.vae_scale_factor, w // c.vae_scale_factor
 
     @torch.no_grad()
     def encode(self, prompts: list[str]) -> torch.Tensor:
         """Text embeddings [n, 77, D] (prompts must already be validated for length)."""
-        tok = self.components.tokenizer(prompts, padding="max_length", max_length=MAX_TOKENS,
-                                        truncation=True, return_tensors="pt")
+        tok = self.components.tokenizer(
+            prompts,
+            padding="max_length",
+            max_length=MAX_TOKENS,
+            truncation=True,
+            return_tensors="pt",
+        )
         ids = tok.input_ids.to(self.device)
         return self.components.text_encoder(ids)[0].to(self.dtype)
 
@@ -131,9 +141,17 @@ class ReferencePipeline:
         return images
 
     @torch.no_grad()
-    def denoise(self, latents: torch.Tensor, embeddings: torch.Tensor, sampler: SamplerConfig,
-                controller=None, *, desc: str = "denoise", progress: bool = False,
-                record: list[torch.Tensor] | None = None) -> torch.Tensor:
+    def denoise(
+        self,
+        latents: torch.Tensor,
+        embeddings: torch.Tensor,
+        sampler: SamplerConfig,
+        controller=None,
+        *,
+        desc: str = "denoise",
+        progress: bool = False,
+        record: list[torch.Tensor] | None = None,
+    ) -> torch.Tensor:
         """The CFG sampling loop. ``latents`` [B, 4, h, w]; ``embeddings`` [2B, 77, D] laid out
         ``[uncond…, cond…]``. The controller sees every controlled attention layer."""
         scheduler = make_scheduler(sampler.scheduler, self.components.scheduler_config)
@@ -164,24 +182,36 @@ class ReferencePipeline:
 
     # -- public API --------------------------------------------------------------------------
 
-    def generate(self, prompt: str, sampler: SamplerConfig = SamplerConfig(), *,
-                 record_latents: bool = False, progress: bool = False) -> GenerationResult:
+    def generate(
+        self,
+        prompt: str,
+        sampler: SamplerConfig = SamplerConfig(),
+        *,
+        record_latents: bool = False,
+        progress: bool = False,
+    ) -> GenerationResult:
         """Plain text-to-image generation of ``prompt`` (batch ``[u, c]``)."""
-        build_plan(self.components.tokenizer, prompt, prompt, EditConfig())  # validates length
+        tokenize(self.components.tokenizer, prompt)  # validates the length first
         x0 = self.initial_latent(sampler)
         emb = self.encode(["", prompt])
         record: list[torch.Tensor] | None = [] if record_latents else None
-        latents = self.denoise(x0, emb, sampler, desc="generate", progress=progress,
-                               record=record)
+        latents = self.denoise(x0, emb, sampler, desc="generate", progress=progress, record=record)
         return GenerationResult(self.decode(latents)[0], record or [])
 
     def plan(self, source: str, target: str, edit: EditConfig = EditConfig()) -> EditPlan:
         """Validate and align the prompts (raises before any model work)."""
         return build_plan(self.components.tokenizer, source, target, edit)
 
-    def edit(self, source: str, target: str, edit: EditConfig = EditConfig(),
-             sampler: SamplerConfig = SamplerConfig(), *, record_latents: bool = False,
-             progress: bool = False) -> EditResult:
+    def edit(
+        self,
+        source: str,
+        target: str,
+        edit: EditConfig = EditConfig(),
+        sampler: SamplerConfig = SamplerConfig(),
+        *,
+        record_latents: bool = False,
+        progress: bool = False,
+    ) -> EditResult:
         """Edit ``source`` into ``target``: calibration pass (if FWT or DPS is on), then the
         edit pass; returns both images, τ, attention maps and stage timings."""
         t_start = time.perf_counter()
@@ -201,8 +231,14 @@ class ReferencePipeline:
         keys = None
         if edit.needs_calibration:
             recorder = CalibrationRecorder(latent_hw, n, edit)
-            self.denoise(x0, torch.cat([uncond, c_edt]), sampler, recorder, desc="calibration",
-                         progress=progress)
+            self.denoise(
+                x0,
+                torch.cat([uncond, c_edt]),
+                sampler,
+                recorder,
+                desc="calibration",
+                progress=progress,
+            )
             tau, keys = recorder.finish(plan)
         else:
             tau = fixed_tau(plan, edit, "FWT off")
@@ -215,9 +251,15 @@ class ReferencePipeline:
         t = time.perf_counter()
         controller = EditController(plan, tau, keys, n, latent_hw)
         record: list[torch.Tensor] | None = [] if record_latents else None
-        latents = self.denoise(torch.cat([x0, x0]), torch.cat([uncond, uncond, c_src, c_edt]),
-                               sampler, controller, desc="edit", progress=progress,
-                               record=record)
+        latents = self.denoise(
+            torch.cat([x0, x0]),
+            torch.cat([uncond, uncond, c_src, c_edt]),
+            sampler,
+            controller,
+            desc="edit",
+            progress=progress,
+            record=record,
+        )
         timings["edit"] = time.perf_counter() - t
 
         t = time.perf_counter()
@@ -226,7 +268,8 @@ class ReferencePipeline:
         timings["total"] = time.perf_counter() - t_start
 
         n_tok = plan.target.length - 1  # tokens 1 … end
-        maps = controller.attention_maps()[1:n_tok + 1]
-        labels = [self.components.tokenizer.decode([i]) for i in plan.target.ids[1:n_tok + 1]]
-        return EditResult(src_img, edt_img, plan, tau, sampler, maps, labels, timings,
-                          record or [], notes)
+        maps = controller.attention_maps()[1 : n_tok + 1]
+        labels = [self.components.tokenizer.decode([i]) for i in plan.target.ids[1 : n_tok + 1]]
+        return EditResult(
+            src_img, edt_img, plan, tau, sampler, maps, labels, timings, record or [], notes
+        )

@@ -65,16 +65,16 @@ def build_plan(tokenizer, source: str, target: str, config: EditConfig) -> EditP
     eq = equalizer(tgt, config.reweight) if config.edit_type == "reweight" else None
     blend_src: tuple[int, ...] = ()
     blend_tgt: tuple[int, ...] = ()
+    all_words = sorted({w.text for w in src.words + tgt.words})
     for word in config.local_blend:
         in_src, in_tgt = src.find(word), tgt.find(word)
         if not in_src and not in_tgt:
             raise PromptError(
                 f"local-blend word {word!r} is in neither prompt",
                 where=f"source {src.text!r} / edit {tgt.text!r}",
-                expected=f"a word of either prompt: {sorted({w.text for w in src.words + tgt.words})}",
+                expected=f"a word of either prompt: {all_words}",
                 got=word,
             )
         blend_src += in_src
         blend_tgt += in_tgt
     return EditPlan(src, tgt, config, token_map, keywords, eq, blend_src, blend_tgt)
-

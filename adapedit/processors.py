@@ -35,9 +35,15 @@ class ControlledAttnProcessor:
         self.layer_id = layer_id
         self.slot = slot
 
-    def __call__(self, attn, hidden_states: torch.Tensor,
-                 encoder_hidden_states: torch.Tensor | None = None,
-                 attention_mask: torch.Tensor | None = None, temb=None, **kwargs) -> torch.Tensor:
+    def __call__(
+        self,
+        attn,
+        hidden_states: torch.Tensor,
+        encoder_hidden_states: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        temb=None,
+        **kwargs,
+    ) -> torch.Tensor:
         is_cross = encoder_hidden_states is not None
         # hidden_states: [B, P, C] (transformer blocks of the SD UNet)
         batch, queries, _ = hidden_states.shape
@@ -53,8 +59,10 @@ class ControlledAttnProcessor:
             out = attn.batch_to_head_dim(torch.bmm(probs, v))  # [B, P, H*d]
         else:
             heads = attn.heads
-            q, k, v = (x.view(batch, -1, heads, x.shape[-1] // heads).transpose(1, 2)
-                       for x in (query, key, value))  # [B, H, ·, d]
+            q, k, v = (
+                x.view(batch, -1, heads, x.shape[-1] // heads).transpose(1, 2)
+                for x in (query, key, value)
+            )  # [B, H, ·, d]
             out = F.scaled_dot_product_attention(q, k, v, scale=attn.scale)
             out = out.transpose(1, 2).reshape(batch, queries, -1)  # [B, P, H*d]
         out = attn.to_out[1](attn.to_out[0](out))

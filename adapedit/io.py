@@ -1,0 +1,54 @@
+"""Writing results: atomic file writes (nothing half-written is ever left behind) and the
+standard outputs of an edit (``source.png``, ``edited.png``, ``attention.png``, ``result.json``)."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from PIL import Image
+
+
+def atomic_write_bytes(path: str | Path, data: bytes) -> None:
+    """Write ``data`` to a temporary file beside ``path``, then rename it into place."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def png_bytes(image: Image.Image) -> bytes:
+    buf = io.BytesIO()
+    image.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def write_json(path: str | Path, doc: Any) -> None:
+    atomic_write_bytes(path, (json.dumps(doc, indent=2, ensure_ascii=False) + "\n").encode())
+
+
+def write_edit_outputs(result, out_dir: str | Path, model: str) -> dict[str, Path]:
+    """Write an :class:`~adapedit.pipeline.EditResult`'s four files into ``out_dir``."""
+    from adapedit.visualize import attention_grid
+
+    out = Path(out_dir)
+    files = {
+        name: out / name for name in ("source.png", "edited.png", "attention.png", "result.json")
+    }
+    grid = attention_grid(result.attention_maps, result.attention_labels, result.edited_image)
+    atomic_write_bytes(files["source.png"], png_bytes(Image.fromarray(result.source_image)))
+    atomic_write_bytes(files["edited.png"], png_bytes(Image.fromarray(result.edited_image)))
+    atomic_write_bytes(files["attention.png"], png_bytes(grid))
+    write_json(files["result.json"], result.to_json(model))
+    return files

@@ -1,0 +1,83 @@
+"""The ``adapedit edit`` command: outputs, and bad input that leaves nothing behind."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from adapedit.cli import main
+from adapedit.pipeline import ReferencePipeline
+
+SRC, TGT = "a dog standing on the grass", "a dog sitting on the grass"
+
+
+@pytest.fixture(autouse=True)
+def _reuse_tiny(monkeypatch, tiny_pipeline):
+    monkeypatch.setattr(
+        ReferencePipeline, "from_model", classmethod(lambda cls, *a, **k: tiny_pipeline)
+    )
+
+
+def test_edit_writes_images_attention_and_json(tmp_path):
+    out = tmp_path / "o"
+    assert (
+        main(
+            [
+                "edit",
+                SRC,
+                TGT,
+                "--model",
+                "tiny",
+                "--steps",
+                "4",
+                "--quiet",
+                "--alpha-m",
+                "0",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
+    assert sorted(p.name for p in out.iterdir()) == [
+        "attention.png",
+        "edited.png",
+        "result.json",
+        "source.png",
+    ]
+    doc = json.loads((out / "result.json").read_text())
+    assert [t["word"] for t in doc["tau"]] == ["a", "dog", "sitting", "on", "the", "grass"]
+    assert doc["tau"][2] == {"word": "sitting", "tokens": [3], "tau": 0.0}
+    assert doc["keywords"] == ["sitting"]
+    assert 0.0 <= doc["tau_self"] <= 1.0
+    assert doc["config"]["sampler"]["steps"] == 4 and doc["config"]["edit"]["alpha_m"] == 0.0
+    assert set(doc["timings_s"]) >= {"calibration", "edit", "decode", "total"}
+
+
+LONG = " ".join(["dog"] * 80)
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        ([LONG, TGT], "prompt is too long"),
+        (["a red dog", "a blue big dog", "--edit-type", "replace"], "same number of words"),
+        ([SRC, TGT, "--local-blend", "cat"], "local-blend word 'cat'"),
+        ([SRC, SRC, "--edit-type", "reweight", "--reweight", "cat=2"], "word 'cat' is not in"),
+        ([SRC, TGT, "--height", "100"], "multiple of 8"),
+        ([SRC, TGT, "--height", "72"], "multiple of 64"),
+        ([SRC, TGT, "--lambda-s", "1.5"], "lambda_s is out of range"),
+    ],
+)
+def test_bad_input_is_a_clear_error_with_no_output(tmp_path, capsys, args, message):
+    out = tmp_path / "o"
+    assert main(["edit", *args, "--steps", "2", "--quiet", "--out", str(out)]) == 2
+    assert message in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_bad_reweight_syntax_is_rejected_by_the_parser(capsys):
+    with pytest.raises(SystemExit):
+        main(["edit", SRC, SRC, "--edit-type", "reweight", "--reweight", "grass"])
+    assert "WORD=FACTOR" in capsys.readouterr().err

@@ -1,0 +1,104 @@
+"""Built-in models and local diffusers folders."""
+
+from __future__ import annotations
+
+import shutil
+import time
+
+import pytest
+import torch
+
+from adapedit.config import EditConfig, SamplerConfig
+from adapedit.errors import ModelError
+from adapedit.models import build_random, load_model
+from adapedit.pipeline import ReferencePipeline
+from adapedit.processors import attention_layers
+
+
+@pytest.fixture(scope="module")
+def tiny_folder(tiny_components, tmp_path_factory):
+    path = tmp_path_factory.mktemp("models") / "tiny"
+    tiny_components.save(path)
+    return path
+
+
+def test_tiny_is_deterministic_from_its_seed():
+    a, b, c = build_random("tiny", 0), build_random("tiny", 0), build_random("tiny", 1)
+    wa, wb, wc = (next(m.unet.parameters()) for m in (a, b, c))
+    assert torch.equal(wa, wb) and not torch.equal(wa, wc)
+
+
+def test_tiny_has_sd_structure(tiny_components):
+    ids = [name for name, _ in attention_layers(tiny_components.unet)]
+    cross = [i for i in ids if i.endswith("attn2")]
+    assert "down_blocks.0.attentions.0.transformer_blocks.0.attn2" in cross
+    assert "mid_block.attentions.0.transformer_blocks.0.attn2" in cross
+    assert len({i.split(".attentions")[0] for i in cross}) >= 3  # several resolutions
+    assert tiny_components.default_size == 128 and tiny_components.size_multiple == 64
+
+
+def test_folder_round_trip(tiny_components, tiny_folder):
+    loaded = load_model(str(tiny_folder))
+    x, t = torch.randn(1, 4, 16, 16), torch.tensor(10)
+    e = torch.randn(1, 77, 32)
+    with torch.no_grad():
+        a = tiny_components.unet(x, t, encoder_hidden_states=e).sample
+        b = loaded.unet(x, t, encoder_hidden_states=e).sample
+    torch.testing.assert_close(a, b)
+    assert loaded.tokenizer("a dog").input_ids == tiny_components.tokenizer("a dog").input_ids
+    assert loaded.config_hash() == tiny_components.config_hash()
+
+
+@pytest.mark.parametrize("component", ["unet", "text_encoder", "vae", "tokenizer", "scheduler"])
+def test_folder_missing_a_component_is_a_clear_error(tiny_folder, tmp_path, component):
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny_folder, broken)
+    shutil.rmtree(broken / component)
+    with pytest.raises(ModelError, match=f"missing its {component}") as e:
+        load_model(str(broken))
+    assert str(broken / component) in str(e.value)
+
+
+def test_unknown_model_is_a_clear_error(tmp_path):
+    with pytest.raises(ModelError, match="model not found"):
+        load_model(str(tmp_path / "nowhere"))
+
+
+@pytest.mark.slow
+def test_sd14_random_edit_runs_through_every_controlled_layer():
+    t0 = time.perf_counter()
+    pipe = ReferencePipeline.from_model("sd14-random")
+    assert sum(p.numel() for p in pipe.components.unet.parameters()) == 859_520_964
+    seen: dict[str, set[str]] = {}
+
+    def spy(controller):
+        def call(layer_id, is_cross, probs, hidden):
+            seen.setdefault(type(controller).__name__, set()).add(layer_id)
+            return controller(layer_id, is_cross, probs, hidden)
+
+        call.end_step = controller.end_step
+        call.after_scheduler_step = controller.after_scheduler_step
+        return call
+
+    original = pipe.denoise
+    pipe.denoise = lambda lat, emb, s, ctrl=None, **kw: original(lat, emb, s, spy(ctrl), **kw)
+    r = pipe.edit(
+        "a dog standing on the grass",
+        "a dog sitting on the grass",
+        EditConfig(),
+        SamplerConfig(steps=2, height=256, width=256),
+    )
+    ids = [name for name, _ in attention_layers(pipe.components.unet)]
+    cross = {i for i in ids if i.endswith("attn2")}
+    # at 256 px the self-attention layers at 16×16, 8×8 and 4×4 have ≤ 256 queries
+    small_self = {
+        i for i in ids if i.endswith("attn1") and not i.startswith(("down_blocks.0", "up_blocks.3"))
+    }
+    assert len(cross) == 16 and len(small_self) == 11
+    assert seen["CalibrationRecorder"] == seen["EditController"]
+    assert seen["EditController"] == cross | small_self
+    assert r.edited_image.shape == (256, 256, 3)
+    print(
+        f"sd14-random 256×256, 2 steps: {time.perf_counter() - t0:.1f} s incl. build; "
+        f"timings {r.timings}"
+    )

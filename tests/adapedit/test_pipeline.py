@@ -1,0 +1,160 @@
+"""The PyTorch reference pipeline on the tiny model: the P2P oracle, the source invariant,
+determinism, edit types and LocalBlend."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from adapedit.blend import local_blend_mask
+from adapedit.config import EditConfig, SamplerConfig
+from adapedit.controller import EditController
+from adapedit.fwt import fixed_tau
+
+SRC, TGT = "a dog standing on the grass", "a dog sitting on the grass"
+FAST = SamplerConfig(steps=6, seed=3)
+
+
+class P2PRefine:
+    """Prompt-to-Prompt's ``AttentionRefine`` (with ``AttentionControlEdit``), written from
+    P2P's code independently of ``adapedit.edit``: the oracle of the edit pass."""
+
+    def __init__(self, mapper, alphas, num_steps, cross_replace_steps, self_replace_steps):
+        self.mapper, self.alphas = mapper, alphas.reshape(1, 1, 1, -1)
+        self.cross_replace_alpha = torch.zeros(num_steps + 1, 77)
+        self.cross_replace_alpha[: int(cross_replace_steps * (num_steps + 1))] = 1
+        self.num_self_replace = (0, int(num_steps * self_replace_steps))
+        self.cur_step = 0
+
+    def __call__(self, layer_id, is_cross, attn, hidden):
+        h = attn.shape[0]
+        cond = attn[h // 2 :]
+        heads = cond.shape[0] // 2
+        cond = cond.reshape(2, heads, *cond.shape[1:])
+        attn_base, attn_replace = cond[0], cond[1:]
+        if is_cross:
+            alpha_words = self.cross_replace_alpha[self.cur_step].reshape(1, 1, 1, -1)
+            base_replace = attn_base[:, :, self.mapper.reshape(1, -1)].permute(2, 0, 1, 3)
+            replaced = base_replace * self.alphas + attn_replace * (1 - self.alphas)
+            cond[1:] = replaced * alpha_words + (1 - alpha_words) * attn_replace
+        elif (
+            self.num_self_replace[0] <= self.cur_step < self.num_self_replace[1]
+            and attn_replace.shape[2] <= 16**2
+        ):
+            cond[1:] = attn_base.unsqueeze(0).expand(attn_replace.shape[0], *attn_base.shape)
+        attn[h // 2 :] = cond.reshape(-1, *cond.shape[2:])
+        return attn
+
+    def end_step(self):
+        self.cur_step += 1
+
+    def after_scheduler_step(self, latents):
+        return latents
+
+
+def _edit_embeddings(pipe, src, tgt):
+    u, c_src, c_edt = pipe.encode(["", src, tgt]).split(1)
+    return torch.cat([u, u, c_src, c_edt])
+
+
+@pytest.mark.parametrize("scheduler", ["ddim", "pndm"])
+def test_all_switches_off_is_exactly_p2p_refine(tiny_pipeline, scheduler):
+    pipe = tiny_pipeline
+    sampler = SamplerConfig(steps=6, seed=1, scheduler=scheduler)
+    cfg = EditConfig(use_fwt=False, use_dps=False, tau_fixed=0.6, tau_self_fixed=0.4)
+    ours = pipe.edit(SRC, TGT, cfg, sampler, record_latents=True)
+
+    plan = pipe.plan(SRC, TGT, cfg)
+    n = pipe.num_steps(sampler)
+    p2p = P2PRefine(plan.token_map.index, plan.token_map.alphas, n, 0.6, 0.4)
+    x0 = pipe.initial_latent(sampler)
+    theirs: list[torch.Tensor] = []
+    pipe.denoise(torch.cat([x0, x0]), _edit_embeddings(pipe, SRC, TGT), sampler, p2p, record=theirs)
+    assert len(ours.latents) == len(theirs) == n
+    for a, b in zip(ours.latents, theirs, strict=True):
+        assert torch.equal(a, b)
+    # the edit did something: the branches differ
+    assert not torch.equal(theirs[-1][0], theirs[-1][1])
+
+
+def test_fwt_and_dps_change_the_edit(tiny_pipeline):
+    off = tiny_pipeline.edit(
+        SRC, TGT, EditConfig(use_fwt=False, use_dps=False, alpha_m=0.0), FAST, record_latents=True
+    )
+    on = tiny_pipeline.edit(SRC, TGT, EditConfig(alpha_m=0.0), FAST, record_latents=True)
+    assert torch.equal(on.latents[-1][0], off.latents[-1][0])  # source untouched
+    assert not torch.equal(on.latents[-1][1], off.latents[-1][1])
+
+
+@pytest.mark.parametrize("scheduler", ["ddim", "pndm"])
+def test_source_branch_equals_plain_generation_bit_exact(tiny_pipeline, scheduler):
+    sampler = SamplerConfig(steps=5, seed=7, scheduler=scheduler)
+    plain = tiny_pipeline.generate(SRC, sampler, record_latents=True)
+    edit = tiny_pipeline.edit(
+        SRC, TGT, EditConfig(alpha_m=0.0, local_blend=("dog",)), sampler, record_latents=True
+    )
+    for a, b in zip(plain.latents, edit.latents, strict=True):
+        assert torch.equal(a[0], b[0])
+    assert (plain.image == edit.source_image).all()
+
+
+def test_same_seed_same_images_twice(tiny_pipeline):
+    a = tiny_pipeline.edit(SRC, TGT, EditConfig(alpha_m=0.0), FAST)
+    b = tiny_pipeline.edit(SRC, TGT, EditConfig(alpha_m=0.0), FAST)
+    assert (a.source_image == b.source_image).all() and (a.edited_image == b.edited_image).all()
+    assert [w.tau for w in a.tau.words] == [w.tau for w in b.tau.words]
+    c = tiny_pipeline.edit(SRC, TGT, EditConfig(alpha_m=0.0), SamplerConfig(steps=6, seed=4))
+    assert not (a.source_image == c.source_image).all()
+
+
+def test_fwt_gives_keywords_tau_zero_and_a_default(tiny_pipeline):
+    r = tiny_pipeline.edit(SRC, TGT, EditConfig(alpha_m=0.0), FAST)
+    by_word = {w.word: w for w in r.tau.words}
+    assert r.keywords == ["sitting"]
+    assert by_word["sitting"].tau == 0.0 and by_word["sitting"].keyword
+    assert all(0.0 <= w.tau <= 1.0 for w in r.tau.words)
+    n_low = sum(w.tau < 0.1 for w in r.tau.words)
+    assert r.tau.tau_self == pytest.approx(min(max(0.8 - n_low / 6, 0.0), 1.0))
+    assert r.attention_maps.shape[0] == len(r.attention_labels) == 7  # 6 words + end token
+    assert r.attention_labels[2] == "sitting"
+    assert set(r.timings) == {"text", "calibration", "edit", "decode", "total"}
+
+
+def test_identical_prompts_fall_back_to_fixed_tau(tiny_pipeline):
+    r = tiny_pipeline.edit(SRC, SRC, EditConfig(), FAST)
+    assert r.tau.fallback and all(w.tau == 0.8 for w in r.tau.words)
+    assert any("fixed τ" in n for n in r.notes)
+
+
+def test_replace_and_reweight_edits_run(tiny_pipeline):
+    rep = tiny_pipeline.edit(
+        "a red dog on the grass",
+        "a blue cat on the grass",
+        EditConfig(edit_type="replace", alpha_m=0.0),
+        FAST,
+    )
+    assert rep.keywords == ["blue", "cat"]
+    rew = tiny_pipeline.edit(
+        SRC,
+        SRC,
+        EditConfig(edit_type="reweight", reweight=(("grass", 3.0),)),
+        FAST,
+        record_latents=True,
+    )
+    plain = tiny_pipeline.edit(SRC, SRC, EditConfig(), FAST, record_latents=True)
+    assert not torch.equal(rew.latents[-1][1], plain.latents[-1][1])
+
+
+def test_local_blend_keeps_the_source_outside_the_mask(tiny_pipeline):
+    # The random tiny model's maps are nearly flat: a high threshold leaves a partial mask.
+    pipe, sampler = tiny_pipeline, SamplerConfig(steps=6, seed=3, height=256, width=256)
+    cfg = EditConfig(alpha_m=0.0, local_blend=("dog",), local_blend_threshold=0.95)
+    plan = pipe.plan(SRC, TGT, cfg)
+    x0 = pipe.initial_latent(sampler)
+    n = pipe.num_steps(sampler)
+    ctrl = EditController(plan, fixed_tau(plan, cfg, None), None, n, tuple(x0.shape[-2:]))
+    out = pipe.denoise(torch.cat([x0, x0]), _edit_embeddings(pipe, SRC, TGT), sampler, ctrl)
+    mask = local_blend_mask(ctrl.blend_maps, tuple(x0.shape[-2:]), 0.95)[0, 0].bool()
+    assert 0 < mask.sum() < mask.numel()
+    assert torch.equal(out[1][:, ~mask], out[0][:, ~mask])
+    assert not torch.equal(out[1][:, mask], out[0][:, mask])
