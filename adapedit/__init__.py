@@ -9,7 +9,9 @@ from adapedit.config import EditConfig, SamplerConfig
 from adapedit.errors import (
     AdapEditError,
     ConfigError,
+    ExportError,
     InputError,
+    ManifestError,
     ModelError,
     PromptError,
 )
@@ -20,7 +22,9 @@ __all__ = [
     "AdapEditError",
     "ConfigError",
     "EditConfig",
+    "ExportError",
     "InputError",
+    "ManifestError",
     "ModelError",
     "PromptError",
     "SamplerConfig",

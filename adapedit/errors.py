@@ -45,3 +45,13 @@ class ConfigError(InputError):
 
 class ModelError(AdapEditError):
     """A model that cannot be loaded (missing folder, missing component, unknown name)."""
+
+
+class ExportError(AdapEditError):
+    """An export that cannot be done (unsupported opset, existing output folder, a graph that
+    cannot be cut)."""
+
+
+class ManifestError(AdapEditError):
+    """An export or engine folder whose manifest does not fit (other model, other precision,
+    missing file, unknown format)."""

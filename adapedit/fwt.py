@@ -60,7 +60,8 @@ class WordTau:
 
 @dataclass(frozen=True, eq=False)
 class TauPlan:
-    """The temporal plan of an edit: τ per word and per token [77], ``τ_self`` and why a fixed
+    """The temporal plan of an edit: τ per word and per token [77] (float64, so that
+    ``⌊τ·(N+1)⌋`` counts steps exactly as P2P's Python floats do), ``τ_self`` and why a fixed
     τ was used (``fallback``), if it was."""
 
     words: tuple[WordTau, ...]
@@ -91,7 +92,11 @@ def fixed_tau(plan: EditPlan, config: EditConfig, reason: str | None) -> TauPlan
         for w in plan.target.words
     )
     return TauPlan(
-        words, torch.full((n,), config.tau_fixed), config.tau_self_fixed, config.tau_fixed, reason
+        words,
+        torch.full((n,), config.tau_fixed, dtype=torch.float64),
+        config.tau_self_fixed,
+        config.tau_fixed,
+        reason,
     )
 
 
@@ -111,7 +116,7 @@ def compute_tau(plan: EditPlan, token_emb: torch.Tensor, config: EditConfig) -> 
         words.append(WordTau(w.text, w.tokens, tau, float(a), False))
     n_low = sum(1 for w in words if w.tau < 0.1)
     tau_default = min(max(config.tau_fixed - n_low / max(len(words), 1), 0.0), 1.0)
-    token_tau = torch.full((plan.target.max_length,), tau_default)
+    token_tau = torch.full((plan.target.max_length,), tau_default, dtype=torch.float64)
     for w in words:
         token_tau[list(w.tokens)] = w.tau
     return TauPlan(tuple(words), token_tau, tau_default, tau_default)

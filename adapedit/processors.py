@@ -15,15 +15,24 @@ Controller = Callable[[str, bool, torch.Tensor, torch.Tensor], torch.Tensor]
 
 @dataclass
 class ControlSlot:
-    """Shared by all processors of a UNet: the controller of the current pass (or None) and the
-    query count up to which self-attention layers are controlled."""
+    """Shared by all processors of a UNet: the controller of the current pass (or None) and which
+    layers are controlled."""
 
     controller: Controller | None = None
     self_max_queries: int = 256
+    controlled: frozenset[str] | None = None
 
-    def is_controlled(self, is_cross: bool, queries: int) -> bool:
-        """Cross-attention always; self-attention with at most ``self_max_queries`` queries."""
-        return is_cross or queries <= self.self_max_queries
+    def is_controlled(self, layer_id: str, is_cross: bool, queries: int) -> bool:
+        """The fixed set ``controlled`` if one is given (an export's layers); else cross-attention
+        always and self-attention with at most ``self_max_queries`` queries."""
+        if self.controlled is not None:
+            return layer_id in self.controlled
+        return is_controlled_by_rule(is_cross, queries, self.self_max_queries)
+
+
+def is_controlled_by_rule(is_cross: bool, queries: int, self_max_queries: int) -> bool:
+    """ALGORITHM.md §5: every cross-attention layer; self-attention with ≤ 256 queries."""
+    return is_cross or queries <= self_max_queries
 
 
 class ControlledAttnProcessor:
@@ -51,7 +60,7 @@ class ControlledAttnProcessor:
         query = attn.to_q(hidden_states)
         key = attn.to_k(context)
         value = attn.to_v(context)
-        if self.slot.is_controlled(is_cross, queries):
+        if self.slot.is_controlled(self.layer_id, is_cross, queries):
             q, k, v = (attn.head_to_batch_dim(x) for x in (query, key, value))  # [B*H, ·, d]
             probs = attn.get_attention_scores(q, k, None)  # [B*H, P, K]
             if self.slot.controller is not None:
@@ -90,4 +99,37 @@ def install_processors(unet, slot: ControlSlot) -> None:
     arithmetic is then the same in a batch of 2 (plain generation) and of 4 (an edit)."""
     for name, module in attention_layers(unet):
         module.set_processor(ControlledAttnProcessor(name, slot))
-    unet.time_proj.register_forward_hook(_shared_time_embedding)
+    if not getattr(unet.time_proj, "_adapedit_shared", False):
+        unet.time_proj.register_forward_hook(_shared_time_embedding)
+        unet.time_proj._adapedit_shared = True
+
+
+def controlled_layers(unet, latent_hw: tuple[int, int], self_max_queries: int = 256) -> list[str]:
+    """Module paths of the layers controlled at a latent size, in module order: every
+    cross-attention layer and the self-attention layers with at most ``self_max_queries``
+    queries (ALGORITHM.md §5)."""
+    return [name for name, _, queries in attention_geometry(unet, latent_hw)
+            if is_controlled_by_rule(is_cross_layer(name), queries, self_max_queries)]
+
+
+def is_cross_layer(layer_id: str) -> bool:
+    """In SD's transformer blocks ``attn1`` is self-attention and ``attn2`` cross-attention."""
+    return layer_id.endswith("attn2")
+
+
+def attention_geometry(unet, latent_hw: tuple[int, int]) -> list[tuple[str, object, int]]:
+    """(module path, module, query count) of every attention layer at a latent size. A layer in
+    ``down_blocks.i`` / ``up_blocks.j`` / ``mid_block`` works at the latent downsampled once per
+    level above it."""
+    levels = len(unet.config.block_out_channels)
+    out = []
+    for name, module in attention_layers(unet):
+        block, index = name.split(".")[0], name.split(".")[1]
+        if block == "down_blocks":
+            f = 2 ** int(index)
+        elif block == "up_blocks":
+            f = 2 ** (levels - 1 - int(index))
+        else:
+            f = 2 ** (levels - 1)
+        out.append((name, module, (latent_hw[0] // f) * (latent_hw[1] // f)))
+    return out
