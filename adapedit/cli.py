@@ -104,6 +104,28 @@ def cmd_edit(a: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export(a: argparse.Namespace) -> int:
+    from adapedit.export.api import export_model
+
+    m = export_model(
+        a.model,
+        a.out,
+        precision=a.precision,
+        form=a.form,
+        height=a.height,
+        width=a.width,
+        opset=a.opset,
+        progress=not a.quiet,
+    )
+    n_cross = sum(b.kind == "cross" for b in m.boundaries)
+    print(
+        f"exported {m.model} ({m.precision}, opset {m.opset}, {m.height}×{m.width}) → {a.out}: "
+        f"{len(m.segments)} segments, {len(m.boundaries)} boundaries ({n_cross} cross, "
+        f"{len(m.boundaries) - n_cross} self), graphs {sorted(m.graphs)}"
+    )
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="adapedit", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -121,6 +143,22 @@ def build_parser() -> argparse.ArgumentParser:
     _add_sampler_args(p)
     _add_edit_args(p)
     p.set_defaults(func=cmd_edit)
+
+    p = sub.add_parser("export", help="export a model to ONNX (segmented and/or whole UNet)")
+    p.add_argument("--model", default="tiny", help="tiny | sd14-random | PATH")
+    p.add_argument("--out", required=True, metavar="DIR", help="a folder that does not exist")
+    p.add_argument("--precision", choices=("fp32", "fp16"), default="fp32")
+    p.add_argument("--form", choices=("segmented", "whole", "both"), default="both")
+    p.add_argument(
+        "--height",
+        type=int,
+        default=None,
+        help="export resolution in pixels: fixes which self-attention layers are cut",
+    )
+    p.add_argument("--width", type=int, default=None)
+    p.add_argument("--opset", type=int, default=18)
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=cmd_export)
     return parser
 
 

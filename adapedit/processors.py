@@ -108,8 +108,11 @@ def controlled_layers(unet, latent_hw: tuple[int, int], self_max_queries: int = 
     """Module paths of the layers controlled at a latent size, in module order: every
     cross-attention layer and the self-attention layers with at most ``self_max_queries``
     queries (ALGORITHM.md §5)."""
-    return [name for name, _, queries in attention_geometry(unet, latent_hw)
-            if is_controlled_by_rule(is_cross_layer(name), queries, self_max_queries)]
+    return [
+        name
+        for name, _, queries in attention_geometry(unet, latent_hw)
+        if is_controlled_by_rule(is_cross_layer(name), queries, self_max_queries)
+    ]
 
 
 def is_cross_layer(layer_id: str) -> bool:

@@ -1,0 +1,169 @@
+"""``manifest.json``: what an export folder holds — the model, the precision, the graphs and,
+for the segmented UNet, the segments in order and the attention boundaries between them.
+
+A manifest is validated when loaded: format, files present, and (when the caller says what it
+expects) model and precision. Every mismatch is a :class:`~adapedit.errors.ManifestError`.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from adapedit.errors import ManifestError
+
+FORMAT = "adapedit-export/1"
+MANIFEST = "manifest.json"
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """A graph input or output: name, dtype (numpy name) and symbolic shape."""
+
+    name: str
+    dtype: str
+    shape: tuple[int | str, ...]
+
+
+@dataclass(frozen=True)
+class GraphSpec:
+    """One ONNX file and its inputs and outputs."""
+
+    file: str
+    inputs: tuple[TensorSpec, ...]
+    outputs: tuple[TensorSpec, ...]
+
+    def input(self, name: str) -> TensorSpec:
+        for t in self.inputs:
+            if t.name == name:
+                return t
+        raise KeyError(name)
+
+
+@dataclass(frozen=True)
+class Boundary:
+    """A cut of the segmented UNet at a controlled attention layer's softmax output.
+
+    Segment ``segment`` outputs ``probs`` ([B*H, P, K]); segment ``segment + 1`` takes it back as
+    an input. ``hidden`` ([B, P, C], cross-attention only) is the layer's input hidden states,
+    an output of segment ``hidden_segment``. Geometry is at the export resolution.
+    """
+
+    layer: str
+    kind: str  # "cross" | "self"
+    segment: int
+    probs: str
+    hidden: str | None
+    hidden_segment: int | None
+    resolution: tuple[int, int]
+    downscale: int
+    heads: int
+    head_dim: int
+    queries: int
+    keys: int
+
+
+@dataclass(frozen=True)
+class Manifest:
+    """The contents of an export folder."""
+
+    model: str
+    config_hash: str
+    precision: str
+    opset: int
+    height: int
+    width: int
+    latent_channels: int
+    text_hidden: int
+    graphs: dict[str, GraphSpec] = field(default_factory=dict)
+    segments: tuple[GraphSpec, ...] = ()
+    boundaries: tuple[Boundary, ...] = ()
+    format: str = FORMAT
+
+    @property
+    def controlled_layers(self) -> list[str]:
+        return [b.layer for b in self.boundaries]
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def save(self, folder: str | Path) -> None:
+        from adapedit.io import write_json
+
+        write_json(Path(folder) / MANIFEST, self.to_json())
+
+    @classmethod
+    def from_json(cls, doc: dict[str, Any]) -> Manifest:
+        def spec(d: dict) -> GraphSpec:
+            return GraphSpec(
+                d["file"],
+                tuple(TensorSpec(t["name"], t["dtype"], tuple(t["shape"])) for t in d["inputs"]),
+                tuple(TensorSpec(t["name"], t["dtype"], tuple(t["shape"])) for t in d["outputs"]),
+            )
+
+        d = dict(doc)
+        d["graphs"] = {k: spec(v) for k, v in d.get("graphs", {}).items()}
+        d["segments"] = tuple(spec(s) for s in d.get("segments", ()))
+        d["boundaries"] = tuple(
+            Boundary(**{**b, "resolution": tuple(b["resolution"])}) for b in d.get("boundaries", ())
+        )
+        return cls(**d)
+
+    @classmethod
+    def load(
+        cls, folder: str | Path, *, model_hash: str | None = None, precision: str | None = None
+    ) -> Manifest:
+        """Read and validate ``folder/manifest.json``.
+
+        Raises:
+            ManifestError: missing or unreadable manifest, other format, a listed file missing,
+                or a model/precision other than the caller expects.
+        """
+        folder = Path(folder)
+        path = folder / MANIFEST
+        if not path.is_file():
+            raise ManifestError(
+                "no manifest",
+                where=str(folder),
+                expected=f"{MANIFEST} written by 'adapedit export'",
+                got="none",
+            )
+        try:
+            doc = json.loads(path.read_text())
+            if doc.get("format") != FORMAT:
+                raise ManifestError(
+                    "unknown manifest format",
+                    where=str(path),
+                    expected=FORMAT,
+                    got=doc.get("format"),
+                )
+            m = cls.from_json(doc)
+        except (ValueError, KeyError, TypeError) as e:
+            raise ManifestError(
+                "unreadable manifest", where=str(path), expected=f"a {FORMAT} manifest", got=repr(e)
+            ) from None
+        for g in [*m.graphs.values(), *m.segments]:
+            if not (folder / g.file).is_file():
+                raise ManifestError(
+                    "a file listed in the manifest is missing",
+                    where=str(folder / g.file),
+                    expected="the exported ONNX file",
+                    got="no such file",
+                )
+        if model_hash is not None and model_hash != m.config_hash:
+            raise ManifestError(
+                "the export is of another model",
+                where=str(path),
+                expected=f"config hash {model_hash}",
+                got=f"{m.config_hash} ({m.model})",
+            )
+        if precision is not None and precision != m.precision:
+            raise ManifestError(
+                "the export has another precision",
+                where=str(path),
+                expected=precision,
+                got=m.precision,
+            )
+        return m

@@ -1,0 +1,266 @@
+"""PyTorch → ONNX for the text encoder, the VAE (decoder and encoder) and the UNet, with
+``torch.onnx.export(..., dynamo=True)``: opset ≥ 17, dynamic batch and resolution, fp32 or fp16.
+
+The UNet is exported once with explicit attention in the controlled layers and extra outputs:
+each controlled layer's attention probabilities (``<layer>.probs``, [B*H, P, K]) and each
+controlled cross-attention layer's input hidden states (``<layer>.hidden``, [B, P, C]). The
+whole and the segmented forms are both cut from that one graph.
+"""
+
+from __future__ import annotations
+
+import copy
+import warnings
+from dataclasses import dataclass
+
+import onnx
+import torch
+
+from adapedit.controller import layer_downscale
+from adapedit.errors import ExportError
+from adapedit.models import Components
+from adapedit.processors import (
+    ControlSlot,
+    attention_geometry,
+    controlled_layers,
+    install_processors,
+    is_cross_layer,
+)
+
+MIN_OPSET, MAX_OPSET, DEFAULT_OPSET = 17, 23, 18
+PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16}
+UNET_INPUTS = ("sample", "timestep", "encoder_hidden_states")
+NOISE = "noise_pred"
+
+
+def check_opset(opset: int) -> None:
+    if not (isinstance(opset, int) and MIN_OPSET <= opset <= MAX_OPSET):
+        raise ExportError(
+            "unsupported ONNX opset",
+            where="export",
+            expected=f"{MIN_OPSET} ≤ opset ≤ {MAX_OPSET}",
+            got=opset,
+        )
+
+
+def _to_onnx(
+    module: torch.nn.Module,
+    args: tuple,
+    *,
+    input_names: list[str],
+    output_names: list[str],
+    dynamic_shapes,
+    opset: int,
+) -> onnx.ModelProto:
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")
+        program = torch.onnx.export(
+            module,
+            args,
+            dynamo=True,
+            opset_version=opset,
+            input_names=input_names,
+            output_names=output_names,
+            dynamic_shapes=dynamic_shapes,
+            verbose=False,
+        )
+    return program.model_proto
+
+
+def _copy_as(module: torch.nn.Module, precision: str) -> torch.nn.Module:
+    return copy.deepcopy(module).to(PRECISIONS[precision]).eval()
+
+
+class _TextEncoder(torch.nn.Module):
+    def __init__(self, encoder):
+        super().__init__()
+        self.encoder = encoder
+
+    def forward(self, input_ids):
+        return self.encoder(input_ids)[0]
+
+
+class _VaeDecoder(torch.nn.Module):
+    def __init__(self, vae):
+        super().__init__()
+        self.vae = vae
+
+    def forward(self, latent):
+        return self.vae.decode(latent / self.vae.config.scaling_factor).sample
+
+
+class _VaeEncoder(torch.nn.Module):
+    def __init__(self, vae):
+        super().__init__()
+        self.vae = vae
+
+    def forward(self, image):
+        return self.vae.encode(image).latent_dist.mean * self.vae.config.scaling_factor
+
+
+def export_text_encoder(c: Components, precision: str, opset: int) -> onnx.ModelProto:
+    """``input_ids`` [B, 77] int64 → ``text_embeddings`` [B, 77, D]."""
+    batch = torch.export.Dim("batch", min=1, max=64)
+    ids = torch.tensor([c.tokenizer("", padding="max_length", max_length=77).input_ids] * 2)
+    return _to_onnx(
+        _TextEncoder(_copy_as(c.text_encoder, precision)),
+        (ids,),
+        input_names=["input_ids"],
+        output_names=["text_embeddings"],
+        dynamic_shapes=({0: batch},),
+        opset=opset,
+    )
+
+
+def _latent_dims(c: Components):
+    m = 2 ** (len(c.unet.config.block_out_channels) - 1)  # UNet downsampling
+    return (
+        torch.export.Dim("batch", min=1, max=64),
+        m * torch.export.Dim("lh", min=1, max=64),
+        m * torch.export.Dim("lw", min=1, max=64),
+    )
+
+
+def export_vae_decoder(
+    c: Components, precision: str, opset: int, latent_hw: tuple[int, int]
+) -> onnx.ModelProto:
+    """``latent`` [B, 4, h, w] (sampler scale) → ``image`` [B, 3, 8h, 8w] in [-1, 1]."""
+    b, h, w = _latent_dims(c)
+    z = torch.randn(2, c.vae.config.latent_channels, *latent_hw, dtype=PRECISIONS[precision])
+    return _to_onnx(
+        _VaeDecoder(_copy_as(c.vae, precision)),
+        (z,),
+        input_names=["latent"],
+        output_names=["image"],
+        dynamic_shapes=({0: b, 2: h, 3: w},),
+        opset=opset,
+    )
+
+
+def export_vae_encoder(
+    c: Components, precision: str, opset: int, latent_hw: tuple[int, int]
+) -> onnx.ModelProto:
+    """``image`` [B, 3, H, W] in [-1, 1] → ``latent`` [B, 4, H/8, W/8] (mean, sampler scale)."""
+    b, h, w = _latent_dims(c)
+    f = c.vae_scale_factor
+    x = torch.randn(2, 3, latent_hw[0] * f, latent_hw[1] * f, dtype=PRECISIONS[precision])
+    return _to_onnx(
+        _VaeEncoder(_copy_as(c.vae, precision)),
+        (x,),
+        input_names=["image"],
+        output_names=["latent"],
+        dynamic_shapes=({0: b, 2: h * f, 3: w * f},),
+        opset=opset,
+    )
+
+
+@dataclass(frozen=True)
+class LayerExport:
+    """A controlled layer as exported: its geometry at the export resolution and the names of
+    its probability and (cross-attention) hidden-state outputs."""
+
+    layer: str
+    kind: str
+    probs: str
+    hidden: str | None
+    heads: int
+    head_dim: int
+    queries: int
+    keys: int
+    resolution: tuple[int, int]
+    downscale: int
+
+
+class _CapturingUNet(torch.nn.Module):
+    """The UNet returning, after the noise prediction, each controlled layer's probabilities and
+    (cross-attention) input hidden states, in call order."""
+
+    def __init__(self, unet, controlled: list[str]):
+        super().__init__()
+        self.unet = unet
+        self.slot = ControlSlot(controlled=frozenset(controlled))
+        install_processors(unet, self.slot)
+        self.order: list[str] = []
+
+    def forward(self, sample, timestep, encoder_hidden_states):
+        captured: list[torch.Tensor] = []
+        self.order.clear()
+
+        def capture(layer_id, is_cross, probs, hidden):
+            self.order.append(layer_id)
+            captured.append(probs)
+            if is_cross:
+                captured.append(hidden)
+            return probs
+
+        self.slot.controller = capture
+        try:
+            out = self.unet(sample, timestep, encoder_hidden_states=encoder_hidden_states).sample
+        finally:
+            self.slot.controller = None
+        return (out, *captured)
+
+
+def export_unet(
+    c: Components,
+    precision: str,
+    opset: int,
+    latent_hw: tuple[int, int],
+    self_max_queries: int = 256,
+) -> tuple[onnx.ModelProto, list[LayerExport]]:
+    """The UNet with probability and hidden-state outputs for every layer controlled at
+    ``latent_hw`` (the export resolution); see the module docstring."""
+    controlled = controlled_layers(c.unet, latent_hw, self_max_queries)
+    wrapper = _CapturingUNet(_copy_as(c.unet, precision), controlled).eval()
+    dtype = PRECISIONS[precision]
+    batch = 2
+    sample = torch.randn(batch, c.unet.config.in_channels, *latent_hw, dtype=dtype)
+    t = torch.tensor([500.0])
+    ctx = torch.randn(batch, 77, c.unet.config.cross_attention_dim, dtype=dtype)
+    m = 2 ** (len(c.unet.config.block_out_channels) - 1)
+    with torch.no_grad():  # a small eager call records the call order (down, mid, up)
+        wrapper(sample[:1, :, :m, :m], t, ctx[:1])
+    order = list(wrapper.order)
+    if sorted(order) != sorted(controlled):
+        raise ExportError(
+            "controlled layers were not each called once",
+            where="UNet export",
+            expected=sorted(controlled),
+            got=sorted(order),
+        )
+    names = [NOISE]
+    for layer in order:
+        names.append(f"{layer}.probs")
+        if is_cross_layer(layer):
+            names.append(f"{layer}.hidden")
+    b, h, w = _latent_dims(c)
+    model = _to_onnx(
+        wrapper,
+        (sample, t, ctx),
+        input_names=list(UNET_INPUTS),
+        output_names=names,
+        dynamic_shapes=({0: b, 2: h, 3: w}, None, {0: b}),
+        opset=opset,
+    )
+    geometry = {name: (module, q) for name, module, q in attention_geometry(c.unet, latent_hw)}
+    layers = []
+    for layer in order:
+        module, queries = geometry[layer]
+        is_cross = is_cross_layer(layer)
+        f = layer_downscale(latent_hw, queries)
+        heads = module.heads
+        layers.append(
+            LayerExport(
+                layer=layer,
+                kind="cross" if is_cross else "self",
+                probs=f"{layer}.probs",
+                hidden=f"{layer}.hidden" if is_cross else None,
+                heads=heads,
+                head_dim=module.to_q.out_features // heads,
+                queries=queries,
+                keys=77 if is_cross else queries,
+                resolution=(latent_hw[0] // f, latent_hw[1] // f),
+                downscale=f,
+            )
+        )
+    return model, layers
