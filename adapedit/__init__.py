@@ -9,6 +9,7 @@ from adapedit.config import EditConfig, SamplerConfig
 from adapedit.errors import (
     AdapEditError,
     ConfigError,
+    EngineError,
     ExportError,
     InputError,
     ManifestError,
@@ -22,6 +23,7 @@ __all__ = [
     "AdapEditError",
     "ConfigError",
     "EditConfig",
+    "EngineError",
     "ExportError",
     "InputError",
     "ManifestError",

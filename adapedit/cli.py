@@ -29,6 +29,18 @@ def _add_sampler_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--scheduler", choices=("ddim", "pndm"), default="ddim")
 
 
+def _add_engine_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("engines")
+    g.add_argument(
+        "--providers",
+        nargs="+",
+        choices=("cpu", "cuda", "tensorrt"),
+        default=None,
+        help="ONNX Runtime execution providers, in priority order",
+    )
+    g.add_argument("--threads", type=int, default=None, help="ONNX Runtime intra-op threads")
+
+
 def _add_edit_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("edit")
     g.add_argument("--edit-type", choices=("refine", "replace", "reweight"), default="refine")
@@ -86,21 +98,94 @@ def sampler_config_from_args(a: argparse.Namespace):
     )
 
 
+def _engine_options(a: argparse.Namespace):
+    from adapedit.engines.ort import OrtOptions
+
+    if not a.providers and not a.threads:
+        return None
+    return OrtOptions(providers=tuple(a.providers or ("cpu",)), threads=a.threads or 0)
+
+
 def cmd_edit(a: argparse.Namespace) -> int:
     from adapedit.io import write_edit_outputs
-    from adapedit.pipeline import ReferencePipeline
 
     edit, sampler = edit_config_from_args(a), sampler_config_from_args(a)
-    pipe = ReferencePipeline.from_model(a.model, device=a.device)
+    backend = a.backend or ("engine" if a.engine_dir else "torch")
+    if backend == "engine":
+        if not a.engine_dir:
+            raise ConfigError(
+                "--backend engine needs --engine-dir",
+                where="adapedit edit",
+                expected="--engine-dir DIR",
+                got="none",
+            )
+        from adapedit.runtime.session import EditSession
+
+        pipe = EditSession(a.engine_dir, ort=_engine_options(a))
+        model = pipe.manifest.model
+    else:
+        from adapedit.pipeline import ReferencePipeline
+
+        pipe = ReferencePipeline.from_model(a.model, device=a.device)
+        model = a.model
     pipe.plan(a.source, a.target, edit)  # every prompt error before any model work
     pipe.latent_hw(sampler)
     result = pipe.edit(a.source, a.target, edit, sampler, progress=not a.quiet)
-    files = write_edit_outputs(result, a.out, a.model)
+    files = write_edit_outputs(result, a.out, model)
     taus = ", ".join(f"{w.word}={w.tau:.2f}" for w in result.tau.words)
     print(f"τ: {taus}; τ_self={result.tau.tau_self:.2f}; keywords: {result.keywords}")
     for note in result.notes:
         print(f"note: {note}")
     print(f"total {result.timings['total']:.2f} s → {', '.join(str(f) for f in files.values())}")
+    return 0
+
+
+def cmd_build(a: argparse.Namespace) -> int:
+    from adapedit.engines.base import Profile
+    from adapedit.engines.folder import build_engines
+    from adapedit.engines.ort import OrtOptions
+
+    profile = None
+    if a.batch or a.height or a.width:
+        from adapedit.engines.folder import default_profile
+        from adapedit.export.manifest import Manifest
+
+        d = default_profile(Manifest.load(a.export_dir))
+        profile = Profile(
+            batch=tuple(a.batch or d.batch),
+            height=tuple(a.height or d.height),
+            width=tuple(a.width or d.width),
+        )
+    ort = OrtOptions(providers=tuple(a.providers or ("cpu",)), threads=a.threads or 0)
+    cfg = build_engines(
+        a.export_dir,
+        a.out,
+        backend=a.backend,
+        ort=ort,
+        profile=profile,
+        cache_dir=a.cache,
+        progress=not a.quiet,
+    )
+    print(
+        f"built {a.backend} engines → {a.out} (profile: batch {cfg.profile.batch}, "
+        f"height {cfg.profile.height}, width {cfg.profile.width})"
+    )
+    return 0
+
+
+def cmd_demo(a: argparse.Namespace) -> int:
+    from adapedit.demo import run_demo
+
+    summary = run_demo(
+        a.out,
+        model=a.model,
+        source=a.source,
+        target=a.target,
+        steps=a.steps,
+        seed=a.seed,
+        progress=not a.quiet,
+    )
+    print(summary)
     return 0
 
 
@@ -137,12 +222,48 @@ def build_parser() -> argparse.ArgumentParser:
         default="tiny",
         help="tiny | sd14-random | PATH to a diffusers folder (default: tiny)",
     )
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--device", default="cpu", help="torch backend: cpu | cuda")
+    p.add_argument(
+        "--engine-dir",
+        default=None,
+        metavar="DIR",
+        help="run through the runtime from an engine folder ('adapedit build')",
+    )
+    p.add_argument(
+        "--backend",
+        choices=("torch", "engine"),
+        default=None,
+        help="torch: the PyTorch reference; engine: the runtime (default: engine "
+        "when --engine-dir is given)",
+    )
+    _add_engine_args(p)
     p.add_argument("--out", default="out", metavar="DIR")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     _add_sampler_args(p)
     _add_edit_args(p)
     p.set_defaults(func=cmd_edit)
+
+    p = sub.add_parser("build", help="build engines from an export folder")
+    p.add_argument("export_dir", metavar="EXPORT_DIR")
+    p.add_argument("--out", required=True, metavar="ENGINE_DIR")
+    p.add_argument("--backend", choices=("ort", "trt"), default="ort")
+    _add_engine_args(p)
+    p.add_argument("--batch", type=int, nargs=3, metavar=("MIN", "OPT", "MAX"))
+    p.add_argument("--height", type=int, nargs=3, metavar=("MIN", "OPT", "MAX"))
+    p.add_argument("--width", type=int, nargs=3, metavar=("MIN", "OPT", "MAX"))
+    p.add_argument("--cache", default=None, metavar="DIR", help="TensorRT plan cache")
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=cmd_build)
+
+    p = sub.add_parser("demo", help="export, build, edit through the runtime and the reference")
+    p.add_argument("--out", default="out", metavar="DIR")
+    p.add_argument("--model", default="tiny")
+    p.add_argument("--source", default="a dog standing on the grass")
+    p.add_argument("--target", default="a dog sitting on the grass")
+    p.add_argument("--steps", type=int, default=50)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("export", help="export a model to ONNX (segmented and/or whole UNet)")
     p.add_argument("--model", default="tiny", help="tiny | sd14-random | PATH")

@@ -55,3 +55,8 @@ class ExportError(AdapEditError):
 class ManifestError(AdapEditError):
     """An export or engine folder whose manifest does not fit (other model, other precision,
     missing file, unknown format)."""
+
+
+class EngineError(AdapEditError):
+    """An engine that cannot be built, loaded or run with the given inputs (wrong feeds, a shape
+    outside the built profile, a missing backend)."""

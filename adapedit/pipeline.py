@@ -1,10 +1,11 @@
-"""The PyTorch reference pipeline: plain generation, the calibration pass and the edit pass
-(batch ``[u_src, u_edt, c_src, c_edt]``), on diffusers components. Everything else in the project
-is measured against it."""
+"""The AdapEdit pipeline — plain generation, the calibration pass and the edit pass (batch
+``[u_src, u_edt, c_src, c_edt]``) — over a backend, and its PyTorch reference backend on
+diffusers components, against which everything else in the project is measured."""
 
 from __future__ import annotations
 
 import time
+from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -19,7 +20,7 @@ from adapedit.errors import ConfigError
 from adapedit.fwt import TauPlan, fixed_tau
 from adapedit.models import Components, load_model, make_scheduler
 from adapedit.plan import EditPlan, build_plan
-from adapedit.processors import ControlSlot, install_processors
+from adapedit.processors import Controller, ControlSlot, install_processors
 
 
 @dataclass
@@ -77,68 +78,91 @@ class EditResult:
         }
 
 
-class ReferencePipeline:
-    """AdapEdit on diffusers modules with explicit attention in the controlled layers."""
+def to_uint8(image: torch.Tensor) -> np.ndarray:
+    """A decoded image [3, H, W] in [-1, 1] → [H, W, 3] uint8."""
+    img = ((image.float() / 2 + 0.5).clamp(0, 1) * 255).round().to(torch.uint8)
+    return img.permute(1, 2, 0).cpu().numpy()
 
-    def __init__(self, components: Components, device: str | torch.device = "cpu") -> None:
-        self.components = components.to(device)
-        self.device = torch.device(device)
-        self.dtype = next(components.unet.parameters()).dtype
-        self.slot = ControlSlot()
-        install_processors(components.unet, self.slot)
 
-    @classmethod
-    def from_model(cls, spec: str, device: str | torch.device = "cpu") -> ReferencePipeline:
-        """Build from a built-in model name or a local diffusers folder."""
-        return cls(load_model(spec), device)
+class EditPipeline(ABC):
+    """The AdapEdit algorithm over a backend: plain generation, the calibration pass and the
+    edit pass. Backends provide text encoding, one UNet call (with the controller applied at the
+    controlled attention layers) and VAE decoding; everything else is shared, so the reference
+    and the runtime run the same sampling loop, the same controllers and the same bookkeeping.
+    """
+
+    #: The model's name (built-in, folder or engine folder).
+    name: str
+    tokenizer: Any
+    scheduler_config: dict[str, Any]
+    device: torch.device
+    #: dtype of the latents between scheduler steps
+    dtype: torch.dtype
+    vae_scale_factor: int
+    size_multiple: int
+    default_size: int
+    latent_channels: int
+
+    @abstractmethod
+    def encode(self, prompts: list[str]) -> torch.Tensor:
+        """Text embeddings [n, 77, D] (prompts already validated for length)."""
+
+    @abstractmethod
+    def unet(
+        self,
+        x: torch.Tensor,
+        t: torch.Tensor,
+        embeddings: torch.Tensor,
+        controller: Controller | None,
+    ) -> torch.Tensor:
+        """One UNet call: noise prediction [B, 4, h, w] for latents ``x`` at timestep ``t``."""
+
+    @abstractmethod
+    def decode_one(self, latent: torch.Tensor) -> torch.Tensor:
+        """VAE-decode one latent [1, 4, h, w] → image [3, H, W] in [-1, 1]."""
+
+    @abstractmethod
+    def prepare(self, edit: EditConfig, latent_hw: tuple[int, int]) -> None:
+        """Before a pass: fix which layers are controlled (where the backend can choose) and
+        check the resolution against what the backend was built for."""
 
     # -- building blocks ---------------------------------------------------------------------
 
     def latent_hw(self, sampler: SamplerConfig) -> tuple[int, int]:
         """Validated latent size for the sampler's resolution."""
-        c = self.components
-        h, w = sampler.resolved(c.default_size)
+        h, w = sampler.resolved(self.default_size)
         for name, v in (("height", h), ("width", w)):
-            if v % c.size_multiple:
+            if v % self.size_multiple:
                 raise ConfigError(
                     f"{name} does not fit the model",
-                    where=f"model {c.name}",
-                    expected=f"a multiple of {c.size_multiple}",
+                    where=f"model {self.name}",
+                    expected=f"a multiple of {self.size_multiple}",
                     got=v,
                 )
-        return h // c.vae_scale_factor, w // c.vae_scale_factor
+        return h // self.vae_scale_factor, w // self.vae_scale_factor
 
-    @torch.no_grad()
-    def encode(self, prompts: list[str]) -> torch.Tensor:
-        """Text embeddings [n, 77, D] (prompts must already be validated for length)."""
-        tok = self.components.tokenizer(
+    def tokens(self, prompts: list[str]) -> torch.Tensor:
+        """Padded token ids [n, 77] (int64)."""
+        return self.tokenizer(
             prompts,
             padding="max_length",
             max_length=MAX_TOKENS,
             truncation=True,
             return_tensors="pt",
-        )
-        ids = tok.input_ids.to(self.device)
-        return self.components.text_encoder(ids)[0].to(self.dtype)
+        ).input_ids
 
     def initial_latent(self, sampler: SamplerConfig) -> torch.Tensor:
         """The seed's initial latent [1, 4, h, w] (drawn on the CPU, so any device agrees)."""
         h, w = self.latent_hw(sampler)
         gen = torch.Generator().manual_seed(sampler.seed)
-        x = torch.randn((1, self.components.unet.config.in_channels, h, w), generator=gen)
+        x = torch.randn((1, self.latent_channels, h, w), generator=gen)
         return x.to(self.device, self.dtype)
 
     @torch.no_grad()
     def decode(self, latents: torch.Tensor) -> list[np.ndarray]:
         """VAE-decode latents [B, 4, h, w] to uint8 images [H, W, 3], one sample at a time (so
         an image does not depend on what else is in the batch)."""
-        vae = self.components.vae
-        images = []
-        for z in latents.split(1):
-            img = vae.decode(z / vae.config.scaling_factor).sample[0]  # [3, H, W]
-            img = ((img.float() / 2 + 0.5).clamp(0, 1) * 255).round().to(torch.uint8)
-            images.append(img.permute(1, 2, 0).cpu().numpy())
-        return images
+        return [to_uint8(self.decode_one(z)) for z in latents.split(1)]
 
     @torch.no_grad()
     def denoise(
@@ -154,29 +178,25 @@ class ReferencePipeline:
     ) -> torch.Tensor:
         """The CFG sampling loop. ``latents`` [B, 4, h, w]; ``embeddings`` [2B, 77, D] laid out
         ``[uncond…, cond…]``. The controller sees every controlled attention layer."""
-        scheduler = make_scheduler(sampler.scheduler, self.components.scheduler_config)
+        scheduler = make_scheduler(sampler.scheduler, self.scheduler_config)
         scheduler.set_timesteps(sampler.steps)
         latents = latents * scheduler.init_noise_sigma
-        self.slot.controller = controller
-        try:
-            for t in tqdm(scheduler.timesteps, desc=desc, disable=not progress, leave=False):
-                x_in = scheduler.scale_model_input(torch.cat([latents, latents]), t)
-                eps = self.components.unet(x_in, t, encoder_hidden_states=embeddings).sample
-                eps_u, eps_c = eps.chunk(2)
-                eps = eps_u + sampler.guidance * (eps_c - eps_u)
-                latents = scheduler.step(eps, t, latents).prev_sample
-                if controller is not None:
-                    controller.end_step()
-                    latents = controller.after_scheduler_step(latents)
-                if record is not None:
-                    record.append(latents.detach().cpu().clone())
-        finally:
-            self.slot.controller = None
+        for t in tqdm(scheduler.timesteps, desc=desc, disable=not progress, leave=False):
+            x_in = scheduler.scale_model_input(torch.cat([latents, latents]), t)
+            eps = self.unet(x_in, t, embeddings, controller).to(latents.dtype)
+            eps_u, eps_c = eps.chunk(2)
+            eps = eps_u + sampler.guidance * (eps_c - eps_u)
+            latents = scheduler.step(eps, t, latents).prev_sample
+            if controller is not None:
+                controller.end_step()
+                latents = controller.after_scheduler_step(latents)
+            if record is not None:
+                record.append(latents.detach().cpu().clone())
         return latents
 
     def num_steps(self, sampler: SamplerConfig) -> int:
         """UNet calls per pass (``steps`` for DDIM, ``steps + 1`` for PNDM's PLMS warm-up)."""
-        scheduler = make_scheduler(sampler.scheduler, self.components.scheduler_config)
+        scheduler = make_scheduler(sampler.scheduler, self.scheduler_config)
         scheduler.set_timesteps(sampler.steps)
         return len(scheduler.timesteps)
 
@@ -191,16 +211,17 @@ class ReferencePipeline:
         progress: bool = False,
     ) -> GenerationResult:
         """Plain text-to-image generation of ``prompt`` (batch ``[u, c]``)."""
-        tokenize(self.components.tokenizer, prompt)  # validates the length first
+        tokenize(self.tokenizer, prompt)  # validates the length first
         x0 = self.initial_latent(sampler)
         emb = self.encode(["", prompt])
         record: list[torch.Tensor] | None = [] if record_latents else None
+        self.prepare(EditConfig(), tuple(x0.shape[-2:]))
         latents = self.denoise(x0, emb, sampler, desc="generate", progress=progress, record=record)
         return GenerationResult(self.decode(latents)[0], record or [])
 
     def plan(self, source: str, target: str, edit: EditConfig = EditConfig()) -> EditPlan:
         """Validate and align the prompts (raises before any model work)."""
-        return build_plan(self.components.tokenizer, source, target, edit)
+        return build_plan(self.tokenizer, source, target, edit)
 
     def edit(
         self,
@@ -218,7 +239,7 @@ class ReferencePipeline:
         plan = self.plan(source, target, edit)
         x0 = self.initial_latent(sampler)  # validates the resolution
         latent_hw = tuple(x0.shape[-2:])
-        self.slot.self_max_queries = edit.self_max_queries
+        self.prepare(edit, latent_hw)
         n = self.num_steps(sampler)
         timings: dict[str, float] = {}
         notes: list[str] = []
@@ -269,7 +290,57 @@ class ReferencePipeline:
 
         n_tok = plan.target.length - 1  # tokens 1 … end
         maps = controller.attention_maps()[1 : n_tok + 1]
-        labels = [self.components.tokenizer.decode([i]) for i in plan.target.ids[1 : n_tok + 1]]
+        labels = [self.tokenizer.decode([i]) for i in plan.target.ids[1 : n_tok + 1]]
         return EditResult(
             src_img, edt_img, plan, tau, sampler, maps, labels, timings, record or [], notes
         )
+
+
+class ReferencePipeline(EditPipeline):
+    """AdapEdit on diffusers modules with explicit attention in the controlled layers."""
+
+    def __init__(self, components: Components, device: str | torch.device = "cpu") -> None:
+        self.components = components.to(device)
+        self.name = components.name
+        self.tokenizer = components.tokenizer
+        self.scheduler_config = components.scheduler_config
+        self.device = torch.device(device)
+        self.dtype = next(components.unet.parameters()).dtype
+        self.vae_scale_factor = components.vae_scale_factor
+        self.size_multiple = components.size_multiple
+        self.default_size = components.default_size
+        self.latent_channels = int(components.unet.config.in_channels)
+        self.slot = ControlSlot()
+        install_processors(components.unet, self.slot)
+
+    @classmethod
+    def from_model(cls, spec: str, device: str | torch.device = "cpu") -> ReferencePipeline:
+        """Build from a built-in model name or a local diffusers folder."""
+        return cls(load_model(spec), device)
+
+    def prepare(self, edit: EditConfig, latent_hw: tuple[int, int]) -> None:
+        self.slot.self_max_queries = edit.self_max_queries
+
+    @torch.no_grad()
+    def encode(self, prompts: list[str]) -> torch.Tensor:
+        ids = self.tokens(prompts).to(self.device)
+        return self.components.text_encoder(ids)[0].to(self.dtype)
+
+    @torch.no_grad()
+    def unet(
+        self,
+        x: torch.Tensor,
+        t: torch.Tensor,
+        embeddings: torch.Tensor,
+        controller: Controller | None,
+    ) -> torch.Tensor:
+        self.slot.controller = controller
+        try:
+            return self.components.unet(x, t, encoder_hidden_states=embeddings).sample
+        finally:
+            self.slot.controller = None
+
+    @torch.no_grad()
+    def decode_one(self, latent: torch.Tensor) -> torch.Tensor:
+        vae = self.components.vae
+        return vae.decode(latent / vae.config.scaling_factor).sample[0]

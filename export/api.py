@@ -207,6 +207,8 @@ def _export_into(
         width=size[1],
         latent_channels=int(c.unet.config.in_channels),
         text_hidden=int(c.unet.config.cross_attention_dim),
+        vae_scale_factor=c.vae_scale_factor,
+        size_multiple=c.size_multiple,
         graphs=graphs,
         segments=tuple(segments),
         boundaries=tuple(boundaries),

@@ -77,6 +77,8 @@ class Manifest:
     width: int
     latent_channels: int
     text_hidden: int
+    vae_scale_factor: int
+    size_multiple: int
     graphs: dict[str, GraphSpec] = field(default_factory=dict)
     segments: tuple[GraphSpec, ...] = ()
     boundaries: tuple[Boundary, ...] = ()

@@ -10,6 +10,7 @@ whole and the segmented forms are both cut from that one graph.
 from __future__ import annotations
 
 import copy
+import re
 import warnings
 from dataclasses import dataclass
 
@@ -28,6 +29,7 @@ from adapedit.processors import (
 )
 
 MIN_OPSET, MAX_OPSET, DEFAULT_OPSET = 17, 23, 18
+_SYMBOL = re.compile(r"[A-Za-z_]\w*")
 PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16}
 UNET_INPUTS = ("sample", "timestep", "encoder_hidden_states")
 NOISE = "noise_pred"
@@ -64,7 +66,44 @@ def _to_onnx(
             dynamic_shapes=dynamic_shapes,
             verbose=False,
         )
-    return program.model_proto
+    model = program.model_proto
+    _name_dims(model, program.exported_program, input_names)
+    return model
+
+
+def _name_dims(model: onnx.ModelProto, program, input_names: list[str]) -> None:
+    """Write every symbolic dim in terms of the input dims' names (``batch``, ``lh``, ``lw``).
+
+    The exporter names the graph inputs' dims after the ``Dim`` objects but leaves tracer
+    symbols (``s24``, ``s92``) in intermediate shapes; the placeholders of the exported program
+    tell which tracer symbol each named dim is. Shapes in the manifest are then expressions of
+    the input dims alone, which the runtime and the TensorRT profiles evaluate.
+    """
+    user_inputs = set(program.graph_signature.user_inputs)
+    placeholders = [
+        n for n in program.graph.nodes if n.op == "placeholder" and n.name in user_inputs
+    ]
+    graph_inputs = {v.name: v for v in model.graph.input}
+    rename: dict[str, str] = {}
+    for name, node in zip(input_names, placeholders, strict=True):
+        value = graph_inputs.get(name)
+        if value is None:
+            continue
+        for dim, traced in zip(
+            value.type.tensor_type.shape.dim, node.meta["val"].shape, strict=True
+        ):
+            ours = _SYMBOL.findall(dim.dim_param)
+            expr = getattr(getattr(traced, "node", None), "expr", None)
+            theirs = sorted(str(s) for s in expr.free_symbols) if expr is not None else []
+            if len(ours) == 1 and len(theirs) == 1:
+                rename[theirs[0]] = ours[0]
+    if not rename:
+        return
+    pattern = re.compile(r"\b(" + "|".join(map(re.escape, rename)) + r")\b")
+    for value in [*model.graph.value_info, *model.graph.input, *model.graph.output]:
+        for dim in value.type.tensor_type.shape.dim:
+            if dim.dim_param:
+                dim.dim_param = pattern.sub(lambda m: rename[m.group(1)], dim.dim_param)
 
 
 def _copy_as(module: torch.nn.Module, precision: str) -> torch.nn.Module:

@@ -39,3 +39,30 @@ def tiny_pipeline(tiny_components):
     from adapedit.pipeline import ReferencePipeline
 
     return ReferencePipeline(tiny_components)
+
+
+@pytest.fixture(scope="session")
+def tiny_export(tiny_components, tmp_path_factory):
+    """The tiny model exported (fp32, segmented and whole, 128×128): (folder, manifest)."""
+    from adapedit.export.api import export_model
+
+    out = tmp_path_factory.mktemp("exports") / "tiny-fp32"
+    manifest = export_model(tiny_components, out, precision="fp32", form="both", progress=False)
+    return out, manifest
+
+
+@pytest.fixture(scope="session")
+def tiny_engines(tiny_export, tmp_path_factory):
+    """ONNX Runtime (CPU) engines of the tiny export."""
+    from adapedit.engines.folder import build_engines
+
+    out = tmp_path_factory.mktemp("engines") / "tiny-ort"
+    build_engines(tiny_export[0], out, backend="ort", progress=False)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_session(tiny_engines):
+    from adapedit.runtime.session import EditSession
+
+    return EditSession(tiny_engines)

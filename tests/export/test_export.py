@@ -4,8 +4,6 @@ manifest is exact, and bad input fails cleanly."""
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 import onnxruntime as ort
 import pytest
@@ -20,13 +18,6 @@ from adapedit.fwt import fixed_tau
 from adapedit.processors import controlled_layers
 
 SRC, TGT = "a dog standing on the grass", "a dog sitting on the grass"
-
-
-@pytest.fixture(scope="session")
-def tiny_export(tiny_components, tmp_path_factory) -> tuple[Path, Manifest]:
-    out = tmp_path_factory.mktemp("exports") / "tiny-fp32"
-    manifest = export_model(tiny_components, out, precision="fp32", form="both", progress=False)
-    return out, manifest
 
 
 @pytest.fixture(scope="session")

@@ -1,0 +1,194 @@
+"""Engine folders: ``adapedit build`` turns an export folder into a self-contained engine folder
+(manifest, engines, tokenizer, scheduler config, ``engine.json``) that the runtime loads with no
+model path. Written to a temporary folder and renamed at the end."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from tqdm.auto import tqdm
+
+from adapedit.engines.base import Profile, Runner
+from adapedit.engines.cache import PlanCache, file_digest
+from adapedit.engines.ort import OrtOptions, OrtRunner
+from adapedit.errors import EngineError, ManifestError
+from adapedit.export.manifest import MANIFEST, GraphSpec, Manifest
+from adapedit.io import write_json
+
+ENGINE_JSON = "engine.json"
+BACKENDS = ("ort", "trt")
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """What ``engine.json`` records: the backend, its options, the profile, and the hash of the
+    manifest the engines were built from (a mismatch means a stale folder)."""
+
+    backend: str
+    profile: Profile
+    manifest_sha256: str
+    ort: OrtOptions = field(default_factory=OrtOptions)
+    plans: dict[str, str] = field(default_factory=dict)  # graph file → plan file (trt)
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> EngineConfig:
+        return cls(
+            backend=d["backend"],
+            profile=Profile(**{k: tuple(v) for k, v in d["profile"].items()}),
+            manifest_sha256=d["manifest_sha256"],
+            ort=OrtOptions(**{k: tuple(v) if k == "providers" else v for k, v in d["ort"].items()}),
+            plans=dict(d.get("plans", {})),
+        )
+
+
+def default_profile(m: Manifest) -> Profile:
+    """Batch 1–4 (an edit runs 4), sizes from the smallest the export accepts up to the export
+    resolution, optimised for the export resolution."""
+    lo = 2 * m.size_multiple
+    return Profile(
+        batch=(1, 4, 4),
+        height=(min(lo, m.height), m.height, m.height),
+        width=(min(lo, m.width), m.width, m.width),
+    )
+
+
+def _graphs(m: Manifest) -> list[GraphSpec]:
+    return [*m.graphs.values(), *m.segments]
+
+
+def build_engines(
+    export_dir: str | Path,
+    out: str | Path,
+    *,
+    backend: str = "ort",
+    ort: OrtOptions = OrtOptions(),
+    profile: Profile | None = None,
+    cache_dir: str | Path | None = None,
+    progress: bool = True,
+) -> EngineConfig:
+    """Build an engine folder from an export folder.
+
+    Raises:
+        EngineError: ``out`` exists, unknown backend, TensorRT missing or failing.
+        ManifestError: the export folder is incomplete or not an export.
+    """
+    export_dir, out = Path(export_dir), Path(out)
+    if backend not in BACKENDS:
+        raise EngineError(
+            "unknown backend", where="build", expected=" | ".join(BACKENDS), got=backend
+        )
+    if out.exists():
+        raise EngineError(
+            "output folder exists",
+            where=str(out),
+            expected="a path that does not exist yet",
+            got="an existing path",
+        )
+    manifest = Manifest.load(export_dir)
+    profile = profile or default_profile(manifest)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.partial-"))
+    try:
+        for name in (MANIFEST, "scheduler_config.json"):
+            shutil.copy2(export_dir / name, tmp / name)
+        shutil.copytree(export_dir / "tokenizer", tmp / "tokenizer")
+        plans: dict[str, str] = {}
+        graphs = _graphs(manifest)
+        for g in tqdm(graphs, desc=f"build ({backend})", disable=not progress):
+            src = export_dir / g.file
+            if backend == "ort":
+                (tmp / g.file).parent.mkdir(parents=True, exist_ok=True)
+                shutil.copy2(src, tmp / g.file)
+                if Path(f"{src}.data").is_file():
+                    shutil.copy2(f"{src}.data", f"{tmp / g.file}.data")
+            else:
+                from adapedit.engines.trt import build_cached
+
+                cache = PlanCache(cache_dir or tmp / "plans")
+                plan = build_cached(
+                    src,
+                    g,
+                    profile,
+                    manifest.vae_scale_factor,
+                    manifest.size_multiple // manifest.vae_scale_factor,
+                    cache,
+                )
+                dest = tmp / "plans" / f"{Path(g.file).with_suffix('').as_posix()}.plan"
+                dest.parent.mkdir(parents=True, exist_ok=True)
+                if plan.resolve() != dest.resolve():
+                    shutil.copy2(plan, dest)
+                plans[g.file] = str(dest.relative_to(tmp))
+        config = EngineConfig(backend, profile, file_digest(tmp / MANIFEST), ort, plans)
+        write_json(tmp / ENGINE_JSON, config.to_json())
+        os.rename(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return config
+
+
+def load_engine_folder(
+    folder: str | Path, *, model_hash: str | None = None, precision: str | None = None
+) -> tuple[Manifest, EngineConfig]:
+    """Read and validate an engine folder.
+
+    Raises:
+        ManifestError: not an engine folder, a missing file, a stale engine.json, or another
+            model/precision than expected.
+    """
+    folder = Path(folder)
+    path = folder / ENGINE_JSON
+    if not path.is_file():
+        raise ManifestError(
+            "not an engine folder",
+            where=str(folder),
+            expected=f"{ENGINE_JSON} written by 'adapedit build'",
+            got="none",
+        )
+    manifest = Manifest.load(folder, model_hash=model_hash, precision=precision)
+    try:
+        config = EngineConfig.from_json(json.loads(path.read_text()))
+    except (ValueError, KeyError, TypeError) as e:
+        raise ManifestError(
+            "unreadable engine.json",
+            where=str(path),
+            expected="a file written by 'adapedit build'",
+            got=repr(e),
+        ) from None
+    if file_digest(folder / MANIFEST) != config.manifest_sha256:
+        raise ManifestError(
+            "engines are stale: the manifest changed after the build",
+            where=str(path),
+            expected=config.manifest_sha256[:16],
+            got=file_digest(folder / MANIFEST)[:16],
+        )
+    for g in _graphs(manifest):
+        file = config.plans.get(g.file, g.file) if config.backend == "trt" else g.file
+        if not (folder / file).is_file():
+            raise ManifestError(
+                "an engine file is missing",
+                where=str(folder / file),
+                expected="every graph of the manifest",
+                got="no such file",
+            )
+    return manifest, config
+
+
+def make_runner(
+    folder: Path, config: EngineConfig, spec: GraphSpec, ort: OrtOptions | None = None
+) -> Runner:
+    """The runner of one graph of an engine folder."""
+    if config.backend == "trt":
+        from adapedit.engines.trt import TrtRunner
+
+        return TrtRunner(folder / config.plans[spec.file], spec, name=spec.file)
+    return OrtRunner(folder / spec.file, spec, ort or config.ort, name=spec.file)

@@ -1,0 +1,98 @@
+"""ONNX Runtime runner: feed checks against the manifest, providers, buffer reuse, profiles."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from adapedit.engines.base import Profile, eval_dim, solve_symbols
+from adapedit.engines.ort import OrtOptions, OrtRunner
+from adapedit.errors import EngineError
+
+
+@pytest.fixture(scope="module")
+def text_runner(tiny_export):
+    folder, m = tiny_export
+    with OrtRunner(folder / m.graphs["text_encoder"].file, m.graphs["text_encoder"]) as r:
+        yield r
+
+
+@pytest.fixture(scope="module")
+def decoder(tiny_export):
+    folder, m = tiny_export
+    with OrtRunner(folder / m.graphs["vae_decoder"].file, m.graphs["vae_decoder"]) as r:
+        yield r
+
+
+def test_symbolic_shapes_evaluate():
+    assert eval_dim("64*lw*lh", {"lh": 2, "lw": 3}) == 384
+    assert eval_dim(77, {}) == 77
+    with pytest.raises(EngineError, match="cannot evaluate"):
+        eval_dim("2*batch", {})
+
+
+def test_runner_outputs_match_shapes_and_reuse_buffers(decoder):
+    z = torch.randn(1, 4, 16, 24)
+    a = decoder.infer({"latent": z})["image"]
+    assert a.shape == (1, 3, 128, 192)
+    first = a.clone()
+    b = decoder.infer({"latent": z})["image"]
+    assert b.data_ptr() == a.data_ptr() and torch.equal(b, first)
+    syms = solve_symbols(decoder.spec, {"latent": (1, 4, 16, 24)})
+    assert syms == {"batch": 1, "lh": 2, "lw": 3}
+
+
+@pytest.mark.parametrize(
+    ("feeds", "message"),
+    [
+        ({"latent": torch.randn(1, 4, 16, 16, dtype=torch.float64)}, "wrong dtype"),
+        ({"latent": torch.randn(1, 4, 16)}, "wrong shape"),
+        ({"latent": torch.randn(1, 3, 16, 16)}, "wrong shape"),
+        ({"latent": torch.randn(1, 4, 16, 16), "extra": torch.zeros(1)}, "wrong inputs"),
+        ({}, "wrong inputs"),
+    ],
+)
+def test_bad_feeds_are_clear_errors(decoder, feeds, message):
+    with pytest.raises(EngineError, match=message) as e:
+        decoder.infer(feeds)
+    assert "vae_decoder" in str(e.value)
+
+
+def test_text_encoder_takes_token_ids(text_runner, tokenizer):
+    ids = tokenizer(
+        ["a dog", ""], padding="max_length", max_length=77, return_tensors="pt"
+    ).input_ids
+    out = text_runner.infer({"input_ids": ids})["text_embeddings"]
+    assert out.shape == (2, 77, 32) and torch.isfinite(out).all()
+
+
+def test_options_and_providers(tiny_export):
+    with pytest.raises(EngineError, match="unknown execution provider"):
+        OrtOptions(providers=("rocm",))
+    with pytest.raises(EngineError, match="optimisation level"):
+        OrtOptions(optimization="max")
+    assert OrtOptions(providers=("cuda", "cpu")).device.type == "cuda"
+    folder, m = tiny_export
+    import onnxruntime as ort
+
+    if "CUDAExecutionProvider" not in ort.get_available_providers():
+        r = OrtRunner(
+            folder / m.graphs["vae_decoder"].file,
+            m.graphs["vae_decoder"],
+            OrtOptions(providers=("cuda",)),
+        )
+        with pytest.raises(EngineError, match="not available"):
+            r.activate()
+    missing = OrtRunner(folder / "nope.onnx", m.graphs["vae_decoder"])
+    with pytest.raises(EngineError, match="engine file is missing"):
+        missing.activate()
+
+
+def test_profile_checks_and_validates():
+    p = Profile(batch=(1, 4, 4), height=(128, 512, 512), width=(128, 512, 512))
+    p.check(4, 512, 256, where="x")
+    with pytest.raises(EngineError, match="height is outside the built profile"):
+        p.check(4, 768, 512, where="x")
+    with pytest.raises(EngineError, match="invalid profile"):
+        Profile(batch=(4, 1, 8))
+    assert p.symbols(2, 8, 8) == {"batch": 4, "lh": 8, "lw": 8}

@@ -1,0 +1,116 @@
+"""The runtime (ONNX Runtime CPU engines of the tiny model) against the PyTorch reference."""
+
+from __future__ import annotations
+
+import shutil
+import threading
+
+import pytest
+import torch
+
+from adapedit.config import EditConfig, SamplerConfig
+from adapedit.errors import EngineError, ManifestError
+from adapedit.parity import compare_edits
+from adapedit.runtime.session import EditSession
+
+SRC, TGT = "a dog standing on the grass", "a dog sitting on the grass"
+SAMPLER = SamplerConfig(steps=6, seed=5)
+
+CASES = {
+    "adapedit": ("refine", SRC, TGT, EditConfig(alpha_m=0.0)),
+    "p2p": ("refine", SRC, TGT, EditConfig(use_fwt=False, use_dps=False)),
+    "no-dps-mask": ("refine", SRC, TGT, EditConfig(dps_mask=False, local_blend=("dog",))),
+    "replace": (
+        "replace",
+        "a red dog on the grass",
+        "a blue cat on the grass",
+        EditConfig(edit_type="replace", alpha_m=0.0),
+    ),
+    "reweight": (
+        "reweight",
+        SRC,
+        SRC,
+        EditConfig(edit_type="reweight", reweight=(("grass", 2.0),)),
+    ),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_runtime_matches_the_reference(tiny_pipeline, tiny_session, case):
+    _, src, tgt, cfg = CASES[case]
+    ref = tiny_pipeline.edit(src, tgt, cfg, SAMPLER, record_latents=True)
+    run = tiny_session.edit(src, tgt, cfg, SAMPLER, record_latents=True)
+    p = compare_edits(ref, run)
+    assert len(run.latents) == len(ref.latents) == 6
+    assert p["latents_max_abs"] <= 1e-4, p["per_step"]
+    assert p["tau_max_abs"] <= 1e-5 and p["tau_self_abs"] <= 1e-5
+    assert p["psnr_source_db"] >= 50 and p["psnr_edited_db"] >= 50
+    assert run.keywords == ref.keywords
+    assert p["attention_maps"]["max_abs"] <= 1e-4
+
+
+def test_runtime_pndm_matches_the_reference(tiny_pipeline, tiny_session):
+    sampler = SamplerConfig(steps=4, seed=2, scheduler="pndm")
+    ref = tiny_pipeline.edit(SRC, TGT, EditConfig(alpha_m=0.0), sampler, record_latents=True)
+    run = tiny_session.edit(SRC, TGT, EditConfig(alpha_m=0.0), sampler, record_latents=True)
+    assert len(run.latents) == 5
+    assert compare_edits(ref, run)["latents_max_abs"] <= 1e-4
+
+
+def test_second_edit_on_a_session_equals_a_fresh_session(tiny_engines, tiny_session):
+    cfg = EditConfig(alpha_m=0.0)
+    tiny_session.edit("a cat on a mat", "a black cat on a mat", cfg, SAMPLER)  # dirty buffers
+    again = tiny_session.edit(SRC, TGT, cfg, SAMPLER, record_latents=True)
+    fresh = EditSession(tiny_engines).edit(SRC, TGT, cfg, SAMPLER, record_latents=True)
+    for a, b in zip(again.latents, fresh.latents, strict=True):
+        assert torch.equal(a, b)
+    assert (again.edited_image == fresh.edited_image).all()
+
+
+def test_concurrent_callers_are_serialised(tiny_session):
+    cfg = EditConfig(alpha_m=0.0)
+    jobs = [(SRC, TGT, 1), ("a cat on a mat", "a black cat on a mat", 2)]
+    alone = [tiny_session.edit(s, t, cfg, SamplerConfig(steps=4, seed=k)) for s, t, k in jobs]
+    results: dict[int, object] = {}
+
+    def call(i, s, t, k):
+        results[i] = tiny_session.edit(s, t, cfg, SamplerConfig(steps=4, seed=k))
+
+    threads = [threading.Thread(target=call, args=(i, *job)) for i, job in enumerate(jobs * 2)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    for i, r in results.items():
+        assert (r.edited_image == alone[i % 2].edited_image).all()
+
+
+def test_engine_folder_of_another_model_or_precision_is_refused(tiny_engines):
+    with pytest.raises(ManifestError, match="another model"):
+        EditSession(tiny_engines, model_hash="f" * 16)
+    with pytest.raises(ManifestError, match="another precision"):
+        EditSession(tiny_engines, precision="fp16")
+
+
+def test_missing_engine_file_and_stale_folder(tiny_engines, tmp_path):
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny_engines, broken)
+    (broken / "unet" / "segment_03.onnx").unlink()
+    with pytest.raises(ManifestError, match="missing"):
+        EditSession(broken)
+    stale = tmp_path / "stale"
+    shutil.copytree(tiny_engines, stale)
+    text = (stale / "manifest.json").read_text().replace('"opset": 18', '"opset": 18 ')
+    (stale / "manifest.json").write_text(text)
+    with pytest.raises(ManifestError, match="stale"):
+        EditSession(stale)
+    with pytest.raises(ManifestError, match="not an engine folder"):
+        EditSession(tmp_path)
+
+
+def test_resolution_outside_the_profile_is_refused(tiny_session):
+    with pytest.raises(EngineError, match="outside the built profile"):
+        tiny_session.edit(SRC, TGT, EditConfig(), SamplerConfig(steps=2, height=256, width=256))
+    # inside the profile (128 down to 2 × 64 px): runs
+    r = tiny_session.edit(SRC, TGT, EditConfig(), SamplerConfig(steps=2, height=128, width=128))
+    assert r.edited_image.shape == (128, 128, 3)
