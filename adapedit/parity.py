@@ -18,7 +18,8 @@ def psnr(a: np.ndarray, b: np.ndarray) -> float:
 
 def compare_edits(ref, other) -> dict[str, Any]:
     """Compare two :class:`~adapedit.pipeline.EditResult` of the same inputs (both run with
-    ``record_latents=True`` for the per-step numbers)."""
+    ``record_latents=True`` for the per-step numbers, and the same ``observe_step`` for the
+    per-layer probabilities)."""
     steps = []
     for a, b in zip(ref.latents, other.latents, strict=True):
         d = (a.float() - b.float()).abs()
@@ -37,6 +38,11 @@ def compare_edits(ref, other) -> dict[str, Any]:
             "max_abs": float((ra - oa).abs().max()),
             "min_cosine": float(torch.nn.functional.cosine_similarity(ra, oa).min()),
         }
+    per_layer = {
+        layer: float((probs - other.layer_probs[layer]).abs().max())
+        for layer, probs in ref.layer_probs.items()
+        if layer in other.layer_probs
+    }
     return {
         "latents_max_abs": max((s["max_abs"] for s in steps), default=0.0),
         "latents_max_rel": max((s["max_rel"] for s in steps), default=0.0),
@@ -54,4 +60,5 @@ def compare_edits(ref, other) -> dict[str, Any]:
             )
         ),
         "attention_maps": maps,
+        "per_layer_probs_max_abs": per_layer,
     }

@@ -43,6 +43,8 @@ class EditResult:
             1…n (start token excluded, end token included), labelled by ``attention_labels``.
         timings: seconds per stage (``text``, ``calibration``, ``edit``, ``decode``, ``total``).
         latents: [2, C, h, w] (source, edit) after each step, if asked.
+        layer_probs: per controlled layer, the probabilities [B*H, P, K] leaving the controller
+            at the edit pass's step ``observe_step``, if asked (per-layer parity).
     """
 
     source_image: np.ndarray
@@ -55,6 +57,7 @@ class EditResult:
     timings: dict[str, float]
     latents: list[torch.Tensor] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    layer_probs: dict[str, torch.Tensor] = field(default_factory=dict)
 
     @property
     def keywords(self) -> list[str]:
@@ -82,6 +85,31 @@ def to_uint8(image: torch.Tensor) -> np.ndarray:
     """A decoded image [3, H, W] in [-1, 1] → [H, W, 3] uint8."""
     img = ((image.float() / 2 + 0.5).clamp(0, 1) * 255).round().to(torch.uint8)
     return img.permute(1, 2, 0).cpu().numpy()
+
+
+class _Observer:
+    """Wraps an :class:`EditController`, keeping the probabilities it returns at one step."""
+
+    def __init__(self, inner: EditController, step: int) -> None:
+        self.inner, self.step = inner, step
+        self.probs: dict[str, torch.Tensor] = {}
+
+    def __call__(
+        self, layer_id: str, is_cross: bool, probs: torch.Tensor, hidden: torch.Tensor | None
+    ) -> torch.Tensor:
+        out = self.inner(layer_id, is_cross, probs, hidden)
+        if self.inner.step == self.step:
+            self.probs[layer_id] = out.detach().float().cpu().clone()
+        return out
+
+    def end_step(self) -> None:
+        self.inner.end_step()
+
+    def after_scheduler_step(self, latents: torch.Tensor) -> torch.Tensor:
+        return self.inner.after_scheduler_step(latents)
+
+    def attention_maps(self) -> torch.Tensor:
+        return self.inner.attention_maps()
 
 
 class EditPipeline(ABC):
@@ -232,9 +260,11 @@ class EditPipeline(ABC):
         *,
         record_latents: bool = False,
         progress: bool = False,
+        observe_step: int | None = None,
     ) -> EditResult:
         """Edit ``source`` into ``target``: calibration pass (if FWT or DPS is on), then the
-        edit pass; returns both images, τ, attention maps and stage timings."""
+        edit pass; returns both images, τ, attention maps and stage timings (and, if asked, the
+        latents after every step and the per-layer probabilities at one step)."""
         t_start = time.perf_counter()
         plan = self.plan(source, target, edit)
         x0 = self.initial_latent(sampler)  # validates the resolution
@@ -271,6 +301,8 @@ class EditPipeline(ABC):
 
         t = time.perf_counter()
         controller = EditController(plan, tau, keys, n, latent_hw)
+        if observe_step is not None:
+            controller = _Observer(controller, observe_step)
         record: list[torch.Tensor] | None = [] if record_latents else None
         latents = self.denoise(
             torch.cat([x0, x0]),
@@ -292,7 +324,17 @@ class EditPipeline(ABC):
         maps = controller.attention_maps()[1 : n_tok + 1]
         labels = [self.tokenizer.decode([i]) for i in plan.target.ids[1 : n_tok + 1]]
         return EditResult(
-            src_img, edt_img, plan, tau, sampler, maps, labels, timings, record or [], notes
+            src_img,
+            edt_img,
+            plan,
+            tau,
+            sampler,
+            maps,
+            labels,
+            timings,
+            record or [],
+            notes,
+            controller.probs if observe_step is not None else {},
         )
 
 

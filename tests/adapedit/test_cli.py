@@ -81,3 +81,70 @@ def test_bad_reweight_syntax_is_rejected_by_the_parser(capsys):
     with pytest.raises(SystemExit):
         main(["edit", SRC, SRC, "--edit-type", "reweight", "--reweight", "grass"])
     assert "WORD=FACTOR" in capsys.readouterr().err
+
+
+def test_build_then_edit_through_the_engine_folder(tiny_export, tmp_path, monkeypatch):
+    monkeypatch.undo()  # the runtime does not use the reference pipeline
+    engines = tmp_path / "engines"
+    assert main(["build", str(tiny_export[0]), "--out", str(engines), "--quiet"]) == 0
+    assert (engines / "engine.json").is_file()
+    assert main(["build", str(tiny_export[0]), "--out", str(engines), "--quiet"]) == 2
+    out = tmp_path / "o"
+    assert (
+        main(
+            [
+                "edit",
+                SRC,
+                TGT,
+                "--engine-dir",
+                str(engines),
+                "--steps",
+                "3",
+                "--quiet",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
+    doc = json.loads((out / "result.json").read_text())
+    assert doc["model"] == "tiny" and doc["keywords"] == ["sitting"]
+    bad = tmp_path / "o2"
+    assert (
+        main(
+            [
+                "edit",
+                SRC,
+                TGT,
+                "--engine-dir",
+                str(engines),
+                "--steps",
+                "2",
+                "--quiet",
+                "--height",
+                "256",
+                "--out",
+                str(bad),
+            ]
+        )
+        == 2
+    )
+    assert not bad.exists()
+
+
+@pytest.mark.slow
+def test_demo_writes_both_edits_and_a_parity_summary(tmp_path, capsys, monkeypatch):
+    monkeypatch.undo()
+    out = tmp_path / "demo"
+    assert main(["demo", "--out", str(out), "--steps", "3", "--quiet"]) == 0
+    for side in ("runtime", "reference"):
+        assert sorted(p.name for p in (out / side).iterdir()) == [
+            "attention.png",
+            "edited.png",
+            "result.json",
+            "source.png",
+        ]
+    doc = json.loads((out / "demo.json").read_text())
+    assert doc["parity"]["latents_max_abs"] <= 1e-4
+    assert doc["parity"]["psnr_edited_db"] >= 50
+    assert "Parity" in (out / "demo.md").read_text() and "Parity" in capsys.readouterr().out
