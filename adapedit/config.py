@@ -11,7 +11,7 @@ from adapedit.errors import ConfigError
 EDIT_TYPES = ("refine", "replace", "reweight")
 TAU_RULES = ("paper", "released")
 CALIBRATION_MODES = ("mean", "last")
-SCHEDULERS = ("ddim", "pndm")
+SCHEDULERS = ("ddim", "pndm", "euler", "dpmpp")
 
 
 def _check_range(name: str, value: float, lo: float, hi: float, where: str) -> None:

@@ -233,9 +233,20 @@ def load_model(spec: str, *, seed: int = 0) -> Components:
 
 
 def make_scheduler(kind: str, config: dict[str, Any]):
-    """A fresh diffusers scheduler (DDIM or PNDM) from the model's scheduler config."""
-    from diffusers import DDIMScheduler, PNDMScheduler
+    """A fresh diffusers scheduler from the model's scheduler config: ``ddim`` (default),
+    ``pndm`` (the SD pipeline's own; PLMS with one extra warm-up call), ``euler`` or
+    ``dpmpp`` (DPM-Solver++ 2M)."""
+    from diffusers import (
+        DDIMScheduler,
+        DPMSolverMultistepScheduler,
+        EulerDiscreteScheduler,
+        PNDMScheduler,
+    )
 
     if kind == "ddim":
         return DDIMScheduler.from_config(config, clip_sample=False, set_alpha_to_one=False)
-    return PNDMScheduler.from_config(config, skip_prk_steps=True)
+    if kind == "pndm":
+        return PNDMScheduler.from_config(config, skip_prk_steps=True)
+    if kind == "euler":
+        return EulerDiscreteScheduler.from_config(config)
+    return DPMSolverMultistepScheduler.from_config(config, algorithm_type="dpmsolver++")

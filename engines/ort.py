@@ -24,11 +24,14 @@ OPT_LEVELS = ("disable", "basic", "extended", "all")
 @dataclass(frozen=True)
 class OrtOptions:
     """Session options: providers (short names, in priority order), intra-op threads (0: ORT's
-    default), graph optimisation level."""
+    default), graph optimisation level, and whether idle intra-op threads spin. Spinning is off
+    by default: between UNet segments the controller runs torch code, and spinning ORT threads
+    would take the cores from it."""
 
     providers: tuple[str, ...] = ("cpu",)
     threads: int = 0
     optimization: str = "all"
+    spinning: bool = False
 
     def __post_init__(self) -> None:
         unknown = [p for p in self.providers if p not in PROVIDERS]
@@ -94,6 +97,8 @@ class OrtRunner(Runner):
         so = ort.SessionOptions()
         so.log_severity_level = 3
         so.intra_op_num_threads = self.options.threads
+        so.add_session_config_entry("session.intra_op.allow_spinning",
+                                    "1" if self.options.spinning else "0")
         so.graph_optimization_level = {
             "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
             "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,

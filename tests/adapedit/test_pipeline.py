@@ -86,7 +86,7 @@ def test_fwt_and_dps_change_the_edit(tiny_pipeline):
     assert not torch.equal(on.latents[-1][1], off.latents[-1][1])
 
 
-@pytest.mark.parametrize("scheduler", ["ddim", "pndm"])
+@pytest.mark.parametrize("scheduler", ["ddim", "pndm", "euler", "dpmpp"])
 def test_source_branch_equals_plain_generation_bit_exact(tiny_pipeline, scheduler):
     sampler = SamplerConfig(steps=5, seed=7, scheduler=scheduler)
     plain = tiny_pipeline.generate(SRC, sampler, record_latents=True)

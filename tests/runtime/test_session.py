@@ -49,11 +49,14 @@ def test_runtime_matches_the_reference(tiny_pipeline, tiny_session, case):
     assert p["attention_maps"]["max_abs"] <= 1e-4
 
 
-def test_runtime_pndm_matches_the_reference(tiny_pipeline, tiny_session):
-    sampler = SamplerConfig(steps=4, seed=2, scheduler="pndm")
+@pytest.mark.parametrize(("scheduler", "calls"), [("pndm", 5), ("euler", 4), ("dpmpp", 4)])
+def test_runtime_matches_the_reference_with_other_schedulers(
+    tiny_pipeline, tiny_session, scheduler, calls
+):
+    sampler = SamplerConfig(steps=4, seed=2, scheduler=scheduler)
     ref = tiny_pipeline.edit(SRC, TGT, EditConfig(alpha_m=0.0), sampler, record_latents=True)
     run = tiny_session.edit(SRC, TGT, EditConfig(alpha_m=0.0), sampler, record_latents=True)
-    assert len(run.latents) == 5
+    assert len(run.latents) == calls
     assert compare_edits(ref, run)["latents_max_abs"] <= 1e-4
 
 

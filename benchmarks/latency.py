@@ -1,0 +1,347 @@
+"""Latency: the PyTorch reference against the runtime, stage by stage.
+
+Warm-up, then timed repeats; median and p90 of: one UNet call (reference with explicit
+attention everywhere — what a P2P-style reference needs —, the reference as shipped (explicit
+attention in controlled layers, SDPA elsewhere), diffusers' SDPA, the whole engine, the
+segmented engine), the controller's time between segments, the calibration pass, the edit loop,
+the VAE, the end-to-end edit; peak memory. GPU timings are device-synchronised. Writes JSON,
+markdown and a plot (per-stage bars, reference vs runtime):
+
+    python -m benchmarks.latency --model sd14-random --height 256 --steps 3
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import multiprocessing
+import resource
+import shutil
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+from benchmarks.common import available_backends, machine_info, write_results
+
+STAGES = ("text", "calibration", "edit", "decode", "total")
+SOURCE, TARGET = "a dog standing on the grass", "a dog sitting on the grass"
+
+
+def stats(xs: list[float]) -> dict[str, float]:
+    s = sorted(xs)
+    p90 = s[min(len(s) - 1, round(0.9 * (len(s) - 1)))]
+    return {"median": statistics.median(s), "p90": p90, "n": len(s), "all": xs}
+
+
+def _sync(device: str) -> None:
+    if device == "cuda":
+        import torch
+
+        torch.cuda.synchronize()
+
+
+def timed(fn, device: str, warmup: int, repeats: int) -> dict[str, float]:
+    for _ in range(warmup):
+        fn()
+    out = []
+    for _ in range(repeats):
+        _sync(device)
+        t = time.perf_counter()
+        fn()
+        _sync(device)
+        out.append(time.perf_counter() - t)
+    return stats(out)
+
+
+def peak_memory(device: str) -> dict[str, float]:
+    mem = {"cpu_peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}
+    if device == "cuda":
+        import torch
+
+        mem["gpu_peak_allocated_gb"] = torch.cuda.max_memory_allocated() / 2**30
+    return mem
+
+
+def _export(model: str, folder: str, precision: str, size: int) -> None:
+    from adapedit.export.api import export_model
+
+    export_model(
+        model, folder, precision=precision, form="both", height=size, width=size, progress=False
+    )
+
+
+def run(a: argparse.Namespace) -> dict:
+    import torch
+    from diffusers.models.attention_processor import AttnProcessor2_0
+
+    from adapedit.config import EditConfig, SamplerConfig
+    from adapedit.engines.folder import build_engines
+    from adapedit.engines.ort import OrtRunner
+    from adapedit.export.manifest import Manifest
+    from adapedit.models import load_model
+    from adapedit.pipeline import ReferencePipeline
+    from adapedit.processors import install_processors
+    from adapedit.runtime.session import EditSession
+
+    device = a.device if a.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = torch.float16 if a.precision == "fp16" else torch.float32
+    edit = EditConfig()
+    backends = [b for b in available_backends() if a.backends is None or b.name in a.backends]
+    notes = []
+    if device == "cuda" and a.backends is None:
+        backends = [b for b in backends if b.name != "ort-cpu"]
+        if not backends:
+            notes.append(
+                "no GPU backend (onnxruntime-gpu or tensorrt) importable on this "
+                "machine: only the PyTorch reference was measured"
+            )
+    work = tempfile.mkdtemp(prefix="adapedit-latency-", dir=a.work)
+    export_dir = Path(work) / "export"
+    export_s = None
+    if backends:  # in a child process: the export's memory is gone afterwards
+        t = time.perf_counter()
+        child = multiprocessing.get_context("spawn").Process(
+            target=_export, args=(a.model, str(export_dir), a.precision, a.height)
+        )
+        child.start()
+        child.join()
+        if child.exitcode != 0:
+            raise SystemExit("export failed")
+        export_s = time.perf_counter() - t
+    components = load_model(a.model).to(device, dtype)
+    size = a.height or components.default_size
+    sampler = SamplerConfig(steps=a.steps, seed=0, height=size, width=size)
+    lat = size // components.vae_scale_factor
+    rec: dict = {
+        "machine": machine_info(),
+        "model": a.model,
+        "height": size,
+        "width": size,
+        "steps": a.steps,
+        "batch": a.batch,
+        "precision": a.precision,
+        "device": device,
+        "warmup": a.warmup,
+        "repeats": a.repeats,
+        "export_s": export_s,
+        "unet_call_s": {},
+        "stages_s": {},
+        "notes": notes,
+    }
+
+    # -- the reference ---------------------------------------------------------------------
+    ref = ReferencePipeline(components, device=device)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(a.batch, 4, lat, lat, generator=g).to(device, dtype)
+    text_hidden = int(components.unet.config.cross_attention_dim)
+    ctx = torch.randn(a.batch, 77, text_hidden, generator=g).to(device, dtype)
+    tt = torch.tensor(501, device=device)
+    unet = components.unet
+
+    def call():
+        with torch.no_grad():
+            unet(x, tt, encoder_hidden_states=ctx)
+
+    ref.slot.self_max_queries = 10**9  # explicit attention everywhere
+    rec["unet_call_s"]["torch-explicit"] = timed(call, device, a.warmup, a.repeats)
+    ref.slot.self_max_queries = edit.self_max_queries  # the reference as shipped
+    rec["unet_call_s"]["torch-reference"] = timed(call, device, a.warmup, a.repeats)
+    unet.set_attn_processor(AttnProcessor2_0())
+    rec["unet_call_s"]["torch-sdpa"] = timed(call, device, a.warmup, a.repeats)
+    install_processors(unet, ref.slot)
+
+    edits = []
+    for i in range(a.warmup + a.repeats):
+        _sync(device)
+        r = ref.edit(SOURCE, TARGET, edit, sampler)
+        if i >= a.warmup:
+            edits.append(r.timings)
+    rec["stages_s"]["reference"] = {s: stats([e[s] for e in edits]) for s in STAGES}
+    rec["memory_reference"] = peak_memory(device)
+    del ref, components, call
+    unet = None
+    gc.collect()
+    if device == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+
+    # -- the runtime -------------------------------------------------------------------------
+    manifest = Manifest.load(export_dir) if backends else None
+    np_x = x.float().cpu()
+    np_ctx = ctx.float().cpu()
+    for backend in backends:
+        tdev = "cuda" if backend.ort.device.type == "cuda" or backend.build == "trt" else "cpu"
+        edt = torch.float16 if manifest.precision == "fp16" else torch.float32
+        feeds = {
+            "sample": np_x.to(tdev, edt),
+            "timestep": torch.tensor([501.0], device=tdev),
+            "encoder_hidden_states": np_ctx.to(tdev, edt),
+        }
+        if backend.build == "ort":
+            with OrtRunner(
+                export_dir / manifest.graphs["unet"].file, manifest.graphs["unet"], backend.ort
+            ) as whole:
+                rec["unet_call_s"][f"{backend.name}-whole"] = timed(
+                    lambda w=whole, f=feeds: w.infer(f), tdev, a.warmup, a.repeats
+                )
+            gc.collect()
+        engines = Path(work) / f"engines-{backend.name}"
+        build_engines(export_dir, engines, backend=backend.build, ort=backend.ort, progress=False)
+        with EditSession(engines) as session:
+            seg = session.segmented
+            rec["unet_call_s"][f"{backend.name}-segmented"] = timed(
+                lambda s=seg, f=feeds: s(f["sample"], f["timestep"], f["encoder_hidden_states"]),
+                tdev,
+                a.warmup,
+                a.repeats,
+            )
+            edits, ctrl = [], []
+            for i in range(a.warmup + a.repeats):
+                seg.controller_s = 0.0
+                r = session.edit(SOURCE, TARGET, edit, sampler)
+                if i >= a.warmup:
+                    edits.append(r.timings)
+                    ctrl.append(seg.controller_s)
+            n_calls = 2 * session.num_steps(sampler)  # calibration + edit passes
+            rec["stages_s"][backend.name] = {s: stats([e[s] for e in edits]) for s in STAGES}
+            rec["stages_s"][backend.name]["controller"] = stats(ctrl)
+            rec["stages_s"][backend.name]["controller_per_call"] = stats(
+                [c / n_calls for c in ctrl]
+            )
+        rec[f"memory_{backend.name}"] = peak_memory(tdev)
+    rec["goals"] = goals(rec)
+    shutil.rmtree(work, ignore_errors=True)
+    return rec
+
+
+def goals(rec: dict) -> dict:
+    """The issue's goals, for every backend measured."""
+    out = {}
+    ref = rec["stages_s"]["reference"]["total"]["median"]
+    for name, st in rec["stages_s"].items():
+        if name == "reference":
+            continue
+        seg = rec["unet_call_s"].get(f"{name}-segmented", {}).get("median")
+        whole = rec["unet_call_s"].get(f"{name}-whole", {}).get("median")
+        step = st["edit"]["median"] / rec["steps"]
+        ctrl = st["controller_per_call"]["median"]
+        out[name] = {
+            "end_to_end_over_reference": st["total"]["median"] / ref,
+            "goal_end_to_end": 0.75,
+            "segmented_over_whole": seg / whole if seg and whole else None,
+            "goal_segmented": 1.03,
+            "controller_share_of_step": ctrl / step,
+            "goal_controller": 0.05,
+        }
+    return out
+
+
+def markdown(rec: dict) -> str:
+    m = rec["machine"]
+    lines = [
+        f"# Latency: {rec['model']} at {rec['height']}×{rec['width']}, {rec['steps']} steps, "
+        f"{rec['precision']}, {rec['device']}",
+        "",
+        f"Machine: {m['description']}; torch {m['versions']['torch']}, onnxruntime "
+        f"{m['versions']['onnxruntime']}. {rec['warmup']} warm-up + {rec['repeats']} timed "
+        f"runs; median (p90) seconds. UNet calls at batch {rec['batch']}.",
+        "",
+        "| one UNet call | median s | p90 s |",
+        "|---|---|---|",
+    ]
+    for k, v in rec["unet_call_s"].items():
+        lines.append(f"| {k} | {v['median']:.3f} | {v['p90']:.3f} |")
+    names = list(rec["stages_s"])
+    lines += ["", "| stage | " + " | ".join(names) + " |", "|---" * (len(names) + 1) + "|"]
+    for s in (*STAGES, "controller", "controller_per_call"):
+        cells = [
+            f"{rec['stages_s'][n][s]['median']:.3f} ({rec['stages_s'][n][s]['p90']:.3f})"
+            if s in rec["stages_s"][n]
+            else "–"
+            for n in names
+        ]
+        lines.append(f"| {s} | " + " | ".join(cells) + " |")
+    lines += [
+        "",
+        "| backend | end-to-end / reference (goal ≤ 0.75) | segmented / whole (goal ≤ "
+        "1.03) | controller / step (goal ≤ 0.05) |",
+        "|---|---|---|---|",
+    ]
+    for name, g in rec["goals"].items():
+        seg = f"{g['segmented_over_whole']:.3f}" if g["segmented_over_whole"] else "–"
+        lines.append(
+            f"| {name} | {g['end_to_end_over_reference']:.3f} | {seg} | "
+            f"{g['controller_share_of_step']:.4f} |"
+        )
+    mem = {k: v for k, v in rec.items() if k.startswith("memory_")}
+    lines += [
+        "",
+        "Peak memory: "
+        + "; ".join(
+            f"{k[7:]} " + ", ".join(f"{kk} {vv:.1f}" for kk, vv in v.items())
+            for k, v in mem.items()
+        ),
+    ]
+    if rec["export_s"] is not None:
+        lines += [f"Export (not timed above): {rec['export_s']:.0f} s."]
+    lines += [f"Note: {n}" for n in rec["notes"]]
+    return "\n".join(lines) + "\n"
+
+
+def plot(rec: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    names = list(rec["stages_s"])
+    stages = ["text", "calibration", "edit", "decode", "total"]
+    xs = np.arange(len(stages))
+    width = 0.8 / len(names)
+    fig, ax = plt.subplots(figsize=(8, 4))
+    for i, n in enumerate(names):
+        vals = [rec["stages_s"][n][s]["median"] for s in stages]
+        ax.bar(xs + i * width, vals, width, label=n)
+    ax.set_xticks(xs + width * (len(names) - 1) / 2, stages)
+    ax.set_ylabel("seconds (median)")
+    ax.set_title(
+        f"{rec['model']} {rec['height']}px, {rec['steps']} steps, {rec['precision']}, "
+        f"{rec['device']}: reference vs runtime"
+    )
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    ap.add_argument("--model", default="sd14-random")
+    ap.add_argument("--height", type=int, default=256)
+    ap.add_argument("--steps", type=int, default=3)
+    ap.add_argument("--batch", type=int, default=4)
+    ap.add_argument("--precision", choices=("fp32", "fp16"), default="fp32")
+    ap.add_argument("--device", default="auto", help="reference device: auto | cpu | cuda")
+    ap.add_argument("--backends", nargs="*", default=None)
+    ap.add_argument("--warmup", type=int, default=1)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--work", default=None)
+    ap.add_argument("--results", default=str(Path(__file__).parent / "results"))
+    ap.add_argument("--tag", default=None)
+    a = ap.parse_args()
+    rec = run(a)
+    stem = a.tag or f"latency_{a.model}_{a.height}_{a.precision}_{rec['device']}"
+    results = Path(a.results)
+    results.mkdir(parents=True, exist_ok=True)
+    plot(rec, results / f"{stem}.png")
+    write_results(results, stem, rec, markdown(rec))
+    print(json.dumps(rec["goals"], indent=1))
+
+
+if __name__ == "__main__":
+    main()
