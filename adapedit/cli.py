@@ -26,7 +26,7 @@ def _add_sampler_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--guidance", type=float, default=7.5)
     g.add_argument("--height", type=int, default=None, help="pixels (default: the model's)")
     g.add_argument("--width", type=int, default=None, help="pixels (default: the model's)")
-    g.add_argument("--scheduler", choices=("ddim", "pndm"), default="ddim")
+    g.add_argument("--scheduler", choices=("ddim", "pndm", "euler", "dpmpp"), default="ddim")
 
 
 def _add_engine_args(p: argparse.ArgumentParser) -> None:
@@ -211,6 +211,24 @@ def cmd_export(a: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_serve(a: argparse.Namespace) -> int:
+    import logging
+
+    from adapedit.runtime.server import serve
+
+    if not a.quiet:
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    serve(
+        a.engine_dir,
+        host=a.host,
+        port=a.port,
+        queue_size=a.queue,
+        timeout=a.timeout,
+        ort=_engine_options(a),
+    )
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="adapedit", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -280,6 +298,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--opset", type=int, default=18)
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("serve", help="serve edits over HTTP from an engine folder")
+    p.add_argument("--engine-dir", required=True, metavar="DIR", help="from 'adapedit build'")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000, help="0: any free port (default: 8000)")
+    p.add_argument(
+        "--queue", type=int, default=8, help="edits that may wait; one more gets 503 (default: 8)"
+    )
+    p.add_argument(
+        "--timeout",
+        type=float,
+        default=120.0,
+        help="seconds from a request's arrival to its answer; later: 504 (default: 120)",
+    )
+    _add_engine_args(p)
+    p.add_argument("--quiet", action="store_true", help="no access log")
+    p.set_defaults(func=cmd_serve)
     return parser
 
 

@@ -55,6 +55,22 @@ def timed(fn, device: str, warmup: int, repeats: int) -> dict[str, float]:
     return stats(out)
 
 
+def interleaved(calls: dict, device: str, warmup: int, repeats: int) -> dict[str, dict]:
+    """Time several callables round-robin (so a slow spell of the machine hits all alike)."""
+    for fn in calls.values():
+        for _ in range(warmup):
+            fn()
+    times: dict[str, list[float]] = {k: [] for k in calls}
+    for _ in range(repeats):
+        for k, fn in calls.items():
+            _sync(device)
+            t = time.perf_counter()
+            fn()
+            _sync(device)
+            times[k].append(time.perf_counter() - t)
+    return {k: stats(v) for k, v in times.items()}
+
+
 def peak_memory(device: str) -> dict[str, float]:
     mem = {"cpu_peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}
     if device == "cuda":
@@ -179,24 +195,24 @@ def run(a: argparse.Namespace) -> dict:
             "timestep": torch.tensor([501.0], device=tdev),
             "encoder_hidden_states": np_ctx.to(tdev, edt),
         }
-        if backend.build == "ort":
-            with OrtRunner(
-                export_dir / manifest.graphs["unet"].file, manifest.graphs["unet"], backend.ort
-            ) as whole:
-                rec["unet_call_s"][f"{backend.name}-whole"] = timed(
-                    lambda w=whole, f=feeds: w.infer(f), tdev, a.warmup, a.repeats
-                )
-            gc.collect()
         engines = Path(work) / f"engines-{backend.name}"
         build_engines(export_dir, engines, backend=backend.build, ort=backend.ort, progress=False)
         with EditSession(engines) as session:
             seg = session.segmented
-            rec["unet_call_s"][f"{backend.name}-segmented"] = timed(
-                lambda s=seg, f=feeds: s(f["sample"], f["timestep"], f["encoder_hidden_states"]),
-                tdev,
-                a.warmup,
-                a.repeats,
-            )
+            calls = {
+                f"{backend.name}-segmented": lambda s=seg, f=feeds: s(
+                    f["sample"], f["timestep"], f["encoder_hidden_states"]
+                )
+            }
+            whole = None
+            if backend.build == "ort":
+                whole = OrtRunner(
+                    export_dir / manifest.graphs["unet"].file, manifest.graphs["unet"], backend.ort
+                )
+                calls[f"{backend.name}-whole"] = lambda w=whole, f=feeds: w.infer(f)
+            rec["unet_call_s"].update(interleaved(calls, tdev, a.warmup, a.repeats))
+            if whole is not None:
+                whole.deactivate()
             edits, ctrl = [], []
             for i in range(a.warmup + a.repeats):
                 seg.controller_s = 0.0

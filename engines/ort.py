@@ -97,8 +97,9 @@ class OrtRunner(Runner):
         so = ort.SessionOptions()
         so.log_severity_level = 3
         so.intra_op_num_threads = self.options.threads
-        so.add_session_config_entry("session.intra_op.allow_spinning",
-                                    "1" if self.options.spinning else "0")
+        so.add_session_config_entry(
+            "session.intra_op.allow_spinning", "1" if self.options.spinning else "0"
+        )
         so.graph_optimization_level = {
             "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
             "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,

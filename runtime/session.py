@@ -112,6 +112,12 @@ class EditSession(EditPipeline):
         return out[0].clone()
 
     # -- thread-safe public API --------------------------------------------------------------
+    def plan(self, source: str, target: str, edit: EditConfig = EditConfig()):
+        """Validate and align the prompts; serialised (the tokenizer keeps per-call padding
+        state, so it must not be shared by two threads at once)."""
+        with self._lock:
+            return super().plan(source, target, edit)
+
     def edit(
         self,
         source: str,

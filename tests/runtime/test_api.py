@@ -1,0 +1,184 @@
+"""The embedding surface: ``from adapedit import EditSession``, plain options and plain results."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import threading
+
+import numpy as np
+import pytest
+
+from adapedit.config import EditConfig, SamplerConfig
+from adapedit.errors import ConfigError, InputError, PromptError
+from adapedit.runtime.api import (
+    Validator,
+    field_of,
+    parse_options,
+    parse_request,
+    plain_edit,
+)
+
+SRC, TGT = "a dog standing on the grass", "a dog sitting on the grass"
+LONG = " ".join(["dog"] * 80)
+
+
+def test_import_is_lazy_and_gives_the_session_class():
+    code = (
+        "import sys, adapedit; assert 'torch' not in sys.modules, 'torch imported'; "
+        "assert 'adapedit.runtime.session' not in sys.modules; "
+        "from adapedit import EditSession; "
+        "from adapedit.runtime.session import EditSession as S; assert EditSession is S"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
+    import adapedit
+
+    with pytest.raises(AttributeError, match="no attribute 'nope'"):
+        adapedit.nope  # noqa: B018
+
+
+def test_parse_options_maps_plain_values_onto_the_configs():
+    edit, sampler = parse_options(
+        {
+            "steps": 3,
+            "seed": 7,
+            "guidance": 5,
+            "scheduler": "pndm",
+            "height": None,
+            "lambda_s": 0.5,
+            "use_fwt": False,
+            "local_blend": ["dog"],
+        }
+    )
+    assert sampler == SamplerConfig(steps=3, seed=7, guidance=5.0, scheduler="pndm")
+    assert edit == EditConfig(lambda_s=0.5, use_fwt=False, local_blend=("dog",))
+    assert isinstance(sampler.guidance, float)
+    for reweight in ({"grass": 2}, [["grass", 2.0]]):
+        edit, _ = parse_options({"edit_type": "reweight", "reweight": reweight})
+        assert edit.reweight == (("grass", 2.0),)
+    assert parse_options({}) == (EditConfig(), SamplerConfig())
+
+
+@pytest.mark.parametrize(
+    ("options", "field", "match"),
+    [
+        ({"stepz": 3}, "stepz", "unknown field 'stepz'"),
+        ({"steps": "four"}, "steps", "field 'steps' has the wrong type"),
+        ({"steps": True}, "steps", "wrong type"),
+        ({"use_dps": 1}, "use_dps", "expected: true or false"),
+        ({"local_blend": "dog"}, "local_blend", "a list of words"),
+        ({"reweight": {"grass": "2"}}, "reweight", "word: factor"),
+        ({"lambda_s": 3.0}, "lambda_s", "lambda_s is out of range"),
+        ({"steps": 0}, "steps", "steps out of range"),
+        ({"scheduler": "no-such"}, "scheduler", "unknown scheduler"),
+        ({"width": 100}, "width", "multiple of 8"),
+        ({"edit_type": "reweight"}, "edit_type", "needs at least one word"),
+        ({"reweight": {"grass": 2.0}}, "reweight", "edit_type is not 'reweight'"),
+    ],
+)
+def test_bad_options_raise_config_errors_naming_the_field(options, field, match):
+    with pytest.raises(ConfigError, match=match) as e:
+        parse_options(options)
+    assert field_of(e.value) == field
+
+
+def test_parse_request_needs_both_prompts_as_strings():
+    assert parse_request({"source": SRC, "target": TGT})[:2] == (SRC, TGT)
+    for request, field in (({"source": SRC}, "target"), ({"source": 1, "target": TGT}, "source")):
+        with pytest.raises(ConfigError, match=f"field '{field}'") as e:
+            parse_request(request)
+        assert field_of(e.value) == field
+
+
+@pytest.mark.parametrize(
+    ("source", "target", "options", "error", "field"),
+    [
+        (LONG, TGT, {}, PromptError, "source"),
+        (SRC, LONG, {}, PromptError, "target"),
+        (SRC, TGT, {"local_blend": ["cat"]}, PromptError, "local_blend"),
+        (SRC, TGT, {"edit_type": "reweight", "reweight": {"cat": 2}}, PromptError, "reweight"),
+        (SRC, "a cat", {"edit_type": "replace"}, PromptError, "source"),
+        (SRC, TGT, {"height": 256}, ConfigError, "height"),  # outside the engines' profile
+        (SRC, TGT, {"width": 120}, ConfigError, "width"),  # not a multiple of the model's 64
+    ],
+)
+def test_bad_input_is_refused_before_model_work(
+    tiny_session, source, target, options, error, field
+):
+    edit, sampler = parse_options(options)
+    with pytest.raises(error) as e:
+        Validator(tiny_session)(source, target, edit, sampler)
+    assert isinstance(e.value, InputError)
+    assert field_of(e.value) == field
+    with pytest.raises(error):
+        plain_edit(tiny_session, source, target, **options)
+
+
+def test_plain_edit_equals_the_session_result(tiny_session):
+    options = {"steps": 2, "seed": 4, "lambda_s": 0.8, "local_blend": ["dog"]}
+    plain = plain_edit(tiny_session, SRC, TGT, **options)
+    edit, sampler = parse_options(options)
+    ref = tiny_session.edit(SRC, TGT, edit, sampler)
+    for key, image in (("source_image", ref.source_image), ("edited_image", ref.edited_image)):
+        assert plain[key].dtype == np.uint8 and plain[key].flags.c_contiguous
+        assert plain[key].shape == (128, 128, 3)
+        assert np.array_equal(plain[key], image)
+    assert plain["tau"] == [
+        {"word": w.word, "tokens": list(w.tokens), "tau": w.tau} for w in ref.tau.words
+    ]
+    assert plain["tau_self"] == ref.tau.tau_self and plain["keywords"] == ref.keywords
+    assert (plain["source"], plain["target"], plain["model"]) == (SRC, TGT, "tiny")
+    assert plain["config"]["sampler"]["steps"] == 2
+    assert set(plain["timings_s"]) >= {"text", "calibration", "edit", "decode", "total"}
+    rest = {k: v for k, v in plain.items() if not k.endswith("_image")}
+    assert json.loads(json.dumps(rest)) == rest  # JSON-able as it is
+
+
+def test_plain_edit_from_threads_is_serialised(tiny_session):
+    jobs = [(SRC, TGT, 1), ("a cat on a mat", "a black cat on a mat", 2)]
+    alone = [plain_edit(tiny_session, s, t, steps=1, seed=k) for s, t, k in jobs]
+    results: dict[int, dict] = {}
+
+    def call(i: int, s: str, t: str, k: int) -> None:
+        results[i] = plain_edit(tiny_session, s, t, steps=1, seed=k)
+
+    threads = [threading.Thread(target=call, args=(i, *job)) for i, job in enumerate(jobs * 2)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    for i, r in results.items():
+        assert np.array_equal(r["edited_image"], alone[i % 2]["edited_image"])
+        assert r["tau"] == alone[i % 2]["tau"]
+
+
+def test_validator_beside_an_edit_disturbs_neither(tiny_session):
+    """The validator has its own tokenizer: one shared with the session between threads would
+    mix padding and truncation settings (a long prompt read as 77 tokens, an edit's token ids
+    unpadded). The session tokenizes as an edit does while the validator checks prompts."""
+    validate = Validator(tiny_session)
+    prompts = ["", SRC, TGT]
+    expected = tiny_session.tokens(prompts)
+    done = threading.Event()
+    outcomes: list[str] = []
+
+    def check_until_done() -> None:
+        while not done.is_set():
+            try:
+                validate(SRC, TGT, *parse_options({}))
+                validate(LONG, TGT, *parse_options({}))
+                outcomes.append("long prompt accepted")
+            except PromptError as e:
+                outcomes.append("ok" if "got: 82 tokens" in str(e) else str(e))
+
+    th = threading.Thread(target=check_until_done)
+    th.start()
+    try:
+        for _ in range(1000):
+            ids = tiny_session.tokens(prompts)
+            assert ids.shape == expected.shape and bool((ids == expected).all())
+    finally:
+        done.set()
+        th.join()
+    assert outcomes and set(outcomes) == {"ok"}, set(outcomes)
