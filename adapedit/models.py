@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from adapedit.errors import ModelError
+from adapedit.errors import ConfigError, ModelError
 
 TOKENIZER_DIR = Path(__file__).parent / "data" / "clip-tokenizer"
 COMPONENTS = ("unet", "text_encoder", "vae", "tokenizer", "scheduler")
@@ -124,6 +124,14 @@ class Components:
         """Image sizes must be multiples of this (VAE factor × UNet downsampling)."""
         return self.vae_scale_factor * 2 ** (len(self.unet.config.block_out_channels) - 1)
 
+    def latent_hw(self, height: int, width: int) -> tuple[int, int]:
+        """The latent size of an image size, which must be a multiple of :attr:`size_multiple`.
+
+        Raises:
+            ConfigError: naming the dimension that does not fit.
+        """
+        return latent_size(height, width, self.size_multiple, self.vae_scale_factor, self.name)
+
     def config_hash(self) -> str:
         """A short hash of the architecture (configs of UNet, text encoder and VAE)."""
         configs = [
@@ -153,6 +161,25 @@ class Components:
         (path / "scheduler").mkdir(parents=True, exist_ok=True)
         cfg = {"_class_name": "PNDMScheduler", **self.scheduler_config}
         (path / "scheduler" / "scheduler_config.json").write_text(json.dumps(cfg, indent=2))
+
+
+def latent_size(
+    height: int, width: int, size_multiple: int, vae_scale_factor: int, model: str
+) -> tuple[int, int]:
+    """(h, w) of the latent for an image of ``height`` × ``width`` pixels.
+
+    Raises:
+        ConfigError: a dimension that is not a multiple of ``size_multiple``.
+    """
+    for name, v in (("height", height), ("width", width)):
+        if v % size_multiple:
+            raise ConfigError(
+                f"{name} does not fit the model",
+                where=f"model {model}",
+                expected=f"a multiple of {size_multiple}",
+                got=v,
+            )
+    return height // vae_scale_factor, width // vae_scale_factor
 
 
 def load_tokenizer(path: str | Path = TOKENIZER_DIR):

@@ -16,9 +16,8 @@ from tqdm.auto import tqdm
 from adapedit.alignment import MAX_TOKENS, tokenize
 from adapedit.config import EditConfig, SamplerConfig
 from adapedit.controller import CalibrationRecorder, EditController
-from adapedit.errors import ConfigError
 from adapedit.fwt import TauPlan, fixed_tau
-from adapedit.models import Components, load_model, make_scheduler
+from adapedit.models import Components, latent_size, load_model, make_scheduler
 from adapedit.plan import EditPlan, build_plan
 from adapedit.processors import Controller, ControlSlot, install_processors
 
@@ -159,15 +158,7 @@ class EditPipeline(ABC):
     def latent_hw(self, sampler: SamplerConfig) -> tuple[int, int]:
         """Validated latent size for the sampler's resolution."""
         h, w = sampler.resolved(self.default_size)
-        for name, v in (("height", h), ("width", w)):
-            if v % self.size_multiple:
-                raise ConfigError(
-                    f"{name} does not fit the model",
-                    where=f"model {self.name}",
-                    expected=f"a multiple of {self.size_multiple}",
-                    got=v,
-                )
-        return h // self.vae_scale_factor, w // self.vae_scale_factor
+        return latent_size(h, w, self.size_multiple, self.vae_scale_factor, self.name)
 
     def tokens(self, prompts: list[str]) -> torch.Tensor:
         """Padded token ids [n, 77] (int64)."""

@@ -26,12 +26,14 @@ class OrtOptions:
     """Session options: providers (short names, in priority order), intra-op threads (0: ORT's
     default), graph optimisation level, and whether idle intra-op threads spin. Spinning is off
     by default: between UNet segments the controller runs torch code, and spinning ORT threads
-    would take the cores from it."""
+    would take the cores from it. ``profile_prefix`` turns on ONNX Runtime's profiler (JSON
+    traces written under that prefix)."""
 
     providers: tuple[str, ...] = ("cpu",)
     threads: int = 0
     optimization: str = "all"
     spinning: bool = False
+    profile_prefix: str | None = None
 
     def __post_init__(self) -> None:
         unknown = [p for p in self.providers if p not in PROVIDERS]
@@ -100,6 +102,9 @@ class OrtRunner(Runner):
         so.add_session_config_entry(
             "session.intra_op.allow_spinning", "1" if self.options.spinning else "0"
         )
+        if self.options.profile_prefix:
+            so.enable_profiling = True
+            so.profile_file_prefix = self.options.profile_prefix
         so.graph_optimization_level = {
             "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
             "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,

@@ -106,15 +106,7 @@ def export_model(
         raise ConfigError("unknown form", where="export", expected=" | ".join(FORMS), got=form)
     c = load_model(model) if isinstance(model, str) else model
     h, w = height or c.default_size, width or c.default_size
-    for name, v in (("height", h), ("width", w)):
-        if v % c.size_multiple:
-            raise ConfigError(
-                f"{name} does not fit the model",
-                where=f"model {c.name}",
-                expected=f"a multiple of {c.size_multiple}",
-                got=v,
-            )
-    latent_hw = (h // c.vae_scale_factor, w // c.vae_scale_factor)
+    latent_hw = c.latent_hw(h, w)
 
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.partial-"))
