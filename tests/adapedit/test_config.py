@@ -83,7 +83,7 @@ def test_edit_config_normalises_sequences():
 @pytest.mark.parametrize(
     ("field", "value", "text"),
     [
-        ("scheduler", "euler", "unknown scheduler"),
+        ("scheduler", "lms", "unknown scheduler"),
         ("steps", 0, "steps"),
         ("steps", 1001, "steps"),
         ("steps", 2.5, "steps"),
