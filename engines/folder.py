@@ -5,9 +5,7 @@ model path. Written to a temporary folder and renamed at the end."""
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -19,9 +17,11 @@ from adapedit.engines.cache import PlanCache, file_digest
 from adapedit.engines.ort import OrtOptions, OrtRunner
 from adapedit.errors import EngineError, ManifestError
 from adapedit.export.manifest import MANIFEST, GraphSpec, Manifest
-from adapedit.io import write_json
+from adapedit.io import atomic_folder, write_json
 
 ENGINE_JSON = "engine.json"
+#: Where TensorRT plans are cached between builds unless ``cache_dir`` says otherwise.
+DEFAULT_PLAN_CACHE = Path.home() / ".cache" / "adapedit" / "trt-plans"
 BACKENDS = ("ort", "trt")
 
 
@@ -95,9 +95,7 @@ def build_engines(
         )
     manifest = Manifest.load(export_dir)
     profile = profile or default_profile(manifest)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.partial-"))
-    try:
+    with atomic_folder(out) as tmp:
         for name in (MANIFEST, "scheduler_config.json"):
             shutil.copy2(export_dir / name, tmp / name)
         shutil.copytree(export_dir / "tokenizer", tmp / "tokenizer")
@@ -113,7 +111,7 @@ def build_engines(
             else:
                 from adapedit.engines.trt import build_cached
 
-                cache = PlanCache(cache_dir or tmp / "plans")
+                cache = PlanCache(cache_dir or DEFAULT_PLAN_CACHE)
                 plan = build_cached(
                     src,
                     g,
@@ -124,15 +122,10 @@ def build_engines(
                 )
                 dest = tmp / "plans" / f"{Path(g.file).with_suffix('').as_posix()}.plan"
                 dest.parent.mkdir(parents=True, exist_ok=True)
-                if plan.resolve() != dest.resolve():
-                    shutil.copy2(plan, dest)
+                shutil.copy2(plan, dest)
                 plans[g.file] = str(dest.relative_to(tmp))
         config = EngineConfig(backend, profile, file_digest(tmp / MANIFEST), ort, plans)
         write_json(tmp / ENGINE_JSON, config.to_json())
-        os.rename(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return config
 
 

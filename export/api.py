@@ -5,9 +5,6 @@ export never leaves anything that looks complete."""
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import onnx
@@ -26,6 +23,7 @@ from adapedit.export.onnx_export import (
     export_vae_encoder,
 )
 from adapedit.export.segment import prune, split
+from adapedit.io import atomic_folder
 from adapedit.models import Components, load_model
 
 FORMS = ("segmented", "whole", "both")
@@ -108,17 +106,10 @@ def export_model(
     h, w = height or c.default_size, width or c.default_size
     latent_hw = c.latent_hw(h, w)
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.partial-"))
-    try:
-        manifest = _export_into(
+    with atomic_folder(out) as tmp:
+        return _export_into(
             tmp, c, precision, form, latent_hw, opset, self_max_queries, progress, (h, w)
         )
-        os.rename(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return manifest
 
 
 def _export_into(
