@@ -57,7 +57,12 @@ def test_runtime_matches_the_reference_with_other_schedulers(
     ref = tiny_pipeline.edit(SRC, TGT, EditConfig(alpha_m=0.0), sampler, record_latents=True)
     run = tiny_session.edit(SRC, TGT, EditConfig(alpha_m=0.0), sampler, record_latents=True)
     assert len(run.latents) == calls
-    assert compare_edits(ref, run)["latents_max_abs"] <= 1e-4
+    p = compare_edits(ref, run)
+    # Euler and DPM-Solver++ keep latents at σ scale (σ_max ≈ 14.6): judge them relative to it.
+    assert p["latents_max_rel"] <= 1e-5
+    if scheduler == "pndm":
+        assert p["latents_max_abs"] <= 1e-4
+    assert min(p["psnr_source_db"], p["psnr_edited_db"]) >= 50
 
 
 def test_second_edit_on_a_session_equals_a_fresh_session(tiny_engines, tiny_session):
