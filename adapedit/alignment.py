@@ -65,10 +65,6 @@ class TokenizedPrompt:
             )
         return found
 
-    def word_of_token(self) -> dict[int, int]:
-        """Map token position → index of the word it belongs to."""
-        return {t: i for i, w in enumerate(self.words) for t in w.tokens}
-
 
 def tokenize(
     tokenizer, prompt: str, *, where: str = "prompt", max_length: int = MAX_TOKENS

@@ -70,18 +70,6 @@ class TauPlan:
     tau_default: float
     fallback: str | None = None
 
-    def to_list(self) -> list[dict]:
-        return [
-            {
-                "word": w.word,
-                "tokens": list(w.tokens),
-                "tau": w.tau,
-                "similarity": w.similarity,
-                "keyword": w.keyword,
-            }
-            for w in self.words
-        ]
-
 
 def fixed_tau(plan: EditPlan, config: EditConfig, reason: str | None) -> TauPlan:
     """Every token gets ``tau_fixed`` and self-attention ``tau_self_fixed`` (P2P)."""

@@ -35,12 +35,6 @@ class GraphSpec:
     inputs: tuple[TensorSpec, ...]
     outputs: tuple[TensorSpec, ...]
 
-    def input(self, name: str) -> TensorSpec:
-        for t in self.inputs:
-            if t.name == name:
-                return t
-        raise KeyError(name)
-
 
 @dataclass(frozen=True)
 class Boundary:
