@@ -10,8 +10,11 @@ whole and the segmented forms are both cut from that one graph.
 from __future__ import annotations
 
 import copy
+import logging
 import re
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import onnx
@@ -54,7 +57,7 @@ def _to_onnx(
     dynamic_shapes,
     opset: int,
 ) -> onnx.ModelProto:
-    with warnings.catch_warnings(), torch.no_grad():
+    with warnings.catch_warnings(), torch.no_grad(), _quiet_loggers("torch.onnx"):
         warnings.simplefilter("ignore")
         program = torch.onnx.export(
             module,
@@ -106,8 +109,24 @@ def _name_dims(model: onnx.ModelProto, program, input_names: list[str]) -> None:
                 dim.dim_param = pattern.sub(lambda m: rename[m.group(1)], dim.dim_param)
 
 
+@contextmanager
+def _quiet_loggers(*names: str) -> Iterator[None]:
+    """Raise the given loggers to ERROR for the duration (export chatter users cannot act on:
+    torchvision ops not registered, diffusers' notes on casting modules)."""
+    loggers = [logging.getLogger(n) for n in names]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        for lg, level in zip(loggers, levels, strict=True):
+            lg.setLevel(level)
+
+
 def _copy_as(module: torch.nn.Module, precision: str) -> torch.nn.Module:
-    return copy.deepcopy(module).to(PRECISIONS[precision]).eval()
+    with _quiet_loggers("diffusers"):
+        return copy.deepcopy(module).to(PRECISIONS[precision]).eval()
 
 
 class _TextEncoder(torch.nn.Module):
