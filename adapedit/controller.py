@@ -74,7 +74,8 @@ class CalibrationRecorder:
         final = self.step == self.num_steps - 1
         if final:
             self.final_maps[layer_id] = cond
-            self.final_hidden[layer_id] = hidden[1].float()  # [P, C]
+            # a copy: on engines, `hidden` lives in an output buffer reused by the next call
+            self.final_hidden[layer_id] = hidden[1].float().clone()  # [P, C]
         f = layer_downscale(self.latent_hw, probs.shape[1])
         if f == self.config.calibration_downscale and (self.config.calibration == "mean" or final):
             self.map_sum = cond if self.map_sum is None else self.map_sum + cond
