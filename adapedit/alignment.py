@@ -112,8 +112,8 @@ class TokenMap:
     def carry(self, src: torch.Tensor) -> torch.Tensor:
         """``M_src→edt`` from source probabilities ``src`` [..., 77]."""
         if self.index is not None:
-            return src[..., self.index]
-        return src @ self.matrix.to(src.dtype)
+            return src[..., self.index.to(src.device)]
+        return src @ self.matrix.to(src)
 
 
 def _global_align(x: tuple[int, ...], y: tuple[int, ...]) -> np.ndarray:

@@ -180,7 +180,7 @@ class EditController:
             m = (
                 v[b][..., list(toks)].sum(dim=-1).float().mean(dim=0)
                 if toks
-                else torch.zeros(v.shape[2])
+                else torch.zeros(v.shape[2], device=v.device)
             )  # [P]
             maps.append(m.reshape(hw))
         # Each layer contributes its head-mean; the mask is max-normalised, so a sum over

@@ -32,12 +32,12 @@ def edit_cross_attention(
         gate: [T] 1.0 where the token is injected at this step.
         s: [P] DPS pixel similarity, or None for no DPS.
     """
-    alphas = token_map.alphas.to(edt.dtype)  # [T]
-    gate = gate.to(edt.dtype)  # [T]
+    alphas = token_map.alphas.to(edt)  # [T], on edt's device and dtype
+    gate = gate.to(edt)  # [T]
     carried = token_map.carry(src)  # [H, P, T]
     injected = carried * alphas + edt * (1 - alphas)
     if equalizer is not None:
-        injected = injected * equalizer.to(edt.dtype)
+        injected = injected * equalizer.to(edt)
     if s is None:
         after = edt
     else:
