@@ -60,6 +60,10 @@ class OrtOptions:
         return torch.device("cuda" if self.providers[0] in ("cuda", "tensorrt") else "cpu")
 
 
+#: Tensor dtypes bound in host memory whatever the provider (see ``OrtRunner._device``).
+HOST_DTYPES = frozenset({"int64", "int32"})
+
+
 class OrtRunner(Runner):
     """One ONNX graph in an ``onnxruntime.InferenceSession``."""
 
@@ -125,31 +129,41 @@ class OrtRunner(Runner):
         self.session = None
         self._buffers.clear()
 
-    def _buffer(self, name: str, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    def _device(self, dtype: str) -> torch.device:
+        """Where a tensor of ``dtype`` is bound: integer tensors crossing segment cuts are shapes
+        and indices, kept in host memory (CUDA kernels such as Reshape read shapes there)."""
+        return torch.device("cpu") if dtype in HOST_DTYPES else self.options.device
+
+    def _buffer(self, name: str, shape: tuple[int, ...], dtype: str) -> torch.Tensor:
         key = (name, shape)
         buf = self._buffers.get(key)
         if buf is None:
-            buf = torch.empty(shape, dtype=dtype, device=self.options.device)
+            buf = torch.empty(shape, dtype=TORCH_DTYPES[dtype], device=self._device(dtype))
             self._buffers[key] = buf
         return buf
 
     def _infer(
         self, feeds: dict[str, torch.Tensor], symbols: dict[str, int]
     ) -> dict[str, torch.Tensor]:
-        device = self.options.device
-        kind, index = device.type, device.index or 0
         binding = self.session.io_binding()
         keep = []
         for t in self.spec.inputs:
-            x = feeds[t.name].to(device).contiguous()
+            dev = self._device(t.dtype)
+            x = feeds[t.name].to(dev).contiguous()
             keep.append(x)
-            binding.bind_input(t.name, kind, index, np.dtype(t.dtype), tuple(x.shape), x.data_ptr())
+            binding.bind_input(
+                t.name, dev.type, dev.index or 0, np.dtype(t.dtype), tuple(x.shape), x.data_ptr()
+            )
         outputs = {}
         for t, shape in zip(self.spec.outputs, self.output_shapes(symbols).values(), strict=True):
-            buf = self._buffer(t.name, shape, TORCH_DTYPES[t.dtype])
-            binding.bind_output(t.name, kind, index, np.dtype(t.dtype), shape, buf.data_ptr())
+            buf = self._buffer(t.name, shape, t.dtype)
+            dev = buf.device
+            binding.bind_output(
+                t.name, dev.type, dev.index or 0, np.dtype(t.dtype), shape, buf.data_ptr()
+            )
             outputs[t.name] = buf
-        if kind == "cuda":
+        device = self.options.device
+        if device.type == "cuda":
             torch.cuda.current_stream(device).synchronize()
         self.session.run_with_iobinding(binding)
         return outputs

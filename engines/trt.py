@@ -146,12 +146,17 @@ class TrtRunner(Runner):
         self.context = self.engine = None
         self._buffers.clear()
 
+    def _device(self, name: str) -> str:
+        """Shape tensors (shapes passed across segment cuts) live in host memory, as TensorRT
+        reads them during shape inference; every other tensor on the GPU."""
+        return "cpu" if self.engine.is_shape_inference_io(name) else "cuda"
+
     def _infer(
         self, feeds: dict[str, torch.Tensor], symbols: dict[str, int]
     ) -> dict[str, torch.Tensor]:
         keep = []
         for t in self.spec.inputs:
-            x = feeds[t.name].to("cuda").contiguous()
+            x = feeds[t.name].to(self._device(t.name)).contiguous()
             keep.append(x)
             self.context.set_input_shape(t.name, tuple(x.shape))
             self.context.set_tensor_address(t.name, x.data_ptr())
@@ -160,7 +165,9 @@ class TrtRunner(Runner):
             shape = tuple(self.context.get_tensor_shape(t.name))
             key = (t.name, shape)
             if key not in self._buffers:
-                self._buffers[key] = torch.empty(shape, dtype=TORCH_DTYPES[t.dtype], device="cuda")
+                self._buffers[key] = torch.empty(
+                    shape, dtype=TORCH_DTYPES[t.dtype], device=self._device(t.name)
+                )
             outputs[t.name] = self._buffers[key]
             self.context.set_tensor_address(t.name, outputs[t.name].data_ptr())
         stream = torch.cuda.current_stream()

@@ -88,6 +88,16 @@ def test_options_and_providers(tiny_export):
         missing.activate()
 
 
+def test_integer_tensors_are_bound_in_host_memory(tiny_export):
+    # Shapes crossing segment cuts are int64; ONNX Runtime's CUDA Reshape reads them from host
+    # memory only (seen on an H100: "Shape must be on CPU").
+    folder, m = tiny_export
+    spec = m.graphs["vae_decoder"]
+    r = OrtRunner(folder / spec.file, spec, OrtOptions(providers=("cuda",)))
+    assert r._device("int64").type == "cpu" and r._device("int32").type == "cpu"
+    assert r._device("float16").type == "cuda" and r._device("float32").type == "cuda"
+
+
 def test_profile_checks_and_validates():
     p = Profile(batch=(1, 4, 4), height=(128, 512, 512), width=(128, 512, 512))
     p.check(4, 512, 256, where="x")
