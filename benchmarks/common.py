@@ -3,6 +3,7 @@ results (JSON + markdown) atomically."""
 
 from __future__ import annotations
 
+import ctypes.util
 import importlib.util
 import json
 import os
@@ -25,16 +26,21 @@ class Backend:
 
 def available_backends() -> list[Backend]:
     """Every backend this machine can run: ONNX Runtime CPU always; ONNX Runtime CUDA and
-    TensorRT execution providers when that onnxruntime has them; native TensorRT when
+    TensorRT execution providers when that onnxruntime has them (and, for TensorRT, its
+    libraries are found); native TensorRT when
     ``tensorrt`` imports and a GPU is present."""
     import onnxruntime as ort
     import torch
 
     providers = ort.get_available_providers()
+    if "CUDAExecutionProvider" in providers and hasattr(ort, "preload_dlls"):
+        ort.preload_dlls()  # CUDA and cuDNN libraries from the pip packages beside torch
     out = [Backend("ort-cpu", "ort")]
     if torch.cuda.is_available() and "CUDAExecutionProvider" in providers:
         out.append(Backend("ort-cuda", "ort", OrtOptions(providers=("cuda",))))
-    if torch.cuda.is_available() and "TensorrtExecutionProvider" in providers:
+    # onnxruntime-gpu lists the TensorRT EP even where TensorRT's libraries are missing
+    has_nvinfer = ctypes.util.find_library("nvinfer") is not None
+    if torch.cuda.is_available() and "TensorrtExecutionProvider" in providers and has_nvinfer:
         out.append(Backend("ort-trt", "ort", OrtOptions(providers=("tensorrt", "cuda"))))
     if torch.cuda.is_available() and importlib.util.find_spec("tensorrt") is not None:
         out.append(Backend("trt", "trt"))

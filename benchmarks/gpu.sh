@@ -11,14 +11,8 @@
 set -euo pipefail
 OUT_DIR=${OUT_DIR:-benchmarks/results/gpu}
 STEPS=${STEPS:-20}
-mkdir -p "$OUT_DIR" /tmp/adapedit-site
-if ls .whl/*.whl >/dev/null 2>&1; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/adapedit-site .whl/*.whl
-fi
-python3 -m pip install -q --no-index --no-deps --no-build-isolation --target /tmp/adapedit-site .
-export PYTHONPATH=/tmp/adapedit-site${PYTHONPATH:+:$PYTHONPATH}
-if [ -d .ortgpu/site ]; then export PYTHONPATH=$PWD/.ortgpu/site:$PYTHONPATH; fi
-export PYTHONUNBUFFERED=1
+mkdir -p "$OUT_DIR"
+source benchmarks/gpu/env.sh
 nvidia-smi > "$OUT_DIR/nvidia-smi.txt" 2>&1 || true
 python3 - <<'PY' | tee "$OUT_DIR/backends.txt"
 import onnxruntime as o, torch
@@ -29,9 +23,11 @@ try:
 except ImportError as e:
     print("tensorrt: not importable:", e)
 PY
-timeout 330 python3 -m benchmarks.latency --model sd14-random --height 512 --steps "$STEPS" \
+timeout "${LATENCY_TIMEOUT:-330}" python3 -m benchmarks.latency --model sd14-random --height 512 --steps "$STEPS" \
   --precision fp16 --device cuda --warmup 1 --repeats 3 --results "$OUT_DIR" 2>&1 | tee "$OUT_DIR/latency.log"
-if python3 -c "from benchmarks.common import available_backends as a; import sys; sys.exit(0 if [b for b in a() if b.name != 'ort-cpu'] else 1)"; then
+if [ "${SKIP_PARITY:-0}" = 1 ]; then
+  echo "parity skipped (SKIP_PARITY=1)" | tee "$OUT_DIR/parity.log"
+elif python3 -c "from benchmarks.common import available_backends as a; import sys; sys.exit(0 if [b for b in a() if b.name != 'ort-cpu'] else 1)"; then
   timeout 150 python3 -m benchmarks.parity --model sd14-random --height 512 --steps 10 \
     --precisions fp16 --device cuda --seeds 0 --pairs 1 \
     --backends $(python3 -c "from benchmarks.common import available_backends as a; print(' '.join(b.name for b in a() if b.name != 'ort-cpu'))") \

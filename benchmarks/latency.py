@@ -19,8 +19,10 @@ import multiprocessing
 import resource
 import shutil
 import statistics
+import sys
 import tempfile
 import time
+import traceback
 from pathlib import Path
 
 from benchmarks.common import available_backends, machine_info, write_results
@@ -187,7 +189,8 @@ def run(a: argparse.Namespace) -> dict:
     manifest = Manifest.load(export_dir) if backends else None
     np_x = x.float().cpu()
     np_ctx = ctx.float().cpu()
-    for backend in backends:
+
+    def measure(backend) -> None:
         tdev = "cuda" if backend.ort.device.type == "cuda" or backend.build == "trt" else "cpu"
         edt = torch.float16 if manifest.precision == "fp16" else torch.float32
         feeds = {
@@ -227,6 +230,14 @@ def run(a: argparse.Namespace) -> dict:
                 [c / n_calls for c in ctrl]
             )
         rec[f"memory_{backend.name}"] = peak_memory(tdev)
+
+    for backend in backends:
+        try:
+            measure(backend)
+        except Exception as e:  # one backend failing must not lose the others' numbers
+            notes.append(f"{backend.name} failed: {type(e).__name__}: {e}")
+            print(f"{backend.name} failed", file=sys.stderr)
+            traceback.print_exc()
     rec["goals"] = goals(rec)
     shutil.rmtree(work, ignore_errors=True)
     return rec

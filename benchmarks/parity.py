@@ -69,7 +69,7 @@ def run(a: argparse.Namespace) -> dict:
                     t = time.perf_counter()
                     folder = Path(work) / f"export-{precision}"
                     export_model(
-                        components,
+                        a.model,  # a fresh CPU copy: the reference may live on the GPU
                         folder,
                         precision=precision,
                         form="segmented",
