@@ -194,13 +194,24 @@ class EditPipeline(ABC):
         desc: str = "denoise",
         progress: bool = False,
         record: list[torch.Tensor] | None = None,
+        start: int = 0,
+        noise: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """The CFG sampling loop. ``latents`` [B, 4, h, w]; ``embeddings`` [2B, 77, D] laid out
-        ``[uncond…, cond…]``. The controller sees every controlled attention layer."""
+        ``[uncond…, cond…]``. The controller sees every controlled attention layer.
+
+        With ``start > 0`` (SDEdit) ``latents`` are clean: they are noised with ``noise`` to
+        the ``start``-th timestep and denoised from there."""
         scheduler = make_scheduler(sampler.scheduler, self.scheduler_config)
         scheduler.set_timesteps(sampler.steps)
-        latents = latents * scheduler.init_noise_sigma
-        for t in tqdm(scheduler.timesteps, desc=desc, disable=not progress, leave=False):
+        timesteps = scheduler.timesteps[start:]
+        if start == 0:
+            latents = latents * scheduler.init_noise_sigma
+        else:
+            if hasattr(scheduler, "set_begin_index"):
+                scheduler.set_begin_index(start)
+            latents = scheduler.add_noise(latents, noise, timesteps[:1])
+        for t in tqdm(timesteps, desc=desc, disable=not progress, leave=False):
             x_in = scheduler.scale_model_input(torch.cat([latents, latents]), t)
             eps = self.unet(x_in, t, embeddings, controller).to(latents.dtype)
             eps_u, eps_c = eps.chunk(2)
@@ -312,7 +323,7 @@ class EditPipeline(ABC):
         timings["total"] = time.perf_counter() - t_start
 
         n_tok = plan.target.length - 1  # tokens 1 … end
-        maps = controller.attention_maps()[1 : n_tok + 1]
+        maps = controller.attention_maps()[1 : n_tok + 1].cpu()
         labels = [self.tokenizer.decode([i]) for i in plan.target.ids[1 : n_tok + 1]]
         return EditResult(
             src_img,
