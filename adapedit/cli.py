@@ -6,7 +6,9 @@ import argparse
 import sys
 from collections.abc import Sequence
 
+from adapedit.demo import DEMO_SOURCE, DEMO_TARGET
 from adapedit.errors import AdapEditError, ConfigError
+from adapedit.models import BUILTIN_MODELS, DEFAULT_MODEL
 
 
 def _reweight(text: str) -> tuple[str, float]:
@@ -237,8 +239,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("target", metavar="TARGET")
     p.add_argument(
         "--model",
-        default="tiny",
-        help="tiny | sd14-random | PATH to a diffusers folder (default: tiny)",
+        default=DEFAULT_MODEL,
+        help=f"{' | '.join(BUILTIN_MODELS)} | PATH to a diffusers folder "
+        f"(default: {DEFAULT_MODEL})",
     )
     p.add_argument("--device", default="cpu", help="torch backend: cpu | cuda")
     p.add_argument(
@@ -275,16 +278,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("demo", help="export, build, edit through the runtime and the reference")
     p.add_argument("--out", default="out", metavar="DIR")
-    p.add_argument("--model", default="tiny")
-    p.add_argument("--source", default="a dog standing on the grass")
-    p.add_argument("--target", default="a dog sitting on the grass")
+    p.add_argument("--model", default=DEFAULT_MODEL)
+    p.add_argument("--source", default=DEMO_SOURCE)
+    p.add_argument("--target", default=DEMO_TARGET)
     p.add_argument("--steps", type=int, default=50)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("export", help="export a model to ONNX (segmented and/or whole UNet)")
-    p.add_argument("--model", default="tiny", help="tiny | sd14-random | PATH")
+    p.add_argument("--model", default=DEFAULT_MODEL, help=f"{' | '.join(BUILTIN_MODELS)} | PATH")
     p.add_argument("--out", required=True, metavar="DIR", help="a folder that does not exist")
     p.add_argument("--precision", choices=("fp32", "fp16"), default="fp32")
     p.add_argument("--form", choices=("segmented", "whole", "both"), default="both")

@@ -1,6 +1,7 @@
 """The main job on the embedded default model: export it, build ONNX Runtime engines, run one
 edit through the runtime and through the PyTorch reference, and write both sets of images plus
-a parity and latency summary."""
+a parity and latency summary (and, on the ``shapes`` model, what the attribute reader reads in
+the source and edited images)."""
 
 from __future__ import annotations
 
@@ -10,17 +11,21 @@ from pathlib import Path
 
 from adapedit.config import EditConfig, SamplerConfig
 from adapedit.io import atomic_write_bytes, write_edit_outputs, write_json
-from adapedit.models import load_model
+from adapedit.models import DEFAULT_MODEL, load_model
 from adapedit.parity import compare_edits
 from adapedit.pipeline import ReferencePipeline
+
+#: The demo's edit on the default model: a soft edit (size) the shapes world can check.
+DEMO_SOURCE = "a small red circle on the left"
+DEMO_TARGET = "a big red circle on the left"
 
 
 def run_demo(
     out: str | Path,
     *,
-    model: str = "tiny",
-    source: str = "a dog standing on the grass",
-    target: str = "a dog sitting on the grass",
+    model: str = DEFAULT_MODEL,
+    source: str = DEMO_SOURCE,
+    target: str = DEMO_TARGET,
     steps: int = 50,
     seed: int = 0,
     progress: bool = True,
@@ -56,6 +61,14 @@ def run_demo(
     parity = compare_edits(ref, run)
     write_edit_outputs(run, out / "runtime", model)
     write_edit_outputs(ref, out / "reference", model)
+    reads = None
+    if model == "shapes":  # the default model's images can be read back and checked
+        from adapedit.shapes.reader import read_image
+
+        reads = {
+            "source": read_image(run.source_image).attributes(),
+            "edited": read_image(run.edited_image).attributes(),
+        }
     doc = {
         "model": model,
         "source": source,
@@ -68,6 +81,7 @@ def run_demo(
         "runtime_controller_s": controller_s,
         "parity": {k: v for k, v in parity.items() if k != "per_step"},
         "tau": {w.word: w.tau for w in run.tau.words},
+        "read_back": reads,
     }
     write_json(out / "demo.json", doc)
     rows = "\n".join(
@@ -88,5 +102,10 @@ def run_demo(
         "τ per word: " + ", ".join(f"{w.word} {w.tau:.2f}" for w in run.tau.words) + "\n\n"
         f"Images: `{out / 'runtime'}` and `{out / 'reference'}`.\n"
     )
+    if reads:
+        md += "\nRead back from the runtime's images (`adapedit.shapes.reader`):\n\n" + "".join(
+            f"- {name}: " + ", ".join(f"{k} {v}" for k, v in r.items()) + "\n"
+            for name, r in reads.items()
+        )
     atomic_write_bytes(out / "demo.md", md.encode())
     return md

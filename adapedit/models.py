@@ -1,7 +1,9 @@
-"""Models: the built-in ``tiny`` and ``sd14-random`` Stable Diffusion models, and local diffusers
-folders in the layout of ``CompVis/stable-diffusion-v1-4``. Nothing is ever downloaded.
+"""Models: the built-ins — ``shapes`` (a small SD v1.x model trained on the shapes world, shipped
+in ``adapedit/data/shapes``), ``tiny`` and ``sd14-random`` (random weights) — and local
+diffusers folders in the layout of ``CompVis/stable-diffusion-v1-4``. Nothing is ever
+downloaded.
 
-Both built-ins tokenize with the real CLIP BPE tokenizer vendored in ``adapedit/data``.
+All built-ins tokenize with the real CLIP BPE tokenizer vendored in ``adapedit/data``.
 """
 
 from __future__ import annotations
@@ -17,8 +19,11 @@ import torch
 from adapedit.errors import ConfigError, ModelError
 
 TOKENIZER_DIR = Path(__file__).parent / "data" / "clip-tokenizer"
+SHAPES_DIR = Path(__file__).parent / "data" / "shapes"
 COMPONENTS = ("unet", "text_encoder", "vae", "tokenizer", "scheduler")
-BUILTIN_MODELS = ("tiny", "sd14-random")
+BUILTIN_MODELS = ("shapes", "tiny", "sd14-random")
+#: The model the CLI and the demo use when none is named.
+DEFAULT_MODEL = "shapes"
 
 #: Stable Diffusion v1.4's scheduler configuration (shared by DDIM and PNDM).
 SD_SCHEDULER_CONFIG: dict[str, Any] = {
@@ -208,8 +213,9 @@ def build_random(name: str, seed: int = 0) -> Components:
 _MARKERS = {"tokenizer": ("vocab.json", "tokenizer.json"), "scheduler": ("scheduler_config.json",)}
 
 
-def load_folder(path: str | Path) -> Components:
-    """Load a local diffusers-format Stable Diffusion v1.x folder.
+def load_folder(path: str | Path, name: str | None = None) -> Components:
+    """Load a local diffusers-format Stable Diffusion v1.x folder (as float32, whatever the
+    files hold; :meth:`Components.to` casts). ``name`` defaults to the path.
 
     Raises:
         ModelError: the folder does not exist or lacks a component.
@@ -239,11 +245,11 @@ def load_folder(path: str | Path) -> Components:
     text_encoder = CLIPTextModel.from_pretrained(path / "text_encoder")
     vae = AutoencoderKL.from_pretrained(path / "vae", low_cpu_mem_usage=False)
     for m in (unet, text_encoder, vae):
-        m.eval().requires_grad_(False)
+        m.float().eval().requires_grad_(False)
     sched = json.loads((path / "scheduler" / "scheduler_config.json").read_text())
     sched = {k: v for k, v in sched.items() if not k.startswith("_")}
     return Components(
-        str(path),
+        name or str(path),
         unet,
         text_encoder,
         vae,
@@ -253,8 +259,11 @@ def load_folder(path: str | Path) -> Components:
 
 
 def load_model(spec: str, *, seed: int = 0) -> Components:
-    """A built-in model by name (``tiny``, ``sd14-random``) or a local diffusers folder."""
-    if spec in BUILTIN_MODELS:
+    """A built-in model by name (``shapes``, ``tiny``, ``sd14-random``; ``seed`` draws the random
+    ones' weights) or a local diffusers folder."""
+    if spec == "shapes":
+        return load_folder(SHAPES_DIR, name="shapes")
+    if spec in _BUILTIN_CONFIGS:
         return build_random(spec, seed)
     return load_folder(spec)
 

@@ -145,6 +145,8 @@ def test_demo_writes_both_edits_and_a_parity_summary(tmp_path, capsys, monkeypat
             "source.png",
         ]
     doc = json.loads((out / "demo.json").read_text())
+    assert doc["model"] == "shapes"  # the embedded default, read back by the attribute reader
+    assert set(doc["read_back"]) == {"source", "edited"}
     assert doc["parity"]["latents_max_abs"] <= 1e-4
     assert doc["parity"]["psnr_edited_db"] >= 50
     assert "Parity" in (out / "demo.md").read_text() and "Parity" in capsys.readouterr().out
