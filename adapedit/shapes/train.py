@@ -27,7 +27,7 @@ from tqdm import tqdm
 
 from adapedit.errors import ConfigError
 from adapedit.io import atomic_folder
-from adapedit.models import SD_SCHEDULER_CONFIG, Components, load_tokenizer
+from adapedit.models import SD_SCHEDULER_CONFIG, Components, load_folder, load_tokenizer
 from adapedit.shapes.world import caption, render, sample_scene
 
 UNET_CONFIG = {
@@ -84,6 +84,10 @@ class TrainConfig:
     uncond_fraction: float = 0.1
     min_snr: float = 5.0
     threads: int = 2
+    #: the noise schedule's last β (scaled-linear from SD's 0.00085); stored with the model
+    beta_end: float = 0.012
+    #: a trained model folder to continue from (its VAE is kept; no VAE stage)
+    resume: str = ""
 
     def __post_init__(self) -> None:
         for name in ("vae_steps", "steps", "batch", "threads"):
@@ -138,10 +142,12 @@ def train_denoiser(components: Components, cfg: TrainConfig, rng: random.Random,
         components.vae,
         components.tokenizer,
     )
-    sched = DDPMScheduler.from_config(SD_SCHEDULER_CONFIG)
+    sched = DDPMScheduler.from_config(components.scheduler_config)
     abar = sched.alphas_cumprod  # [1000]
     snr = abar / (1 - abar)
     weight = snr.clamp(max=cfg.min_snr) / snr  # min-SNR-γ for ε-prediction
+    for m in (unet, text):
+        m.requires_grad_(True)
     params = [p for m in (unet, text) for p in m.parameters()]
     ema = [p.detach().clone() for p in params]
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.01)
@@ -204,12 +210,20 @@ def train(out: str | Path, cfg: TrainConfig = TrainConfig()) -> dict:
     """Train and write the model folder ``out`` (atomically); returns the training record."""
     torch.set_num_threads(cfg.threads)
     rng = random.Random(cfg.seed)
-    comps = build_untrained(cfg.seed)
     vae_log: list = []
     unet_log: list = []
+    previous = None
     t0 = time.perf_counter()
-    sf = train_vae(comps.vae, cfg, rng, vae_log)
-    comps.vae.register_to_config(scaling_factor=sf)
+    if cfg.resume:
+        torch.manual_seed(cfg.seed)
+        comps = load_folder(cfg.resume, name="shapes")
+        previous = json.loads((Path(cfg.resume) / "training.json").read_text())
+        sf = comps.vae.config.scaling_factor
+    else:
+        comps = build_untrained(cfg.seed)
+        sf = train_vae(comps.vae, cfg, rng, vae_log)
+        comps.vae.register_to_config(scaling_factor=sf)
+    comps.scheduler_config["beta_end"] = cfg.beta_end
     t1 = time.perf_counter()
     train_denoiser(comps, cfg, rng, unet_log)
     t2 = time.perf_counter()
@@ -224,11 +238,12 @@ def train(out: str | Path, cfg: TrainConfig = TrainConfig()) -> dict:
         "unet_text_s": round(t2 - t1, 1),
         "scaling_factor": sf,
         "final": {
-            "vae_l1": vae_log[-1]["l1"],
+            "vae_l1": vae_log[-1]["l1"] if vae_log else previous["final"]["vae_l1"],
             "diffusion_mse": unet_log[-1]["mse"],
         },
         "vae_log": vae_log,
         "log": unet_log,
+        "previous": previous,
     }
     comps.to("cpu", torch.float16)
     with atomic_folder(Path(out)) as tmp:
@@ -238,17 +253,51 @@ def train(out: str | Path, cfg: TrainConfig = TrainConfig()) -> dict:
     return record
 
 
+def _command(c: dict) -> str:
+    """The command line that reproduces a run with config ``c``."""
+    default = asdict(TrainConfig())
+    args = [
+        f"--{k.replace('_', '-')} {'DIR' if k == 'resume' else v}"
+        for k, v in c.items()
+        if v != default[k]
+    ]
+    return " ".join(["python -m adapedit.shapes.train --out DIR", *args])
+
+
+def _training_steps(r: dict) -> str:
+    """The card's account of a training record and the records it continued from."""
+    c, fin, m = r["config"], r["final"], r["machine"]
+    earlier = _training_steps(r["previous"]) + "\n\n" if r.get("previous") else ""
+    where = f"on {m['processor']} with {m['threads']} threads, torch {m['torch']}"
+    denoiser = (
+        f"{c['steps']} steps of batch {c['batch']}, AdamW lr {c['lr']} (warm-up {c['warmup']}, "
+        f"cosine to 10 %), min-SNR-{c['min_snr']:g} weighting, EMA {c['ema']}, noise schedule "
+        f"β up to {c['beta_end']} — {r['unet_text_s'] / 60:.1f} min; final ε-MSE "
+        f"{fin['diffusion_mse']:.4f} (mean over the last 50 steps)"
+    )
+    if c["resume"]:
+        return (
+            f"{earlier}Then, continuing from that model (UNet and text encoder; the VAE kept): "
+            f"`{_command(c)}` {where}: {denoiser}."
+        )
+    return (
+        f"`{_command(c)}` {where}:\n\n"
+        f"1. VAE: {c['vae_steps']} steps of batch {c['batch']}, AdamW lr {c['vae_lr']}, L1 + L2 + "
+        f"{c['vae_kl']}·KL — {r['vae_s'] / 60:.1f} min; final L1 {fin['vae_l1']:.4f} (pixels in "
+        f"[-1, 1]).\n2. UNet + text encoder together: {denoiser}."
+    )
+
+
 def write_card(folder: str | Path) -> None:
     """The model card ``README.md`` of a trained folder, from its ``training.json``."""
     folder = Path(folder)
     r = json.loads((folder / "training.json").read_text())
-    c = r["config"]
     size = sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
     u, t, v = (
         json.loads((folder / part / "config.json").read_text())
         for part in ("unet", "text_encoder", "vae")
     )
-    fin, m = r["final"], r["machine"]
+    sched = json.loads((folder / "scheduler" / "scheduler_config.json").read_text())
     card = f"""# shapes — a small Stable Diffusion v1.x model of the shapes world
 
 The embedded default model of adapedit (`--model shapes`): it draws 1–3 flat objects on a plain
@@ -264,7 +313,8 @@ so that an edit's result can be read back and checked (`adapedit.shapes.reader`)
   over the real CLIP BPE tokenizer (`tokenizer`, vocabulary 49408, 77 tokens).
 - `vae`: `AutoencoderKL`, 3 levels of widths {tuple(v["block_out_channels"])}: 64×64 pixels ↔
   4×16×16 latents, scaling factor {r["scaling_factor"]:.4f}.
-- `scheduler`: Stable Diffusion v1.4's (scaled-linear betas 0.00085–0.012, 1000 steps).
+- `scheduler`: Stable Diffusion v1.4's, scaled-linear betas 0.00085–{sched["beta_end"]} over 1000
+  steps{"" if sched["beta_end"] == 0.012 else " (SD: 0.012; see Training)"}.
 
 ## Data
 
@@ -278,15 +328,7 @@ drawn at random. 10 % of captions are empty (classifier-free guidance).
 
 ## Training
 
-`python -m adapedit.shapes.train` (seed {c["seed"]}), on {m["processor"]} with
-{m["threads"]} threads, torch {m["torch"]}:
-
-1. VAE: {c["vae_steps"]} steps of batch {c["batch"]}, AdamW lr {c["vae_lr"]}, L1 + L2 +
-   {c["vae_kl"]}·KL — {r["vae_s"] / 60:.1f} min; final L1 {fin["vae_l1"]:.4f} (pixels in [-1, 1]).
-2. UNet + text encoder together: {c["steps"]} steps of batch {c["batch"]}, AdamW lr {c["lr"]}
-   (warm-up {c["warmup"]}, cosine to 10 %), min-SNR-{c["min_snr"]:g} weighting, EMA
-   {c["ema"]} — {r["unet_text_s"] / 60:.1f} min; final ε-MSE {fin["diffusion_mse"]:.4f}
-   (mean over the last 50 steps).
+{_training_steps(r)}
 
 Loss curves: `training.json`. The same command on the same machine and thread count gives the
 same weights.
@@ -297,8 +339,14 @@ same weights.
   always the same grey.
 - Groups are always a row across the middle: a count has no position, and "two red circles
   on the left" is outside the training distribution, as are scenes with different objects.
-- Trained for minutes on two CPU cores: shapes are soft-edged and sometimes wrong; measured
-  text fidelity and edit quality are in `benchmarks/results/quality.md`.
+- Position words are not followed: where a single object lands is decided by the initial
+  noise, not by "on the left" (position fidelity is at chance in
+  `benchmarks/results/quality.md`). At 16×16 latents SD's schedule leaves the object's blob
+  visible in the noise at the first step, and a convolutional UNet without positional inputs
+  learns positions from padding only, slowly. A continuation with a noisier schedule (β up to
+  0.02, 2500 more steps, `--resume`) did not fix it and was not kept.
+- Trained for about an hour on two CPU cores: shapes are soft-edged and sometimes wrong;
+  measured text fidelity and edit quality are in `benchmarks/results/quality.md`.
 - Not a model of anything but this toy world; it exists so that edits can be seen and measured
   where no real Stable Diffusion weights can be downloaded.
 """
