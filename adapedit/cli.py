@@ -6,9 +6,8 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from adapedit.demo import DEMO_SOURCE, DEMO_TARGET
+from adapedit.defaults import BUILTIN_MODELS, DEFAULT_MODEL, DEMO_SOURCE, DEMO_TARGET
 from adapedit.errors import AdapEditError, ConfigError
-from adapedit.models import BUILTIN_MODELS, DEFAULT_MODEL
 
 
 def _reweight(text: str) -> tuple[str, float]:

@@ -10,14 +10,11 @@ import time
 from pathlib import Path
 
 from adapedit.config import EditConfig, SamplerConfig
+from adapedit.defaults import DEFAULT_MODEL, DEMO_SOURCE, DEMO_TARGET
 from adapedit.io import atomic_write_bytes, write_edit_outputs, write_json
-from adapedit.models import DEFAULT_MODEL, load_model
+from adapedit.models import load_model
 from adapedit.parity import compare_edits
 from adapedit.pipeline import ReferencePipeline
-
-#: The demo's edit on the default model: a soft edit (size) the shapes world can check.
-DEMO_SOURCE = "a small red circle on the left"
-DEMO_TARGET = "a big red circle on the left"
 
 
 def run_demo(

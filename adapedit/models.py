@@ -16,14 +16,12 @@ from typing import Any
 
 import torch
 
+from adapedit.defaults import BUILTIN_MODELS
 from adapedit.errors import ConfigError, ModelError
 
 TOKENIZER_DIR = Path(__file__).parent / "data" / "clip-tokenizer"
 SHAPES_DIR = Path(__file__).parent / "data" / "shapes"
 COMPONENTS = ("unet", "text_encoder", "vae", "tokenizer", "scheduler")
-BUILTIN_MODELS = ("shapes", "tiny", "sd14-random")
-#: The model the CLI and the demo use when none is named.
-DEFAULT_MODEL = "shapes"
 
 #: Stable Diffusion v1.4's scheduler configuration (shared by DDIM and PNDM).
 SD_SCHEDULER_CONFIG: dict[str, Any] = {

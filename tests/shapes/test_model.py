@@ -10,7 +10,8 @@ from safetensors import safe_open
 
 from adapedit.cli import main
 from adapedit.config import SamplerConfig
-from adapedit.models import BUILTIN_MODELS, DEFAULT_MODEL, SHAPES_DIR
+from adapedit.defaults import BUILTIN_MODELS, DEFAULT_MODEL
+from adapedit.models import SHAPES_DIR
 from adapedit.pipeline import ReferencePipeline
 from adapedit.shapes.reader import caption_matches, read_image
 from adapedit.shapes.world import Mention, Scene, caption
