@@ -170,14 +170,16 @@ def run(a: argparse.Namespace) -> tuple[dict, list]:
     for case, seed in tqdm(jobs, desc="quality"):
         sampler = SamplerConfig(steps=a.steps, seed=seed, guidance=a.guidance)
         src_prompt, tgt_prompt = case.prompts
-        gen = pipe.generate(src_prompt, sampler, record_latents=True)
-        src_img, src = gen.image, read_image(gen.image)
-        images = {}
+        images, src_latent = {}, None
         for name, edit in CONTROLLED.items():
-            r = pipe.edit(src_prompt, tgt_prompt, edit, sampler)
+            # an edit's source branch is the plain generation of the source, bit for bit
+            r = pipe.edit(src_prompt, tgt_prompt, edit, sampler, record_latents=src_latent is None)
+            if src_latent is None:
+                src_img, src_latent = r.source_image, r.latents[-1][:1]  # [1, 4, h, w]
             images[name] = r.edited_image
+        src = read_image(src_img)
         images["prompt-only"] = pipe.generate(tgt_prompt, sampler).image
-        images["sdedit"] = sdedit(pipe, gen.latents[-1], tgt_prompt, sampler, a.sdedit_strength)
+        images["sdedit"] = sdedit(pipe, src_latent, tgt_prompt, sampler, a.sdedit_strength)
         fid = caption_matches(src, case.source, case.mention)
         for name, img in images.items():
             rows.append(
