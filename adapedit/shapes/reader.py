@@ -86,6 +86,7 @@ def _blobs(mask: np.ndarray) -> list[np.ndarray]:
     return out
 
 
+_COLOUR_NAMES, _POSITION_NAMES = tuple(COLOURS), tuple(POSITIONS)
 _PALETTE = np.array(list(COLOURS.values()), dtype=np.float64)  # [6, 3]
 _ANCHORS = np.array(list(POSITIONS.values()))  # [5, 2] (x, y)
 
@@ -117,10 +118,10 @@ def read_image(image: np.ndarray) -> Reading:
         d = diff[ys, xs]
         core = pixels[d >= np.quantile(d, 0.5)]
         rgb = np.median(img[core[:, 0], core[:, 1]], axis=0)
-        colour = list(COLOURS)[int(np.argmin(((_PALETTE - rgb) ** 2).sum(-1)))]
+        colour = _COLOUR_NAMES[int(np.argmin(((_PALETTE - rgb) ** 2).sum(-1)))]
         extent = max(bbox[2] - bbox[0], bbox[3] - bbox[1]) / max(h, w)
         centre = np.array([xs.mean() / w, ys.mean() / h])
-        position = list(POSITIONS)[int(np.argmin(((_ANCHORS - centre) ** 2).sum(-1)))]
+        position = _POSITION_NAMES[int(np.argmin(((_ANCHORS - centre) ** 2).sum(-1)))]
         objects.append(
             ObjectReading(
                 shape=_classify_shape(pixels, bbox),
