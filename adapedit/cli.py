@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import traceback
 from collections.abc import Sequence
 
 from adapedit.defaults import BUILTIN_MODELS, DEFAULT_MODEL, DEMO_SOURCE, DEMO_TARGET
@@ -149,7 +150,7 @@ def cmd_build(a: argparse.Namespace) -> int:
     profile = None
     if a.batch or a.height or a.width:
         from adapedit.engines.folder import default_profile
-        from adapedit.export.manifest import Manifest
+        from adapedit.spec import Manifest
 
         d = default_profile(Manifest.load(a.export_dir))
         profile = Profile(
@@ -231,9 +232,16 @@ def cmd_serve(a: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    debug = "show the traceback of an internal error"
+    # --debug before or after the command: the sub-commands' copy sets it only when given
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=debug)
     parser = argparse.ArgumentParser(prog="adapedit", description=__doc__)
+    parser.add_argument("--debug", action="store_true", help=debug)
     sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("edit", help="edit SOURCE into TARGET and write both images")
+    p = sub.add_parser(
+        "edit", parents=[common], help="edit SOURCE into TARGET and write both images"
+    )
     p.add_argument("source", metavar="SOURCE")
     p.add_argument("target", metavar="TARGET")
     p.add_argument(
@@ -263,7 +271,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_edit_args(p)
     p.set_defaults(func=cmd_edit)
 
-    p = sub.add_parser("build", help="build engines from an export folder")
+    p = sub.add_parser("build", parents=[common], help="build engines from an export folder")
     p.add_argument("export_dir", metavar="EXPORT_DIR")
     p.add_argument("--out", required=True, metavar="ENGINE_DIR")
     p.add_argument("--backend", choices=("ort", "trt"), default="ort")
@@ -275,7 +283,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_build)
 
-    p = sub.add_parser("demo", help="export, build, edit through the runtime and the reference")
+    p = sub.add_parser(
+        "demo", parents=[common], help="export, build, edit through the runtime and the reference"
+    )
     p.add_argument("--out", default="out", metavar="DIR")
     p.add_argument("--model", default=DEFAULT_MODEL)
     p.add_argument("--source", default=DEMO_SOURCE)
@@ -285,7 +295,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_demo)
 
-    p = sub.add_parser("export", help="export a model to ONNX (segmented and/or whole UNet)")
+    p = sub.add_parser(
+        "export", parents=[common], help="export a model to ONNX (segmented and/or whole UNet)"
+    )
     p.add_argument("--model", default=DEFAULT_MODEL, help=f"{' | '.join(BUILTIN_MODELS)} | PATH")
     p.add_argument("--out", required=True, metavar="DIR", help="a folder that does not exist")
     p.add_argument("--precision", choices=("fp32", "fp16"), default="fp32")
@@ -301,7 +313,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_export)
 
-    p = sub.add_parser("serve", help="serve edits over HTTP from an engine folder")
+    p = sub.add_parser(
+        "serve", parents=[common], help="serve edits over HTTP from an engine folder"
+    )
     p.add_argument("--engine-dir", required=True, metavar="DIR", help="from 'adapedit build'")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000, help="0: any free port (default: 8000)")
@@ -321,15 +335,21 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command line; exit code 0, 2 for an :class:`~adapedit.errors.AdapEditError`
+    (bad input, a model or engine that cannot be used), 1 for an internal error (its traceback
+    with ``--debug``)."""
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
     except AdapEditError as e:
         print(f"adapedit: error: {e}", file=sys.stderr)
         return 2
-    except ValueError as e:  # a config value argparse could not check
-        print(f"adapedit: error: {ConfigError(str(e))}", file=sys.stderr)
-        return 2
+    except Exception as e:
+        if args.debug:
+            traceback.print_exc()
+        hint = "" if args.debug else " (run with --debug for the traceback)"
+        print(f"adapedit: internal error: {type(e).__name__}: {e}{hint}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

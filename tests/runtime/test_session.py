@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import shutil
-import threading
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import torch
@@ -79,17 +79,14 @@ def test_concurrent_callers_are_serialised(tiny_session):
     cfg = EditConfig(alpha_m=0.0)
     jobs = [(SRC, TGT, 1), ("a cat on a mat", "a black cat on a mat", 2)]
     alone = [tiny_session.edit(s, t, cfg, SamplerConfig(steps=4, seed=k)) for s, t, k in jobs]
-    results: dict[int, object] = {}
-
-    def call(i, s, t, k):
-        results[i] = tiny_session.edit(s, t, cfg, SamplerConfig(steps=4, seed=k))
-
-    threads = [threading.Thread(target=call, args=(i, *job)) for i, job in enumerate(jobs * 2)]
-    for th in threads:
-        th.start()
-    for th in threads:
-        th.join()
-    for i, r in results.items():
+    with ThreadPoolExecutor(4) as pool:
+        futures = [
+            pool.submit(tiny_session.edit, s, t, cfg, SamplerConfig(steps=4, seed=k))
+            for s, t, k in jobs * 2
+        ]
+        results = [f.result() for f in futures]  # re-raises what a thread raised
+    assert len(results) == 4
+    for i, r in enumerate(results):
         assert (r.edited_image == alone[i % 2].edited_image).all()
 
 
