@@ -1,5 +1,7 @@
-"""``manifest.json``: what an export folder holds — the model, the precision, the graphs and,
-for the segmented UNet, the segments in order and the attention boundaries between them.
+"""The contract between the exporter, the engines and the runtime: the I/O names of the
+exported graphs and ``manifest.json`` — what an export folder holds: the model, the precision,
+the graphs and, for the segmented UNet, the segments in order and the attention boundaries
+between them. Plain data, no ONNX: the runtime reads it without loading the exporter.
 
 A manifest is validated when loaded: format, files present, and (when the caller says what it
 expects) model and precision. Every mismatch is a :class:`~adapedit.errors.ManifestError`.
@@ -16,6 +18,10 @@ from adapedit.errors import ManifestError
 
 FORMAT = "adapedit-export/1"
 MANIFEST = "manifest.json"
+#: Inputs of every UNet graph, in order.
+UNET_INPUTS = ("sample", "timestep", "encoder_hidden_states")
+#: The UNet's noise prediction output.
+NOISE = "noise_pred"
 
 
 @dataclass(frozen=True)

@@ -64,7 +64,7 @@ def _time_unet(folder: Path, batch: int, repeats: int) -> dict[str, object]:
     """Whole, then segmented (one form loaded at a time): one warm-up, then ``repeats`` runs."""
     import onnxruntime as ort
 
-    from adapedit.export.manifest import Manifest
+    from adapedit.spec import Manifest
 
     manifest = Manifest.load(folder)
     dtype = np.float16 if manifest.precision == "fp16" else np.float32

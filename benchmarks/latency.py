@@ -97,11 +97,11 @@ def run(a: argparse.Namespace) -> dict:
     from adapedit.config import EditConfig, SamplerConfig
     from adapedit.engines.folder import build_engines
     from adapedit.engines.ort import OrtRunner
-    from adapedit.export.manifest import Manifest
     from adapedit.models import load_model
     from adapedit.pipeline import ReferencePipeline
     from adapedit.processors import install_processors
     from adapedit.runtime.session import EditSession
+    from adapedit.spec import Manifest
 
     device = a.device if a.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.float16 if a.precision == "fp16" else torch.float32

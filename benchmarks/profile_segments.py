@@ -58,8 +58,8 @@ def main() -> None:
     a = ap.parse_args()
 
     from adapedit.engines.ort import OrtOptions, OrtRunner
-    from adapedit.export.manifest import Manifest
     from adapedit.runtime.segmented import SegmentedUNet
+    from adapedit.spec import Manifest
 
     work = Path(tempfile.mkdtemp(prefix="adapedit-profile-"))
     child = multiprocessing.get_context("spawn").Process(

@@ -17,7 +17,7 @@ import sympy
 import torch
 
 from adapedit.errors import EngineError
-from adapedit.export.manifest import GraphSpec, TensorSpec
+from adapedit.spec import GraphSpec, TensorSpec
 
 TORCH_DTYPES = {
     "float32": torch.float32,
@@ -200,6 +200,7 @@ class Profile:
                     where=where,
                     expected=f"{lo} ≤ {name} ≤ {hi}",
                     got=v,
+                    field=name,
                 )
 
     def symbols(self, which: int, vae_scale: int, unet_multiple: int) -> dict[str, int]:

@@ -16,8 +16,8 @@ from adapedit.engines.base import Profile, Runner
 from adapedit.engines.cache import PlanCache, file_digest
 from adapedit.engines.ort import OrtOptions, OrtRunner
 from adapedit.errors import EngineError, ManifestError
-from adapedit.export.manifest import MANIFEST, GraphSpec, Manifest
 from adapedit.io import atomic_folder, write_json
+from adapedit.spec import MANIFEST, GraphSpec, Manifest
 
 ENGINE_JSON = "engine.json"
 #: Where TensorRT plans are cached between builds unless ``cache_dir`` says otherwise.

@@ -11,7 +11,7 @@ import torch
 
 from adapedit.engines.base import TORCH_DTYPES, Runner
 from adapedit.errors import EngineError
-from adapedit.export.manifest import GraphSpec
+from adapedit.spec import GraphSpec
 
 PROVIDERS = {
     "cpu": "CPUExecutionProvider",
@@ -165,5 +165,13 @@ class OrtRunner(Runner):
         device = self.options.device
         if device.type == "cuda":
             torch.cuda.current_stream(device).synchronize()
-        self.session.run_with_iobinding(binding)
+        try:
+            self.session.run_with_iobinding(binding)
+        except Exception as e:  # onnxruntime raises its own exception types
+            raise EngineError(
+                "ONNX Runtime failed to run the graph",
+                where=self.name,
+                expected="a successful run",
+                got=str(e).splitlines()[0],
+            ) from e
         return outputs

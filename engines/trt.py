@@ -19,7 +19,7 @@ import torch
 from adapedit.engines.base import TORCH_DTYPES, Profile, Runner, eval_shape
 from adapedit.engines.cache import PlanCache, PlanKey, file_digest
 from adapedit.errors import EngineError
-from adapedit.export.manifest import GraphSpec
+from adapedit.spec import GraphSpec
 
 log = logging.getLogger("adapedit.engines")
 

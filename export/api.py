@@ -11,10 +11,8 @@ import onnx
 from tqdm.auto import tqdm
 
 from adapedit.errors import ConfigError, ExportError
-from adapedit.export.manifest import Boundary, GraphSpec, Manifest, TensorSpec
 from adapedit.export.onnx_export import (
     DEFAULT_OPSET,
-    NOISE,
     PRECISIONS,
     check_opset,
     export_text_encoder,
@@ -25,6 +23,7 @@ from adapedit.export.onnx_export import (
 from adapedit.export.segment import prune, split
 from adapedit.io import atomic_folder
 from adapedit.models import Components, load_model
+from adapedit.spec import NOISE, Boundary, GraphSpec, Manifest, TensorSpec
 
 FORMS = ("segmented", "whole", "both")
 #: Above this many bytes of weights a graph is saved with external data (protobuf's 2 GB limit).

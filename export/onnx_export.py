@@ -20,22 +20,20 @@ from dataclasses import dataclass
 import onnx
 import torch
 
-from adapedit.controller import layer_downscale
 from adapedit.errors import ExportError
+from adapedit.geometry import is_cross_layer, layer_downscale
 from adapedit.models import Components
 from adapedit.processors import (
     ControlSlot,
     attention_geometry,
     controlled_layers,
     install_processors,
-    is_cross_layer,
 )
+from adapedit.spec import NOISE, UNET_INPUTS
 
 MIN_OPSET, MAX_OPSET, DEFAULT_OPSET = 17, 23, 18
 _SYMBOL = re.compile(r"[A-Za-z_]\w*")
 PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16}
-UNET_INPUTS = ("sample", "timestep", "encoder_hidden_states")
-NOISE = "noise_pred"
 
 
 def check_opset(opset: int) -> None:
@@ -244,7 +242,7 @@ class _CapturingUNet(torch.nn.Module):
         captured: list[torch.Tensor] = []
         self.order.clear()
 
-        def capture(layer_id, is_cross, probs, hidden):
+        def capture(layer_id, is_cross, probs, hidden, step):
             self.order.append(layer_id)
             captured.append(probs)
             if is_cross:

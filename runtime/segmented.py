@@ -6,10 +6,10 @@ import time
 
 import torch
 
+from adapedit.controller import Controller
 from adapedit.engines.base import Runner, solve_symbols
-from adapedit.export.manifest import Manifest
-from adapedit.export.onnx_export import NOISE, UNET_INPUTS
-from adapedit.processors import Controller
+from adapedit.errors import EngineError
+from adapedit.spec import NOISE, UNET_INPUTS, Manifest
 
 
 class SegmentedUNet:
@@ -24,7 +24,12 @@ class SegmentedUNet:
 
     def __init__(self, manifest: Manifest, runners: list[Runner]) -> None:
         if len(runners) != len(manifest.segments):
-            raise ValueError("one runner per segment")
+            raise EngineError(
+                "one runner per segment",
+                where="SegmentedUNet",
+                expected=f"{len(manifest.segments)} runners",
+                got=len(runners),
+            )
         self.manifest = manifest
         self.runners = runners
         self.by_segment = {b.segment: b for b in manifest.boundaries}
@@ -36,7 +41,9 @@ class SegmentedUNet:
         timestep: torch.Tensor,
         encoder_hidden_states: torch.Tensor,
         controller: Controller | None = None,
+        step: int = 0,
     ) -> torch.Tensor:
+        """One UNet call, the ``step``-th of its pass, with ``controller`` at every boundary."""
         env: dict[str, torch.Tensor] = dict(
             zip(UNET_INPUTS, (sample, timestep, encoder_hidden_states), strict=True)
         )
@@ -47,6 +54,6 @@ class SegmentedUNet:
             if b is not None and controller is not None:
                 t0 = time.perf_counter()
                 hidden = env[b.hidden] if b.hidden else None
-                env[b.probs] = controller(b.layer, b.kind == "cross", env[b.probs], hidden)
+                env[b.probs] = controller(b.layer, b.kind == "cross", env[b.probs], hidden, step)
                 self.controller_s += time.perf_counter() - t0
         return env[NOISE]

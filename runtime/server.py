@@ -53,7 +53,7 @@ from PIL import Image
 from adapedit.config import EditConfig, SamplerConfig
 from adapedit.errors import AdapEditError, ConfigError, InputError
 from adapedit.io import png_bytes
-from adapedit.runtime.api import Validator, field_of, parse_request, to_plain
+from adapedit.runtime.api import Validator, parse_request, to_plain
 
 if TYPE_CHECKING:
     from adapedit.engines.ort import OrtOptions
@@ -152,7 +152,7 @@ def _error(status: int, message: str, kind: str | None = None, name: str | None 
 
 
 def _error_of(status: int, e: AdapEditError) -> dict:
-    return _error(status, str(e), type(e).__name__, field_of(e))
+    return _error(status, str(e), type(e).__name__, e.field)
 
 
 class EditServer:

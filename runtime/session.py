@@ -9,12 +9,12 @@ from pathlib import Path
 import torch
 
 from adapedit.config import EditConfig, SamplerConfig
+from adapedit.controller import Controller
 from adapedit.engines.folder import load_engine_folder, make_runner
 from adapedit.engines.ort import OrtOptions
 from adapedit.errors import EngineError
 from adapedit.models import load_tokenizer
 from adapedit.pipeline import EditPipeline, EditResult, GenerationResult
-from adapedit.processors import Controller
 from adapedit.runtime.segmented import SegmentedUNet
 
 ENGINE_DTYPES = {"fp32": torch.float32, "fp16": torch.float16}
@@ -100,10 +100,15 @@ class EditSession(EditPipeline):
         t: torch.Tensor,
         embeddings: torch.Tensor,
         controller: Controller | None,
+        step: int,
     ) -> torch.Tensor:
         timestep = torch.tensor([float(t)], dtype=torch.float32, device=self.device)
         eps = self.segmented(
-            x.to(self.engine_dtype), timestep, embeddings.to(self.engine_dtype), controller
+            x.to(self.engine_dtype),
+            timestep,
+            embeddings.to(self.engine_dtype),
+            controller,
+            step,
         )
         return eps.to(self.dtype)
 

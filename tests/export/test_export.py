@@ -13,9 +13,9 @@ from adapedit.config import EditConfig
 from adapedit.controller import EditController
 from adapedit.errors import ConfigError, ExportError, ManifestError, ModelError
 from adapedit.export.api import export_model
-from adapedit.export.manifest import Manifest
 from adapedit.fwt import fixed_tau
 from adapedit.processors import controlled_layers
+from adapedit.spec import Manifest
 
 SRC, TGT = "a dog standing on the grass", "a dog sitting on the grass"
 
@@ -41,7 +41,9 @@ def _chain(manifest, segs, feeds, controller=None):
         b = by_segment.get(k)
         if b is not None and controller is not None:
             hidden = torch.from_numpy(env[b.hidden]) if b.hidden else None
-            probs = controller(b.layer, b.kind == "cross", torch.from_numpy(env[b.probs]), hidden)
+            probs = controller(
+                b.layer, b.kind == "cross", torch.from_numpy(env[b.probs]), hidden, 0
+            )
             env[b.probs] = probs.numpy()
     return env
 
@@ -56,7 +58,7 @@ def _feeds(batch, latent_hw, seed=0):
 
 
 def _torch_unet(pipe, feeds, controller=None):
-    pipe.slot.controller = controller
+    pipe.slot.controller, pipe.slot.step = controller, 0  # the chain's step too
     try:
         with torch.no_grad():
             return pipe.components.unet(
@@ -95,8 +97,8 @@ def test_boundaries_carry_the_reference_probabilities(tiny_pipeline, tiny_export
     feeds = _feeds(2, (16, 16), seed=1)
     seen: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
 
-    def record(layer, is_cross, probs, hidden):
-        seen[layer] = (probs.clone(), hidden.clone())
+    def record(layer, is_cross, probs, hidden, step):
+        seen[layer] = (probs.clone(), hidden.clone() if is_cross else None)
         return probs
 
     _torch_unet(tiny_pipeline, feeds, record)

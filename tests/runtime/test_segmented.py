@@ -9,14 +9,15 @@ def test_controller_sees_every_boundary_in_order(tiny_session):
     m = tiny_session.manifest
     seen = []
 
-    def spy(layer, is_cross, probs, hidden):
+    def spy(layer, is_cross, probs, hidden, step):
+        assert step == 7
         seen.append(
             (layer, is_cross, tuple(probs.shape), None if hidden is None else tuple(hidden.shape))
         )
         return probs
 
     x = torch.randn(2, 4, 16, 16)
-    out = tiny_session.segmented(x, torch.tensor([10.0]), torch.randn(2, 77, 32), spy)
+    out = tiny_session.segmented(x, torch.tensor([10.0]), torch.randn(2, 77, 32), spy, step=7)
     assert out.shape == (2, 4, 16, 16)
     assert [s[0] for s in seen] == [b.layer for b in m.boundaries]
     for (_, is_cross, probs, hidden), b in zip(seen, m.boundaries, strict=True):
