@@ -192,23 +192,31 @@ def cmd_demo(a: argparse.Namespace) -> int:
 
 
 def cmd_export(a: argparse.Namespace) -> int:
-    from adapedit.export.api import export_model
+    from adapedit.export.api import ExportOptions, export_model
 
+    options = ExportOptions(
+        precision=a.precision,
+        forms=tuple(a.form),
+        shapes=a.shapes,
+        batches=tuple(a.batches),
+        opset=a.opset,
+    )
     m = export_model(
         a.model,
         a.out,
-        precision=a.precision,
-        form=a.form,
+        options,
         height=a.height,
         width=a.width,
-        opset=a.opset,
+        jobs=a.jobs,
         progress=not a.quiet,
     )
     n_cross = sum(b.kind == "cross" for b in m.boundaries)
+    batches = f"batches {list(m.batches)}" if m.static else "any batch"
     print(
-        f"exported {m.model} ({m.precision}, opset {m.opset}, {m.height}×{m.width}) → {a.out}: "
-        f"{len(m.segments)} segments, {len(m.boundaries)} boundaries ({n_cross} cross, "
-        f"{len(m.boundaries) - n_cross} self), graphs {sorted(m.graphs)}"
+        f"exported {m.model} ({m.precision}, opset {m.opset}, {m.height}×{m.width}, "
+        f"{m.shapes}: {batches}) → {a.out}: UNet {', '.join(options.forms)}, "
+        f"{len(m.boundaries)} boundaries ({n_cross} cross, {len(m.boundaries) - n_cross} self), "
+        f"graphs {sorted(m.graphs)}"
     )
     return 0
 
@@ -301,12 +309,36 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default=DEFAULT_MODEL, help=f"{' | '.join(BUILTIN_MODELS)} | PATH")
     p.add_argument("--out", required=True, metavar="DIR", help="a folder that does not exist")
     p.add_argument("--precision", choices=("fp32", "fp16"), default="fp32")
-    p.add_argument("--form", choices=("segmented", "whole", "both"), default="both")
+    p.add_argument(
+        "--form",
+        nargs="+",
+        choices=("segmented", "whole"),
+        default=["segmented", "whole"],
+        help="UNet forms (default: segmented whole)",
+    )
+    p.add_argument(
+        "--shapes",
+        choices=("dynamic", "static"),
+        default="dynamic",
+        help="dynamic: any batch and resolution (CPU, many sizes); static: every shape fixed "
+        "to --height × --width and the UNet to --batches (GPU engines, CUDA graphs)",
+    )
+    p.add_argument(
+        "--batches",
+        type=int,
+        nargs="+",
+        default=[2, 4],
+        help="UNet batch sizes of a static export (default: 2 4 — calibration and edit)",
+    )
+    p.add_argument(
+        "--jobs", type=int, default=1, help="trace the static UNet variants in N processes"
+    )
     p.add_argument(
         "--height",
         type=int,
         default=None,
-        help="export resolution in pixels: fixes which self-attention layers are cut",
+        help="export resolution in pixels: fixes which self-attention layers are cut (and "
+        "every shape of a static export)",
     )
     p.add_argument("--width", type=int, default=None)
     p.add_argument("--opset", type=int, default=18)

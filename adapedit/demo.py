@@ -30,7 +30,7 @@ def run_demo(
     """Run the demo into ``out`` (``runtime/`` and ``reference/`` edit outputs, ``demo.json``,
     ``demo.md``); returns the markdown summary."""
     from adapedit.engines.folder import build_engines
-    from adapedit.export.api import export_model
+    from adapedit.export.api import ExportOptions, export_model
     from adapedit.runtime.session import EditSession
 
     out = Path(out)
@@ -42,7 +42,9 @@ def run_demo(
     times: dict[str, float] = {}
     with tempfile.TemporaryDirectory(prefix="adapedit-demo-") as work:
         t = time.perf_counter()
-        export_model(components, Path(work) / "export", progress=progress)
+        # only what the runtime runs: the segmented UNet (no whole graph)
+        options = ExportOptions(forms=("segmented",))
+        export_model(components, Path(work) / "export", options, progress=progress)
         times["export_s"] = time.perf_counter() - t
         t = time.perf_counter()
         build_engines(
@@ -53,7 +55,7 @@ def run_demo(
             run = session.edit(
                 source, target, edit, sampler, record_latents=True, progress=progress
             )
-            controller_s = session.segmented.controller_s
+            controller_s = session.controller_seconds()
     ref = reference.edit(source, target, edit, sampler, record_latents=True, progress=progress)
     parity = compare_edits(ref, run)
     write_edit_outputs(run, out / "runtime", model)

@@ -155,9 +155,17 @@ class EditPipeline(ABC):
         """VAE-decode one latent [1, 4, h, w] → image [3, H, W] in [-1, 1]."""
 
     @abstractmethod
-    def prepare(self, edit: EditConfig, latent_hw: tuple[int, int]) -> None:
-        """Before a pass: fix which layers are controlled (where the backend can choose) and
-        check the resolution against what the backend was built for."""
+    def prepare(
+        self, edit: EditConfig, latent_hw: tuple[int, int], batches: tuple[int, ...]
+    ) -> None:
+        """Before any UNet call: fix which layers are controlled (where the backend can choose)
+        and check the resolution and the UNet batch sizes the passes will run against what the
+        backend was built for."""
+
+    @staticmethod
+    def edit_batches(edit: EditConfig) -> tuple[int, ...]:
+        """The UNet batch sizes of an edit: the edit pass, and the calibration pass if it runs."""
+        return (CALIBRATION.size, EDIT.size) if edit.needs_calibration else (EDIT.size,)
 
     # -- building blocks ---------------------------------------------------------------------
 
@@ -263,7 +271,7 @@ class EditPipeline(ABC):
         uncond, cond = self.encode(["", prompt]).split(1)
         emb = GENERATION.stack(uncond, {"source": cond})
         record: list[torch.Tensor] | None = [] if record_latents else None
-        self.prepare(EditConfig(), tuple(x0.shape[-2:]))
+        self.prepare(EditConfig(), tuple(x0.shape[-2:]), (GENERATION.size,))
         latents = self.denoise(x0, emb, sampler, desc="generate", progress=progress, record=record)
         return GenerationResult(self.decode(latents)[0], record or [])
 
@@ -289,7 +297,7 @@ class EditPipeline(ABC):
         plan = self.plan(source, target, edit)
         x0 = self.initial_latent(sampler)  # validates the resolution
         latent_hw = tuple(x0.shape[-2:])
-        self.prepare(edit, latent_hw)
+        self.prepare(edit, latent_hw, self.edit_batches(edit))
         n = self.num_steps(sampler)
         timings: dict[str, float] = {}
         notes: list[str] = []
@@ -381,7 +389,9 @@ class ReferencePipeline(EditPipeline):
         """Build from a built-in model name or a local diffusers folder."""
         return cls(load_model(spec), device)
 
-    def prepare(self, edit: EditConfig, latent_hw: tuple[int, int]) -> None:
+    def prepare(
+        self, edit: EditConfig, latent_hw: tuple[int, int], batches: tuple[int, ...]
+    ) -> None:
         self.slot.self_max_queries = edit.self_max_queries
 
     @torch.no_grad()

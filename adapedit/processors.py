@@ -61,7 +61,7 @@ class ControlledAttnProcessor:
         value = attn.to_v(context)
         if self.slot.is_controlled(self.layer_id, is_cross, queries):
             q, k, v = (attn.head_to_batch_dim(x) for x in (query, key, value))  # [B*H, ·, d]
-            probs = attn.get_attention_scores(q, k, None)  # [B*H, P, K]
+            probs = attention_probs(attn, q, k)  # [B*H, P, K]
             if self.slot.controller is not None:
                 probs = self.slot.controller(
                     self.layer_id,
@@ -83,6 +83,21 @@ class ControlledAttnProcessor:
         if attn.residual_connection:
             out = out + hidden_states
         return out / attn.rescale_output_factor
+
+
+def attention_probs(attn, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    """Softmax attention probabilities [B·H, P, K] from ``q`` [B·H, P, d] and ``k`` [B·H, K, d]:
+    diffusers' ``Attention.get_attention_scores`` without a mask, bit for bit, except that the
+    ignored ``baddbmm`` input (β = 0) is a broadcast scalar rather than an empty [B·H, P, K]
+    tensor, which a static export would otherwise store as a constant of zeros."""
+    dtype = q.dtype
+    if attn.upcast_attention:
+        q, k = q.float(), k.float()
+    zero = torch.zeros(1, 1, 1, dtype=q.dtype, device=q.device)
+    scores = torch.baddbmm(zero, q, k.transpose(-1, -2), beta=0, alpha=attn.scale)
+    if attn.upcast_softmax:
+        scores = scores.float()
+    return scores.softmax(dim=-1).to(dtype)
 
 
 def attention_layers(unet) -> list[tuple[str, object]]:

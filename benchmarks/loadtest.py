@@ -99,9 +99,9 @@ def percentile(values: list[float], q: float) -> float:
 def tiny_engines(folder: Path) -> Path:
     """Export the tiny model and build ONNX Runtime engines under ``folder``."""
     from adapedit.engines.folder import build_engines
-    from adapedit.export.api import export_model
+    from adapedit.export.api import ExportOptions, export_model
 
-    export_model("tiny", folder / "export", precision="fp32", form="segmented", progress=False)
+    export_model("tiny", folder / "export", ExportOptions(forms=("segmented",)), progress=False)
     build_engines(folder / "export", folder / "engines", backend="ort", progress=False)
     return folder / "engines"
 

@@ -131,7 +131,7 @@ def check_resolution(session: EditSession, edit: EditConfig, sampler: SamplerCon
     """
     latent_hw = session.latent_hw(sampler)
     try:
-        session.prepare(edit, latent_hw)  # EditSession.prepare only checks the profile
+        session.prepare(edit, latent_hw, session.edit_batches(edit))  # checks the engines only
     except EngineError as e:  # the resolution asked for is the caller's input
         raise ConfigError(
             e.what, where=e.where, expected=e.expected, got=e.got, field=e.field

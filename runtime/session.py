@@ -4,18 +4,22 @@ from __future__ import annotations
 
 import json
 import threading
+from contextlib import nullcontext
 from pathlib import Path
 
 import torch
 
 from adapedit.config import EditConfig, SamplerConfig
 from adapedit.controller import Controller
+from adapedit.engines.base import Runner
 from adapedit.engines.folder import load_engine_folder, make_runner
 from adapedit.engines.ort import OrtOptions
+from adapedit.engines.weights import WeightPool
 from adapedit.errors import EngineError
 from adapedit.models import load_tokenizer
 from adapedit.pipeline import EditPipeline, EditResult, GenerationResult
 from adapedit.runtime.segmented import SegmentedUNet
+from adapedit.spec import GraphSpec
 
 ENGINE_DTYPES = {"fp32": torch.float32, "fp16": torch.float16}
 
@@ -25,7 +29,9 @@ class EditSession(EditPipeline):
     controller from ``adapedit`` applied between UNet segments.
 
     Build once, call :meth:`edit` many times; calls from several threads are serialised (one
-    edit at a time per session), so engine buffers are never shared between two edits.
+    edit at a time per session), so engine buffers are never shared between two edits. On a
+    GPU every engine and every torch operation of an edit runs on one stream of the session's,
+    and ONNX Runtime sessions share one copy of the UNet weights.
 
     Args:
         engine_dir: a folder written by ``adapedit build``.
@@ -43,6 +49,13 @@ class EditSession(EditPipeline):
     ) -> None:
         folder = Path(engine_dir)
         manifest, config = load_engine_folder(folder, model_hash=model_hash, precision=precision)
+        if not manifest.has_segments:
+            raise EngineError(
+                "the engine folder has no segmented UNet",
+                where=str(folder),
+                expected="an export with --form segmented",
+                got="whole UNet only",
+            )
         self.folder, self.manifest, self.config = folder, manifest, config
         self.name = f"{manifest.model} ({folder})"
         self.tokenizer = load_tokenizer(folder / "tokenizer")
@@ -53,25 +66,53 @@ class EditSession(EditPipeline):
         self.latent_channels = manifest.latent_channels
         self.dtype = torch.float32  # latents and scheduler in fp32; engines take their dtype
         self.engine_dtype = ENGINE_DTYPES[manifest.precision]
+        self.ort = ort
         options = ort or config.ort
         self.device = options.device if config.backend == "ort" else torch.device("cuda")
-        self.text_encoder = make_runner(folder, config, manifest.graphs["text_encoder"], ort)
-        self.vae_decoder = make_runner(folder, config, manifest.graphs["vae_decoder"], ort)
-        if not manifest.segments:
-            raise EngineError(
-                "the engine folder has no segmented UNet",
-                where=str(folder),
-                expected="an export with --form segmented or both",
-                got="whole UNet only",
-            )
-        self.segmented = SegmentedUNet(
-            manifest, [make_runner(folder, config, s, ort) for s in manifest.segments]
+        self.stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
+        self.weights = (
+            WeightPool(folder, manifest.weights, self.device)
+            if config.backend == "ort" and manifest.weights
+            else None
         )
+        self.text_encoder = self._runner(manifest.graphs["text_encoder"])
+        self.vae_decoder = self._runner(manifest.graphs["vae_decoder"])
+        self._unets: dict[int | None, SegmentedUNet] = {}
         self._lock = threading.RLock()
 
+    def _runner(self, spec: GraphSpec) -> Runner:
+        return make_runner(
+            self.folder, self.config, spec, self.ort, stream=self.stream, weights=self.weights
+        )
+
+    def segmented(self, batch: int) -> SegmentedUNet:
+        """The segmented UNet that runs ``batch`` samples (runners created on first use).
+
+        Raises:
+            EngineError: a static folder built for other batch sizes.
+        """
+        graphs = self.manifest.unet_graphs(batch)
+        unet = self._unets.get(graphs.batch)
+        if unet is None:
+            runners = [self._runner(s) for s in graphs.segments]
+            unet = self._unets[graphs.batch] = SegmentedUNet(self.manifest, graphs, runners)
+        return unet
+
     @property
-    def runners(self):
-        return [self.text_encoder, self.vae_decoder, *self.segmented.runners]
+    def runners(self) -> list[Runner]:
+        return [
+            self.text_encoder,
+            self.vae_decoder,
+            *(r for u in self._unets.values() for r in u.runners),
+        ]
+
+    def controller_seconds(self) -> float:
+        """Time spent in the controller between segments since the last :meth:`reset_clocks`."""
+        return sum(u.clock.seconds() for u in self._unets.values())
+
+    def reset_clocks(self) -> None:
+        for u in self._unets.values():
+            u.clock.reset()
 
     def close(self) -> None:
         """Release every engine (the session can be used again; engines reload lazily)."""
@@ -85,14 +126,27 @@ class EditSession(EditPipeline):
         self.close()
 
     # -- backend hooks -----------------------------------------------------------------------
-    def prepare(self, edit: EditConfig, latent_hw: tuple[int, int]) -> None:
+    def prepare(
+        self, edit: EditConfig, latent_hw: tuple[int, int], batches: tuple[int, ...]
+    ) -> None:
         h, w = (x * self.vae_scale_factor for x in latent_hw)
-        self.config.profile.check(4, h, w, where=f"engine folder {self.folder}")
+        where = f"engine folder {self.folder}"
+        for b in batches:
+            self.manifest.unet_graphs(b)  # a static folder has each batch, or says which it has
+            self.config.profile.check(b, h, w, where=where)
 
     def encode(self, prompts: list[str]) -> torch.Tensor:
-        ids = self.tokens(prompts).to(self.device)
-        out = self.text_encoder.infer({"input_ids": ids})["text_embeddings"]
-        return out.to(self.dtype).clone()
+        ids = self.tokens(prompts).to(self.device)  # [n, 77]
+        n = self.text_encoder.spec.inputs[0].shape[0]  # a static graph's batch, or a symbol
+        chunks = ids.split(n) if isinstance(n, int) else [ids]
+        return torch.cat(
+            [
+                self.text_encoder.infer({"input_ids": c})["text_embeddings"].to(
+                    self.dtype, copy=True
+                )
+                for c in chunks
+            ]
+        )
 
     def unet(
         self,
@@ -103,7 +157,7 @@ class EditSession(EditPipeline):
         step: int,
     ) -> torch.Tensor:
         timestep = torch.tensor([float(t)], dtype=torch.float32, device=self.device)
-        eps = self.segmented(
+        eps = self.segmented(x.shape[0])(
             x.to(self.engine_dtype),
             timestep,
             embeddings.to(self.engine_dtype),
@@ -115,6 +169,10 @@ class EditSession(EditPipeline):
     def decode_one(self, latent: torch.Tensor) -> torch.Tensor:
         out = self.vae_decoder.infer({"latent": latent.to(self.engine_dtype)})["image"]
         return out[0].clone()
+
+    def on_stream(self):
+        """The session's stream as the current one (a no-op on the CPU)."""
+        return torch.cuda.stream(self.stream) if self.stream is not None else nullcontext()
 
     # -- thread-safe public API --------------------------------------------------------------
     def plan(self, source: str, target: str, edit: EditConfig = EditConfig()):
@@ -132,12 +190,12 @@ class EditSession(EditPipeline):
         **kwargs,
     ) -> EditResult:
         """Edit ``source`` into ``target`` (see :meth:`EditPipeline.edit`); serialised."""
-        with self._lock:
+        with self._lock, self.on_stream():
             return super().edit(source, target, edit, sampler, **kwargs)
 
     def generate(
         self, prompt: str, sampler: SamplerConfig = SamplerConfig(), **kwargs
     ) -> GenerationResult:
         """Plain generation of ``prompt``; serialised."""
-        with self._lock:
+        with self._lock, self.on_stream():
             return super().generate(prompt, sampler, **kwargs)

@@ -119,3 +119,14 @@ def test_resolution_outside_the_profile_is_refused(tiny_session):
     # inside the profile (128 down to 2 × 64 px): runs
     r = tiny_session.edit(SRC, TGT, EditConfig(), SamplerConfig(steps=2, height=128, width=128))
     assert r.edited_image.shape == (128, 128, 3)
+
+
+@pytest.mark.parametrize("case", ["adapedit", "replace"])
+def test_static_runtime_matches_the_reference(tiny_pipeline, tiny_static_session, case):
+    _, src, tgt, cfg = CASES[case]
+    ref = tiny_pipeline.edit(src, tgt, cfg, SAMPLER, record_latents=True)
+    run = tiny_static_session.edit(src, tgt, cfg, SAMPLER, record_latents=True)
+    p = compare_edits(ref, run)
+    assert p["latents_max_abs"] <= 1e-4, p["per_step"]
+    assert p["tau_max_abs"] <= 1e-5 and p["tau_self_abs"] <= 1e-5
+    assert p["psnr_source_db"] >= 50 and p["psnr_edited_db"] >= 50
