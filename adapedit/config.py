@@ -12,6 +12,8 @@ EDIT_TYPES = ("refine", "replace", "reweight")
 TAU_RULES = ("paper", "released")
 CALIBRATION_MODES = ("mean", "last")
 SCHEDULERS = ("ddim", "pndm", "euler", "dpmpp")
+INVERSIONS = ("direct", "ddim", "npi")
+RESIZE_POLICIES = ("crop", "pad", "stretch")
 
 
 def _check_range(
@@ -165,6 +167,31 @@ class SamplerConfig:
     def resolved(self, default_size: int) -> tuple[int, int]:
         """(height, width) in pixels, falling back to the model's native size."""
         return (self.height or default_size, self.width or default_size)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class ImageConfig:
+    """How a real image is taken in (ALGORITHM.md §11; README "Editing your own images").
+
+    Attributes:
+        inversion: ``direct`` (default: DDIM inversion, then the edit pass's source branch is
+            put back on the inversion trajectory after every step), ``ddim`` (DDIM inversion
+            alone) or ``npi`` (DDIM inversion, the source prompt's embedding as the source
+            branch's unconditional one).
+        resize: how the image is brought to the model's resolution: ``crop`` (scale to cover,
+            centre crop; default), ``pad`` (scale to fit, pad with mid grey) or ``stretch``
+            (scale each side on its own).
+    """
+
+    inversion: str = "direct"
+    resize: str = "crop"
+
+    def __post_init__(self) -> None:
+        _check_choice("inversion", self.inversion, INVERSIONS, "ImageConfig")
+        _check_choice("resize", self.resize, RESIZE_POLICIES, "ImageConfig")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

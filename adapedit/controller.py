@@ -17,7 +17,8 @@ The contract (:class:`Controller`):
   to use: ``probs`` itself when it changes nothing, else a new tensor. Its inputs may be buffers
   the caller reuses after the call returns, so what it keeps beyond the call it copies.
 - ``after_step(step, latents) -> latents`` after the scheduler step of call ``step`` (latents
-  [n, C, h, w], one per prompt of the layout): LocalBlend, or the latents unchanged.
+  [n, C, h, w], one per prompt of the layout): Direct Inversion's correction and LocalBlend, or
+  the latents unchanged.
 """
 
 from __future__ import annotations
@@ -41,6 +42,7 @@ from adapedit.fwt import (
     token_embeddings,
 )
 from adapedit.geometry import BLEND_DOWNSCALE, layer_downscale, layer_hw
+from adapedit.inversion import on_trajectory
 from adapedit.layout import CALIBRATION, EDIT, BatchLayout
 from adapedit.plan import EditPlan
 
@@ -225,7 +227,11 @@ class EditController:
     """Applies §5 to the edit branch of an edit pass (:data:`~adapedit.layout.EDIT`,
     ``[u_src, u_edt, c_src, c_edt]``) and collects the maps LocalBlend and the attention image
     need (from the 1/4-resolution cross-attention layers, after the edit, as P2P's
-    attention store sees them)."""
+    attention store sees them).
+
+    ``trajectory`` (Direct Inversion, editing a given image): the inversion's latents
+    [N + 1, C, h, w] (``z0``, ``z*_{t_1}`` … ``z*_{t_N}``); after each step the source branch is
+    set back onto it (:func:`~adapedit.inversion.on_trajectory`)."""
 
     plan: EditPlan
     tau: TauPlan
@@ -233,6 +239,7 @@ class EditController:
     num_steps: int
     latent_hw: tuple[int, int]
     layout: BatchLayout = EDIT
+    trajectory: torch.Tensor | None = None
     controls: EditControls = field(init=False)
     blend_maps: torch.Tensor | None = None  # [2, h, w] accumulated over steps
     vis_sum: torch.Tensor | None = None  # [h*w, T] edit-branch maps after the edit
@@ -303,8 +310,11 @@ class EditController:
         self.blend_maps = maps if self.blend_maps is None else self.blend_maps + maps
 
     def after_step(self, step: int, latents: torch.Tensor) -> torch.Tensor:
-        """LocalBlend on latents [2, C, H, W] (source, edit) after each scheduler step (identity
-        without it)."""
+        """After each scheduler step, on latents [2, C, H, W] (source, edit): the source back on
+        the inversion trajectory (with one), then LocalBlend (identity without either)."""
+        if self.trajectory is not None:  # step ``step`` landed on t_{N-1-step}
+            z_star = self.trajectory[self.num_steps - 1 - step]  # [C, H, W]
+            latents = on_trajectory(latents, self.layout, z_star)
         if not self.plan.config.local_blend or self.blend_maps is None:
             return latents
         mask = local_blend_mask(

@@ -80,10 +80,20 @@ class BatchLayout:
         """The position of ``prompt``'s latent among the pass's latents (one per prompt)."""
         return self.prompts.index(prompt)
 
-    def stack(self, uncond: torch.Tensor, cond: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    def stack(
+        self,
+        uncond: torch.Tensor | None,
+        cond: Mapping[str, torch.Tensor],
+        uncond_for: Mapping[str, torch.Tensor] | None = None,
+    ) -> torch.Tensor:
         """Text embeddings [size, 77, D] in this layout from the unconditional embedding
-        [1, 77, D] and one conditional embedding [1, 77, D] per prompt."""
-        return torch.cat([uncond if h == "uncond" else cond[p] for p, h in self.branches])
+        [1, 77, D] (None for a layout without guidance) and one conditional embedding
+        [1, 77, D] per prompt; ``uncond_for`` gives some prompts an unconditional embedding of
+        their own (negative-prompt inversion)."""
+        own = uncond_for or {}
+        return torch.cat(
+            [own.get(p, uncond) if h == "uncond" else cond[p] for p, h in self.branches]
+        )
 
     def split(self, x: torch.Tensor) -> torch.Tensor:
         """A batch-major tensor [size·k, …] (attention probabilities are [B·H, P, K]) viewed as
