@@ -100,6 +100,52 @@ def sampler_config_from_args(a: argparse.Namespace):
     )
 
 
+def _add_image_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("editing a given image (SOURCE describes it)")
+    g.add_argument(
+        "--image", default=None, metavar="PATH", help="a PNG, JPEG or WebP image to edit"
+    )
+    g.add_argument(
+        "--inversion",
+        default=None,
+        metavar="direct|ddim|npi",
+        help="how the source branch keeps to the image (default: direct)",
+    )
+    g.add_argument(
+        "--resize",
+        default=None,
+        metavar="crop|pad|stretch",
+        help="how the image is brought to the model's resolution (default: crop)",
+    )
+
+
+def image_from_args(a: argparse.Namespace):
+    """The image to edit (read and checked, or None without ``--image``) and its
+    :class:`~adapedit.config.ImageConfig`.
+
+    Raises:
+        InputError: an unreadable or unusable image, an unknown inversion or resize policy,
+            either option without ``--image``.
+    """
+    from adapedit.config import ImageConfig
+
+    if a.image is None:
+        for name in ("inversion", "resize"):
+            if getattr(a, name) is not None:
+                raise ConfigError(
+                    f"--{name} is only for an edit of a given image",
+                    where="adapedit edit",
+                    expected="--image PATH beside it",
+                    got="no --image",
+                    field=name,
+                )
+        return None, ImageConfig()
+    from adapedit.image_io import load_image
+
+    cfg = ImageConfig(inversion=a.inversion or "direct", resize=a.resize or "crop")
+    return load_image(a.image), cfg
+
+
 def _engine_options(a: argparse.Namespace):
     from adapedit.engines.ort import OrtOptions
 
@@ -112,6 +158,7 @@ def cmd_edit(a: argparse.Namespace) -> int:
     from adapedit.io import write_edit_outputs
 
     edit, sampler = edit_config_from_args(a), sampler_config_from_args(a)
+    image, image_config = image_from_args(a)  # a bad image fails before any model is loaded
     backend = a.backend or ("engine" if a.engine_dir else "torch")
     if backend == "engine":
         if not a.engine_dir:
@@ -132,7 +179,15 @@ def cmd_edit(a: argparse.Namespace) -> int:
         model = a.model
     pipe.plan(a.source, a.target, edit)  # every prompt error before any model work
     pipe.latent_hw(sampler)
-    result = pipe.edit(a.source, a.target, edit, sampler, progress=not a.quiet)
+    result = pipe.edit(
+        a.source,
+        a.target,
+        edit,
+        sampler,
+        image=image,
+        image_config=image_config,
+        progress=not a.quiet,
+    )
     files = write_edit_outputs(result, a.out, model)
     taus = ", ".join(f"{w.word}={w.tau:.2f}" for w in result.tau.words)
     print(f"τ: {taus}; τ_self={result.tau.tau_self:.2f}; keywords: {result.keywords}")
@@ -277,6 +332,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     _add_sampler_args(p)
     _add_edit_args(p)
+    _add_image_args(p)
     p.set_defaults(func=cmd_edit)
 
     p = sub.add_parser("build", parents=[common], help="build engines from an export folder")

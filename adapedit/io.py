@@ -57,7 +57,8 @@ def write_json(path: str | Path, doc: Any) -> None:
 
 
 def write_edit_outputs(result, out_dir: str | Path, model: str) -> dict[str, Path]:
-    """Write an :class:`~adapedit.pipeline.EditResult`'s four files into ``out_dir``."""
+    """Write an :class:`~adapedit.pipeline.EditResult`'s four files into ``out_dir`` (five for
+    an edit of a given image: ``input.png``, the image at the model's resolution, too)."""
     from adapedit.visualize import attention_grid
 
     out = Path(out_dir)
@@ -65,6 +66,9 @@ def write_edit_outputs(result, out_dir: str | Path, model: str) -> dict[str, Pat
         name: out / name for name in ("source.png", "edited.png", "attention.png", "result.json")
     }
     grid = attention_grid(result.attention_maps, result.attention_labels, result.edited_image)
+    if result.input_image is not None:
+        files["input.png"] = out / "input.png"
+        atomic_write_bytes(files["input.png"], png_bytes(Image.fromarray(result.input_image)))
     atomic_write_bytes(files["source.png"], png_bytes(Image.fromarray(result.source_image)))
     atomic_write_bytes(files["edited.png"], png_bytes(Image.fromarray(result.edited_image)))
     atomic_write_bytes(files["attention.png"], png_bytes(grid))

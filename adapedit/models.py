@@ -112,6 +112,8 @@ class Components:
     vae: Any
     tokenizer: Any
     scheduler_config: dict[str, Any]
+    #: False for a folder whose VAE weights lack the encoder (such a model cannot edit images)
+    has_vae_encoder: bool = True
 
     @property
     def vae_scale_factor(self) -> int:
@@ -242,7 +244,11 @@ def load_folder(path: str | Path, name: str | None = None) -> Components:
 
     unet = UNet2DConditionModel.from_pretrained(path / "unet", low_cpu_mem_usage=False)
     text_encoder = CLIPTextModel.from_pretrained(path / "text_encoder")
-    vae = AutoencoderKL.from_pretrained(path / "vae", low_cpu_mem_usage=False)
+    vae, loading = AutoencoderKL.from_pretrained(
+        path / "vae", low_cpu_mem_usage=False, output_loading_info=True
+    )
+    encoder_keys = ("encoder.", "quant_conv.")
+    has_encoder = not any(k.startswith(encoder_keys) for k in loading["missing_keys"])
     for m in (unet, text_encoder, vae):
         m.float().eval().requires_grad_(False)
     sched = json.loads((path / "scheduler" / "scheduler_config.json").read_text())
@@ -254,6 +260,7 @@ def load_folder(path: str | Path, name: str | None = None) -> Components:
         vae,
         load_tokenizer(path / "tokenizer"),
         {**SD_SCHEDULER_CONFIG, **sched},
+        has_vae_encoder=has_encoder,
     )
 
 

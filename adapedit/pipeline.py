@@ -7,6 +7,7 @@ from __future__ import annotations
 import time
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -14,11 +15,18 @@ import torch
 from tqdm.auto import tqdm
 
 from adapedit.alignment import MAX_TOKENS, tokenize
-from adapedit.config import EditConfig, SamplerConfig
+from adapedit.config import EditConfig, ImageConfig, SamplerConfig
 from adapedit.controller import CalibrationRecorder, Controller, EditController
-from adapedit.errors import AdapEditError
+from adapedit.errors import AdapEditError, ModelError
 from adapedit.fwt import TauPlan, fixed_tau
-from adapedit.layout import CALIBRATION, EDIT, GENERATION
+from adapedit.image_io import InputImage, fit_image, load_image
+from adapedit.inversion import (
+    INVERSION_SCHEDULER,
+    check_sampler,
+    ddim_inversion_step,
+    inversion_schedule,
+)
+from adapedit.layout import CALIBRATION, EDIT, GENERATION, INVERSION
 from adapedit.models import Components, latent_size, load_model, make_scheduler
 from adapedit.plan import EditPlan, build_plan
 from adapedit.processors import ControlSlot, install_processors
@@ -46,6 +54,11 @@ class EditResult:
         latents: [2, C, h, w] (source, edit) after each step, if asked.
         layer_probs: per controlled layer, the probabilities [B*H, P, K] leaving the controller
             at the edit pass's step ``observe_step``, if asked (per-layer parity).
+        image: for an edit of a given image, how it was read and resized and which inversion
+            ran (``result.json``'s ``image``); None for a generated source.
+        input_image: the given image at the model's resolution, [H, W, 3] uint8 (or None).
+        trajectory: the inversion's latents [N + 1, 4, h, w] (``z0`` first, then ``z*_{t_1}``
+            … ``z*_{t_N}``; the edit starts from the last), or None.
     """
 
     source_image: np.ndarray
@@ -59,14 +72,17 @@ class EditResult:
     latents: list[torch.Tensor] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     layer_probs: dict[str, torch.Tensor] = field(default_factory=dict)
+    image: dict[str, Any] | None = None
+    input_image: np.ndarray | None = None
+    trajectory: torch.Tensor | None = None
 
     @property
     def keywords(self) -> list[str]:
         return self.plan.keyword_words
 
     def to_json(self, model: str) -> dict[str, Any]:
-        """The ``result.json`` document."""
-        return {
+        """The ``result.json`` document (with ``image`` for an edit of a given image)."""
+        doc = {
             "source": self.plan.source.text,
             "target": self.plan.target.text,
             "model": model,
@@ -80,12 +96,21 @@ class EditResult:
             "timings_s": self.timings,
             "notes": self.notes,
         }
+        if self.image is not None:
+            doc["image"] = self.image
+        return doc
 
 
 def to_uint8(image: torch.Tensor) -> np.ndarray:
     """A decoded image [3, H, W] in [-1, 1] → [H, W, 3] uint8."""
     img = ((image.float() / 2 + 0.5).clamp(0, 1) * 255).round().to(torch.uint8)
     return img.permute(1, 2, 0).cpu().numpy()
+
+
+def from_uint8(image: np.ndarray) -> torch.Tensor:
+    """An image [H, W, 3] uint8 → [1, 3, H, W] float32 in [-1, 1] (the VAE encoder's input)."""
+    x = torch.from_numpy(np.array(image, dtype=np.uint8)).permute(2, 0, 1).float()  # [3, H, W]
+    return (x / 127.5 - 1.0)[None]
 
 
 class _Observer:
@@ -163,9 +188,24 @@ class EditPipeline(ABC):
         backend was built for."""
 
     @staticmethod
-    def edit_batches(edit: EditConfig) -> tuple[int, ...]:
-        """The UNet batch sizes of an edit: the edit pass, and the calibration pass if it runs."""
-        return (CALIBRATION.size, EDIT.size) if edit.needs_calibration else (EDIT.size,)
+    def edit_batches(edit: EditConfig, *, image: bool = False) -> tuple[int, ...]:
+        """The UNet batch sizes of an edit: the edit pass, the calibration pass if it runs, and
+        the inversion for an edit of a given image."""
+        passes = (CALIBRATION.size, EDIT.size) if edit.needs_calibration else (EDIT.size,)
+        return (INVERSION.size, *passes) if image else passes
+
+    @abstractmethod
+    def check_image_encoder(self) -> None:
+        """Before an edit of a given image, with no model work: the backend can encode images.
+
+        Raises:
+            AdapEditError: the model or engine folder has no VAE encoder.
+        """
+
+    @abstractmethod
+    def encode_image_one(self, image: torch.Tensor) -> torch.Tensor:
+        """VAE-encode one image [1, 3, H, W] in [-1, 1] → latent [1, 4, h, w] (the posterior
+        mean times the scaling factor, the sampler's scale)."""
 
     # -- building blocks ---------------------------------------------------------------------
 
@@ -255,6 +295,33 @@ class EditPipeline(ABC):
         scheduler.set_timesteps(sampler.steps)
         return len(scheduler.timesteps)
 
+    @torch.no_grad()
+    def invert(
+        self,
+        z0: torch.Tensor,
+        cond: torch.Tensor,
+        sampler: SamplerConfig,
+        *,
+        progress: bool = False,
+    ) -> torch.Tensor:
+        """DDIM inversion (:mod:`adapedit.inversion`) of a clean latent ``z0`` [1, 4, h, w] with
+        the text embedding ``cond`` [1, 77, D] at guidance 1, over the DDIM timesteps of
+        ``sampler``: one UNet call per step at batch 1 (:data:`~adapedit.layout.INVERSION`).
+
+        Returns:
+            The trajectory [N + 1, 4, h, w]: ``z0``, ``z*_{t_1}``, …, ``z*_{t_N}``.
+        """
+        scheduler = make_scheduler(INVERSION_SCHEDULER, self.scheduler_config)
+        scheduler.set_timesteps(sampler.steps)
+        timesteps, alphas = inversion_schedule(scheduler)  # [N + 1] each
+        emb = INVERSION.stack(None, {"source": cond})  # [1, 77, D]
+        z, out = z0, [z0]
+        for i in tqdm(range(len(timesteps) - 1), desc="invert", disable=not progress, leave=False):
+            eps = self.unet(z, timesteps[i], emb, None, i).to(z.dtype)  # ε_θ(z_{t_i}, t_i, c)
+            z = ddim_inversion_step(z, eps, alphas[i], alphas[i + 1])  # z_{t_{i+1}}
+            out.append(z)
+        return torch.cat(out)
+
     # -- public API --------------------------------------------------------------------------
 
     def generate(
@@ -286,18 +353,36 @@ class EditPipeline(ABC):
         edit: EditConfig = EditConfig(),
         sampler: SamplerConfig = SamplerConfig(),
         *,
+        image: str | Path | bytes | np.ndarray | InputImage | None = None,
+        image_config: ImageConfig = ImageConfig(),
         record_latents: bool = False,
         progress: bool = False,
         observe_step: int | None = None,
     ) -> EditResult:
         """Edit ``source`` into ``target``: calibration pass (if FWT or DPS is on), then the
         edit pass; returns both images, τ, attention maps and stage timings (and, if asked, the
-        latents after every step and the per-layer probabilities at one step)."""
+        latents after every step and the per-layer probabilities at one step).
+
+        With ``image`` (a path, encoded PNG/JPEG/WebP bytes, a uint8 array [H, W, 3]; see
+        :mod:`adapedit.image_io`) the source is that image, which ``source`` describes: it is
+        brought to the sampler's resolution by ``image_config.resize``, VAE-encoded and
+        DDIM-inverted (N conditional UNet calls at batch 1), and both passes start from the
+        inverted latent; ``image_config.inversion`` says how the source branch keeps to the
+        image (:class:`~adapedit.config.ImageConfig`). DDIM only. Every check on the image and
+        the backend's VAE encoder is made before any model work.
+        """
         t_start = time.perf_counter()
         plan = self.plan(source, target, edit)
         x0 = self.initial_latent(sampler)  # validates the resolution
         latent_hw = tuple(x0.shape[-2:])
-        self.prepare(edit, latent_hw, self.edit_batches(edit))
+        pixels = record = None
+        if image is not None:
+            check_sampler(sampler)
+            height, width = sampler.resolved(self.default_size)
+            pixels, fitted = fit_image(load_image(image), height, width, image_config.resize)
+            self.check_image_encoder()
+            record = {"inversion": image_config.inversion, **fitted}
+        self.prepare(edit, latent_hw, self.edit_batches(edit, image=image is not None))
         n = self.num_steps(sampler)
         timings: dict[str, float] = {}
         notes: list[str] = []
@@ -305,6 +390,14 @@ class EditPipeline(ABC):
         t = time.perf_counter()
         uncond, c_src, c_edt = self.encode(["", source, target]).split(1)
         timings["text"] = time.perf_counter() - t
+
+        trajectory = None
+        if pixels is not None:
+            t = time.perf_counter()
+            z0 = self.encode_image_one(from_uint8(pixels).to(self.device)).to(self.dtype)
+            trajectory = self.invert(z0, c_src, sampler, progress=progress)  # [N + 1, 4, h, w]
+            x0 = trajectory[-1:]
+            timings["inversion"] = time.perf_counter() - t
 
         t = time.perf_counter()
         keys = None
@@ -328,18 +421,22 @@ class EditPipeline(ABC):
         timings["calibration"] = time.perf_counter() - t
 
         t = time.perf_counter()
-        controller = EditController(plan, tau, keys, n, latent_hw)
+        inversion = image_config.inversion if trajectory is not None else None
+        controller = EditController(
+            plan, tau, keys, n, latent_hw, trajectory=trajectory if inversion == "direct" else None
+        )
         if observe_step is not None:
             controller = _Observer(controller, observe_step)
-        record: list[torch.Tensor] | None = [] if record_latents else None
+        steps: list[torch.Tensor] | None = [] if record_latents else None
+        own_uncond = {"source": c_src} if inversion == "npi" else None
         latents = self.denoise(
             torch.cat([x0, x0]),
-            EDIT.stack(uncond, {"source": c_src, "edit": c_edt}),
+            EDIT.stack(uncond, {"source": c_src, "edit": c_edt}, own_uncond),
             sampler,
             controller,
             desc="edit",
             progress=progress,
-            record=record,
+            record=steps,
         )
         timings["edit"] = time.perf_counter() - t
 
@@ -361,9 +458,12 @@ class EditPipeline(ABC):
             maps,
             labels,
             timings,
-            record or [],
+            steps or [],
             notes,
             controller.probs if observe_step is not None else {},
+            record,
+            pixels,
+            trajectory,
         )
 
 
@@ -418,3 +518,18 @@ class ReferencePipeline(EditPipeline):
     def decode_one(self, latent: torch.Tensor) -> torch.Tensor:
         vae = self.components.vae
         return vae.decode(latent / vae.config.scaling_factor).sample[0]
+
+    def check_image_encoder(self) -> None:
+        if not self.components.has_vae_encoder:
+            raise ModelError(
+                "the model's VAE has no encoder, so it cannot edit a given image",
+                where=f"model {self.name}: vae/",
+                expected="VAE weights with the encoder (encoder.*, quant_conv.*)",
+                got="a decoder-only VAE",
+            )
+
+    @torch.no_grad()
+    def encode_image_one(self, image: torch.Tensor) -> torch.Tensor:
+        vae = self.components.vae
+        x = image.to(self.device, self.dtype)
+        return vae.encode(x).latent_dist.mean * vae.config.scaling_factor

@@ -14,6 +14,14 @@ a dict of JSON values plus the two images as C-contiguous ``uint8`` arrays [H, W
     r["edited_image"]                        # numpy uint8 [H, W, 3]
     [(t["word"], t["tau"]) for t in r["tau"]], r["tau_self"], r["keywords"], r["timings_s"]
 
+An edit of a given image takes ``image`` — encoded PNG/JPEG/WebP bytes, the same as a base64
+string (JSON; a ``data:image/…;base64,`` URL too), or a uint8 array [H, W, 3] — and optionally
+``inversion`` (``direct`` | ``ddim`` | ``npi``) and ``resize`` (``crop`` | ``pad`` |
+``stretch``), see :class:`~adapedit.config.ImageConfig`; the result's ``image`` records how it
+was read and resized::
+
+    r = plain_edit(session, "a red circle", "a blue circle", image=open("in.png", "rb").read())
+
 Every error is an :class:`~adapedit.errors.AdapEditError`; bad options and prompts are
 :class:`~adapedit.errors.InputError` (``ConfigError``/``PromptError``), raised before any model
 work; an input error's ``field`` names the option or prompt it is about. A :class:`Validator`
@@ -23,15 +31,19 @@ server answers invalid requests at once with it).
 
 from __future__ import annotations
 
+import base64
+import binascii
 import threading
 from collections.abc import Callable, Mapping
-from dataclasses import fields
+from dataclasses import dataclass, fields
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from adapedit.config import EditConfig, SamplerConfig
-from adapedit.errors import ConfigError, EngineError
+from adapedit.config import EditConfig, ImageConfig, SamplerConfig
+from adapedit.errors import AdapEditError, ConfigError, EngineError
+from adapedit.image_io import InputImage, decode_image, load_image
+from adapedit.inversion import check_sampler
 from adapedit.models import load_tokenizer
 from adapedit.plan import build_plan
 
@@ -40,6 +52,8 @@ if TYPE_CHECKING:
     from adapedit.runtime.session import EditSession
 
 PROMPT_FIELDS = ("source", "target")
+#: The fields of an edit of a given image: the image and the fields of ImageConfig.
+IMAGE_FIELDS = ("image", *(f.name for f in fields(ImageConfig)))
 EDIT_FIELDS = tuple(f.name for f in fields(EditConfig))
 SAMPLER_FIELDS = tuple(f.name for f in fields(SamplerConfig))
 OPTION_FIELDS = EDIT_FIELDS + SAMPLER_FIELDS
@@ -122,16 +136,20 @@ def parse_options(
     return EditConfig(**edit), SamplerConfig(**sampler)
 
 
-def check_resolution(session: EditSession, edit: EditConfig, sampler: SamplerConfig) -> None:
-    """The sampler's resolution against the model and the engines' profile (no tokenizer: safe
-    beside an edit in progress).
+def check_resolution(
+    session: EditSession, edit: EditConfig, sampler: SamplerConfig, *, image: bool = False
+) -> None:
+    """The sampler's resolution and the UNet batch sizes (with the inversion's for an edit of
+    a given ``image``) against the model and the engines (no tokenizer: safe beside an edit in
+    progress).
 
     Raises:
         ConfigError: a height or width the model or the engine folder cannot run.
     """
     latent_hw = session.latent_hw(sampler)
     try:
-        session.prepare(edit, latent_hw, session.edit_batches(edit))  # checks the engines only
+        batches = session.edit_batches(edit, image=image)
+        session.prepare(edit, latent_hw, batches)  # EditSession.prepare checks the engines only
     except EngineError as e:  # the resolution asked for is the caller's input
         raise ConfigError(
             e.what, where=e.where, expected=e.expected, got=e.got, field=e.field
@@ -150,17 +168,33 @@ class Validator:
         self.tokenizer = load_tokenizer(session.folder / "tokenizer")
         self._lock = threading.Lock()
 
-    def __call__(self, source: str, target: str, edit: EditConfig, sampler: SamplerConfig) -> None:
-        """Check one edit.
+    def __call__(
+        self,
+        source: str,
+        target: str,
+        edit: EditConfig,
+        sampler: SamplerConfig,
+        image: InputImage | None = None,
+    ) -> None:
+        """Check one edit (of ``image``, already decoded, if given).
 
         Raises:
             PromptError: a prompt over 77 tokens, a word in neither prompt, replace prompts that
                 do not pair up.
-            ConfigError: a resolution the model or the engine folder cannot run.
+            ConfigError: a resolution the model or the engine folder cannot run; an image with
+                a scheduler other than DDIM or with an engine folder that has no VAE encoder.
         """
         with self._lock:
             build_plan(self.tokenizer, source, target, edit)
-        check_resolution(self.session, edit, sampler)
+        check_resolution(self.session, edit, sampler, image=image is not None)
+        if image is not None:
+            check_sampler(sampler)
+            try:
+                self.session.check_image_encoder()
+            except AdapEditError as e:  # the request asks what these engines cannot do
+                raise ConfigError(
+                    e.what, where=e.where, expected=e.expected, got=e.got, field="image"
+                ) from e
 
 
 def to_plain(result: EditResult, model: str) -> dict[str, Any]:
@@ -175,15 +209,122 @@ def to_plain(result: EditResult, model: str) -> dict[str, Any]:
     }
 
 
+@dataclass(frozen=True, eq=False)
+class EditRequest:
+    """One edit in plain terms, parsed: the prompts, the configurations and, for an edit of a
+    given image, the decoded image and how to take it in."""
+
+    source: str
+    target: str
+    edit: EditConfig
+    sampler: SamplerConfig
+    image: InputImage | None = None
+    image_config: ImageConfig = ImageConfig()
+
+
+def parse_image(value: Any, *, where: str = "edit request") -> InputImage:
+    """The ``image`` field: encoded PNG/JPEG/WebP bytes, the same as a base64 string (a
+    ``data:image/…;base64,`` URL too) or a uint8 array [H, W, 3], decoded.
+
+    Raises:
+        InputError: not base64, not an image, truncated, too large or too small (``field``
+            ``image``).
+    """
+    if isinstance(value, str):
+        text = value.partition(";base64,")[2] if value.startswith("data:") else value
+        try:
+            value = base64.b64decode(text, validate=True)
+        except (binascii.Error, ValueError) as e:
+            raise ConfigError(
+                "field 'image' is not base64",
+                where=where,
+                expected="a PNG, JPEG or WebP file, base64-encoded",
+                got=f"{len(text)} characters: {e}",
+                field="image",
+            ) from None
+    if not isinstance(value, (bytes, bytearray, memoryview, np.ndarray)):
+        raise ConfigError(
+            "field 'image' has the wrong type",
+            where=where,
+            expected="a base64 string, bytes or a uint8 array [H, W, 3]",
+            got=type(value).__name__,
+            field="image",
+        )
+    if isinstance(value, np.ndarray):
+        return load_image(value)
+    return decode_image(bytes(value), f"{where}: field 'image'")
+
+
+def parse_edit_request(request: Mapping[str, Any], *, where: str = "edit request") -> EditRequest:
+    """An :class:`EditRequest` from one mapping: the prompts ``source`` and ``target``
+    (required strings), ``image`` (:func:`parse_image`) with ``inversion`` and ``resize``
+    (strings; only with an image) and the options of :func:`parse_options`. The image is
+    decoded here, so a bad one is refused before any model work.
+
+    Raises:
+        InputError: a missing prompt, an option :func:`parse_options` refuses, a bad image, an
+            unknown inversion or resize policy, either of them without an image, an image with
+            a scheduler other than DDIM.
+    """
+    source, target = _prompts(request, where)
+    image_options = {}
+    for name in IMAGE_FIELDS[1:]:
+        if name not in request:
+            continue
+        value = request[name]
+        if not isinstance(value, str):
+            raise ConfigError(
+                f"field {name!r} has the wrong type",
+                where=where,
+                expected="a string",
+                got=f"{value!r} ({type(value).__name__})",
+                field=name,
+            )
+        if request.get("image") is None:
+            raise ConfigError(
+                f"field {name!r} is only for an edit of a given image",
+                where=where,
+                expected="an 'image' field beside it",
+                got="no image",
+                field=name,
+            )
+        image_options[name] = value
+    options = {k: v for k, v in request.items() if k not in PROMPT_FIELDS + IMAGE_FIELDS}
+    edit, sampler = parse_options(options, where=where)
+    image_config = ImageConfig(**image_options)
+    image = None
+    if request.get("image") is not None:
+        check_sampler(sampler, where)
+        image = parse_image(request["image"], where=where)
+    return EditRequest(source, target, edit, sampler, image, image_config)
+
+
 def parse_request(
     request: Mapping[str, Any], *, where: str = "edit request"
 ) -> tuple[str, str, EditConfig, SamplerConfig]:
-    """``(source, target, edit, sampler)`` from one mapping: the prompts ``source`` and
-    ``target`` (required strings) and the options of :func:`parse_options`.
+    """``(source, target, edit, sampler)`` from one mapping without an image: the prompts
+    ``source`` and ``target`` (required strings) and the options of :func:`parse_options`.
+    A caller that edits given images uses :func:`parse_edit_request`.
 
     Raises:
-        ConfigError: a missing prompt, or an option :func:`parse_options` refuses.
+        ConfigError: a missing prompt, an option :func:`parse_options` refuses, or an image
+            field (``field`` named), which this caller cannot pass on.
     """
+    image_fields = sorted(set(IMAGE_FIELDS) & set(request))
+    if image_fields:
+        raise ConfigError(
+            "this endpoint does not edit given images",
+            where=where,
+            expected="source, target and edit options",
+            got=f"field {image_fields[0]!r}",
+            field=image_fields[0],
+        )
+    source, target = _prompts(request, where)
+    options = {k: v for k, v in request.items() if k not in PROMPT_FIELDS}
+    return source, target, *parse_options(options, where=where)
+
+
+def _prompts(request: Mapping[str, Any], where: str) -> tuple[str, str]:
     prompts = []
     for name in PROMPT_FIELDS:
         value = request.get(name)
@@ -196,21 +337,23 @@ def parse_request(
                 field=name,
             )
         prompts.append(value)
-    options = {k: v for k, v in request.items() if k not in PROMPT_FIELDS}
-    return (*prompts, *parse_options(options, where=where))
+    return prompts[0], prompts[1]
 
 
 def plain_edit(session: EditSession, source: str, target: str, **options: Any) -> dict[str, Any]:
     """Edit ``source`` into ``target`` on ``session`` with plain options (see
-    :func:`parse_options`); returns :func:`to_plain` of the result. Serialised like
-    :meth:`EditSession.edit` (the prompts are checked inside it, before any model work).
+    :func:`parse_options`; ``image``, ``inversion`` and ``resize`` for an edit of a given
+    image, see :func:`parse_edit_request`); returns :func:`to_plain` of the result. Serialised
+    like :meth:`EditSession.edit` (the prompts are checked inside it, before any model work).
 
     Raises:
-        InputError: bad options or prompts, before any model work.
-        AdapEditError: an engine that fails while running.
+        InputError: bad options, prompts or image, before any model work.
+        AdapEditError: an engine folder without a VAE encoder for an image, an engine that
+            fails while running.
     """
-    source, target, edit, sampler = parse_request(
-        {"source": source, "target": target, **options}, where="plain_edit"
+    r = parse_edit_request({"source": source, "target": target, **options}, where="plain_edit")
+    check_resolution(session, r.edit, r.sampler, image=r.image is not None)
+    result = session.edit(
+        r.source, r.target, r.edit, r.sampler, image=r.image, image_config=r.image_config
     )
-    check_resolution(session, edit, sampler)
-    return to_plain(session.edit(source, target, edit, sampler), session.manifest.model)
+    return to_plain(result, session.manifest.model)

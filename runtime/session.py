@@ -15,7 +15,7 @@ from adapedit.engines.base import Runner
 from adapedit.engines.folder import load_engine_folder, make_runner
 from adapedit.engines.ort import OrtOptions
 from adapedit.engines.weights import WeightPool
-from adapedit.errors import EngineError
+from adapedit.errors import EngineError, ManifestError
 from adapedit.models import load_tokenizer
 from adapedit.pipeline import EditPipeline, EditResult, GenerationResult
 from adapedit.runtime.segmented import SegmentedUNet
@@ -26,7 +26,8 @@ ENGINE_DTYPES = {"fp32": torch.float32, "fp16": torch.float16}
 
 class EditSession(EditPipeline):
     """AdapEdit from an engine folder: text encoder, segmented UNet and VAE decoder engines, the
-    controller from ``adapedit`` applied between UNet segments.
+    controller from ``adapedit`` applied between UNet segments; the VAE encoder engine, created
+    by the first edit of a given image.
 
     Build once, call :meth:`edit` many times; calls from several threads are serialised (one
     edit at a time per session), so engine buffers are never shared between two edits. On a
@@ -77,6 +78,7 @@ class EditSession(EditPipeline):
         )
         self.text_encoder = self._runner(manifest.graphs["text_encoder"])
         self.vae_decoder = self._runner(manifest.graphs["vae_decoder"])
+        self.vae_encoder: Runner | None = None  # created by the first edit of an image
         self._unets: dict[int | None, SegmentedUNet] = {}
         self._lock = threading.RLock()
 
@@ -103,6 +105,7 @@ class EditSession(EditPipeline):
         return [
             self.text_encoder,
             self.vae_decoder,
+            *([self.vae_encoder] if self.vae_encoder is not None else []),
             *(r for u in self._unets.values() for r in u.runners),
         ]
 
@@ -169,6 +172,21 @@ class EditSession(EditPipeline):
     def decode_one(self, latent: torch.Tensor) -> torch.Tensor:
         out = self.vae_decoder.infer({"latent": latent.to(self.engine_dtype)})["image"]
         return out[0].clone()
+
+    def check_image_encoder(self) -> None:
+        if "vae_encoder" not in self.manifest.graphs:
+            raise ManifestError(
+                "the engine folder has no VAE encoder, so it cannot edit a given image",
+                where=str(self.folder),
+                expected="a vae_encoder graph (exported by 'adapedit export')",
+                got=f"graphs {sorted(self.manifest.graphs)}",
+            )
+
+    def encode_image_one(self, image: torch.Tensor) -> torch.Tensor:
+        if self.vae_encoder is None:
+            self.vae_encoder = self._runner(self.manifest.graphs["vae_encoder"])
+        out = self.vae_encoder.infer({"image": image.to(self.device, self.engine_dtype)})
+        return out["latent"].to(self.dtype, copy=True)
 
     def on_stream(self):
         """The session's stream as the current one (a no-op on the CPU)."""
