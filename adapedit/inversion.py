@@ -16,19 +16,41 @@ step lands on (``final_alpha_cumprod``); ``ᾱ_i`` short for ``ᾱ_{t_i}``.
   source branch's unconditional embedding is the source prompt's), so nothing of it is here.
 
 The inversion equation is DDIM's: images are refused with any other scheduler
-(:func:`check_sampler`).
+(:func:`check_sampler`). The UNet may predict ε or v (the model's ``prediction_type``);
+:func:`to_epsilon` turns either into ε.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from typing import Any
+
 import torch
 
 from adapedit.config import SamplerConfig
-from adapedit.errors import ConfigError
+from adapedit.errors import ConfigError, ModelError
 from adapedit.layout import BatchLayout
 
 #: The scheduler the inversion equation belongs to.
 INVERSION_SCHEDULER = "ddim"
+#: The UNet outputs the inversion can turn into ε.
+PREDICTION_TYPES = ("epsilon", "v_prediction")
+
+
+def check_model(scheduler_config: Mapping[str, Any], model: str) -> None:
+    """Refuse a model whose UNet output :func:`to_epsilon` cannot read.
+
+    Raises:
+        ModelError: a prediction type other than ε or v.
+    """
+    kind = scheduler_config.get("prediction_type", "epsilon")
+    if kind not in PREDICTION_TYPES:
+        raise ModelError(
+            "the model's prediction type cannot be inverted",
+            where=f"model {model}: scheduler config (prediction_type)",
+            expected=" | ".join(PREDICTION_TYPES),
+            got=kind,
+        )
 
 
 def check_sampler(sampler: SamplerConfig, where: str = "image edit") -> None:
@@ -61,6 +83,21 @@ def inversion_schedule(scheduler) -> tuple[torch.Tensor, torch.Tensor]:
     final = torch.as_tensor(scheduler.final_alpha_cumprod, dtype=torch.float32).reshape(1)
     alphas = torch.cat([final, scheduler.alphas_cumprod[ts].float()])  # [N + 1]
     return timesteps, alphas
+
+
+def to_epsilon(
+    output: torch.Tensor, z: torch.Tensor, alpha: torch.Tensor, prediction_type: str
+) -> torch.Tensor:
+    """The noise prediction ε [B, C, h, w] from a UNet ``output`` [B, C, h, w] at latents ``z``
+    [B, C, h, w] with ``alpha`` = ``ᾱ_t`` (0-dim): the output itself for ``epsilon``,
+    ``√ᾱ·v + √(1−ᾱ)·z`` for ``v_prediction`` (as diffusers' DDIM step reads it).
+
+    (:func:`check_model` refuses other types before any model work.)
+    """
+    if prediction_type == "v_prediction":
+        alpha = alpha.to(z)
+        return alpha.sqrt() * output + (1 - alpha).sqrt() * z
+    return output
 
 
 def ddim_inversion_step(

@@ -22,9 +22,11 @@ from adapedit.fwt import TauPlan, fixed_tau
 from adapedit.image_io import InputImage, fit_image, load_image
 from adapedit.inversion import (
     INVERSION_SCHEDULER,
+    check_model,
     check_sampler,
     ddim_inversion_step,
     inversion_schedule,
+    to_epsilon,
 )
 from adapedit.layout import CALIBRATION, EDIT, GENERATION, INVERSION
 from adapedit.models import Components, latent_size, load_model, make_scheduler
@@ -314,10 +316,12 @@ class EditPipeline(ABC):
         scheduler = make_scheduler(INVERSION_SCHEDULER, self.scheduler_config)
         scheduler.set_timesteps(sampler.steps)
         timesteps, alphas = inversion_schedule(scheduler)  # [N + 1] each
+        kind = scheduler.config.prediction_type
         emb = INVERSION.stack(None, {"source": cond})  # [1, 77, D]
         z, out = z0, [z0]
         for i in tqdm(range(len(timesteps) - 1), desc="invert", disable=not progress, leave=False):
-            eps = self.unet(z, timesteps[i], emb, None, i).to(z.dtype)  # ε_θ(z_{t_i}, t_i, c)
+            output = self.unet(z, timesteps[i], emb, None, i).to(z.dtype)
+            eps = to_epsilon(output, z, alphas[i], kind)  # ε_θ(z_{t_i}, t_i, c)
             z = ddim_inversion_step(z, eps, alphas[i], alphas[i + 1])  # z_{t_{i+1}}
             out.append(z)
         return torch.cat(out)
@@ -378,6 +382,7 @@ class EditPipeline(ABC):
         pixels = record = None
         if image is not None:
             check_sampler(sampler)
+            check_model(self.scheduler_config, self.name)
             height, width = sampler.resolved(self.default_size)
             pixels, fitted = fit_image(load_image(image), height, width, image_config.resize)
             self.check_image_encoder()

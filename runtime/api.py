@@ -43,7 +43,7 @@ import numpy as np
 from adapedit.config import EditConfig, ImageConfig, SamplerConfig
 from adapedit.errors import AdapEditError, ConfigError, EngineError
 from adapedit.image_io import InputImage, decode_image, load_image
-from adapedit.inversion import check_sampler
+from adapedit.inversion import check_model, check_sampler
 from adapedit.models import load_tokenizer
 from adapedit.plan import build_plan
 
@@ -182,7 +182,8 @@ class Validator:
             PromptError: a prompt over 77 tokens, a word in neither prompt, replace prompts that
                 do not pair up.
             ConfigError: a resolution the model or the engine folder cannot run; an image with
-                a scheduler other than DDIM or with an engine folder that has no VAE encoder.
+                a scheduler other than DDIM, or for engines that cannot edit images (no VAE
+                encoder, a prediction type the inversion cannot read).
         """
         with self._lock:
             build_plan(self.tokenizer, source, target, edit)
@@ -190,6 +191,7 @@ class Validator:
         if image is not None:
             check_sampler(sampler)
             try:
+                check_model(self.session.scheduler_config, self.session.name)
                 self.session.check_image_encoder()
             except AdapEditError as e:  # the request asks what these engines cannot do
                 raise ConfigError(
@@ -294,7 +296,7 @@ def parse_edit_request(request: Mapping[str, Any], *, where: str = "edit request
     image_config = ImageConfig(**image_options)
     image = None
     if request.get("image") is not None:
-        check_sampler(sampler, where)
+        check_sampler(sampler, where=where)
         image = parse_image(request["image"], where=where)
     return EditRequest(source, target, edit, sampler, image, image_config)
 

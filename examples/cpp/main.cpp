@@ -1,9 +1,11 @@
-// adapedit_cpp ENGINE_DIR SOURCE TARGET OUT_DIR [STEPS] [SEED]
+// adapedit_cpp ENGINE_DIR SOURCE TARGET OUT_DIR [STEPS] [SEED] [--image PATH [--inversion NAME]]
 //
 // Embeds the adapedit runtime in a C++ program through pybind11's embedded interpreter: loads an
 // engine folder ("adapedit build") once, runs one edit, receives both images as uint8 buffers
 // (the Python buffer protocol, copied into C++ memory) and writes OUT_DIR/source.png and
-// OUT_DIR/edited.png with a small PNG writer of its own.
+// OUT_DIR/edited.png with a small PNG writer of its own. With --image the edit starts from that
+// PNG, JPEG or WebP file (SOURCE describes it): its bytes are read in C++ and handed over as
+// Python bytes; --inversion picks direct (default), ddim or npi.
 //
 // A Python exception becomes an adapedit::Error (a std::runtime_error) whose message is the
 // Python class name and the exception's message, unchanged. Exit codes: 0 done, 1 a failure,
@@ -24,6 +26,8 @@
 #include <filesystem>
 #include <fstream>
 #include <iostream>
+#include <iterator>
+#include <optional>
 #include <stdexcept>
 #include <string>
 #include <utility>
@@ -119,12 +123,18 @@ public:
         });
     }
 
+    // image: the encoded file's bytes (none: a generated source); inversion: empty for the
+    // default.
     Result edit(const std::string &source, const std::string &target, long long steps,
-                long long seed) {
+                long long seed, const std::optional<std::string> &image = std::nullopt,
+                const std::string &inversion = {}) {
         return translated([&] {
-            using namespace py::literals;
-            py::dict r = api_.attr("plain_edit")(session_, source, target, "steps"_a = steps,
-                                                 "seed"_a = seed);
+            py::dict options;
+            options["steps"] = steps;
+            options["seed"] = seed;
+            if (image) options["image"] = py::bytes(*image);
+            if (!inversion.empty()) options["inversion"] = inversion;
+            py::dict r = api_.attr("plain_edit")(session_, source, target, **options);
             Result out;
             out.source = to_image(r["source_image"], "source_image");
             out.edited = to_image(r["edited_image"], "edited_image");
@@ -238,6 +248,17 @@ PyConfig python_config() {
 
 namespace {
 
+// A whole file's bytes, or std::invalid_argument naming it.
+std::string read_file(const std::string &path) {
+    std::ifstream f(path, std::ios::binary);
+    if (!f || std::filesystem::is_directory(path)) {
+        throw std::invalid_argument("cannot read the image file '" + path + "'");
+    }
+    std::string data((std::istreambuf_iterator<char>(f)), std::istreambuf_iterator<char>());
+    if (f.bad()) throw std::invalid_argument("cannot read the image file '" + path + "'");
+    return data;
+}
+
 // A whole-string integer argument, or std::invalid_argument.
 long long integer(const char *text, const char *name) {
     std::size_t used = 0;
@@ -256,26 +277,42 @@ long long integer(const char *text, const char *name) {
 }  // namespace
 
 int main(int argc, char **argv) {
-    if (argc < 5 || argc > 7) {
-        std::cerr << "usage: " << argv[0] << " ENGINE_DIR SOURCE TARGET OUT_DIR [STEPS] [SEED]\n";
+    std::vector<std::string> args;  // the positional arguments
+    std::string image_path, inversion;
+    bool usage = false;
+    for (int i = 1; i < argc; ++i) {
+        const std::string a = argv[i];
+        if (a == "--image" || a == "--inversion") {
+            if (i + 1 == argc) usage = true;
+            else (a == "--image" ? image_path : inversion) = argv[++i];
+        } else {
+            args.push_back(a);
+        }
+    }
+    if (usage || args.size() < 4 || args.size() > 6 || (!inversion.empty() && image_path.empty())) {
+        std::cerr << "usage: " << argv[0]
+                  << " ENGINE_DIR SOURCE TARGET OUT_DIR [STEPS] [SEED] [--image PATH "
+                     "[--inversion direct|ddim|npi]]\n";
         return 2;
     }
     long long steps = 50, seed = 0;
+    std::optional<std::string> image;
     try {
-        if (argc > 5) steps = integer(argv[5], "STEPS");
-        if (argc > 6) seed = integer(argv[6], "SEED");
+        if (args.size() > 4) steps = integer(args[4].c_str(), "STEPS");
+        if (args.size() > 5) seed = integer(args[5].c_str(), "SEED");
+        if (!image_path.empty()) image = read_file(image_path);
     } catch (const std::invalid_argument &e) {
         std::cerr << "adapedit_cpp: error: " << e.what() << '\n';
         return 2;
     }
-    const std::filesystem::path out_dir = argv[4];
+    const std::filesystem::path out_dir = args[3];
     try {
         adapedit::Result r;
         {
             PyConfig config = adapedit::python_config();
             py::scoped_interpreter python(&config, 0, nullptr, false);
-            adapedit::Session session(argv[1]);
-            r = session.edit(argv[2], argv[3], steps, seed);
+            adapedit::Session session(args[0]);
+            r = session.edit(args[1], args[2], steps, seed, image, inversion);
         }  // every Python object is gone before the interpreter ends
 
         std::filesystem::create_directories(out_dir);

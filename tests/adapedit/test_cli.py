@@ -167,3 +167,94 @@ def test_demo_writes_both_edits_and_a_parity_summary(tmp_path, capsys, monkeypat
     assert doc["parity"]["latents_max_abs"] <= 1e-4
     assert doc["parity"]["psnr_edited_db"] >= 50
     assert "Parity" in (out / "demo.md").read_text() and "Parity" in capsys.readouterr().out
+
+
+def _png(pixels) -> bytes:
+    import io
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(pixels).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+@pytest.fixture()
+def images(tmp_path):
+    """Image files for ``--image``: a good one, and one of each kind of bad one."""
+    import struct
+    import zlib
+
+    from adapedit.shapes.world import Scene, render
+
+    good = _png(render(Scene("circle", "red", "big", "left"), seed=0, size=128))
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        body = kind + data
+        return struct.pack(">I", len(data)) + body + struct.pack(">I", zlib.crc32(body))
+
+    header = struct.pack(">IIBBBBB", 10**5, 10**5, 8, 2, 0, 0, 0)  # 10¹⁰ pixels declared
+    bomb = b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\0"))
+    files = {
+        "good.png": good,
+        "text.png": b"just some text",
+        "cut.png": good[: len(good) // 2],
+        "bomb.png": bomb,
+        "small.png": _png(render(Scene("circle", "red", "big", "left"), seed=0, size=48)),
+    }
+    for name, data in files.items():
+        (tmp_path / name).write_bytes(data)
+    return tmp_path
+
+
+IMG_SRC, IMG_TGT = "a big red circle on the left", "a big blue circle on the left"
+
+
+def test_edit_of_a_given_image_writes_it_at_the_models_size_and_records_it(images):
+    out = images / "o"
+    args = ["edit", IMG_SRC, IMG_TGT, "--image", str(images / "good.png"), "--inversion", "npi"]
+    assert main([*args, "--resize", "pad", "--steps", "2", "--quiet", "--out", str(out)]) == 0
+    assert sorted(p.name for p in out.iterdir()) == [
+        "attention.png",
+        "edited.png",
+        "input.png",
+        "result.json",
+        "source.png",
+    ]
+    doc = json.loads((out / "result.json").read_text())
+    assert doc["image"]["inversion"] == "npi" and doc["image"]["resize"] == "pad"
+    assert doc["image"]["format"] == "PNG" and doc["image"]["out_size"] == [128, 128]
+    assert "inversion" in doc["timings_s"]
+
+
+@pytest.mark.filterwarnings("ignore::PIL.Image.DecompressionBombWarning")
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--image", "text.png"], "not an image Pillow can read"),
+        (["--image", "cut.png"], "the image is truncated or corrupt"),
+        (["--image", "bomb.png"], "decompression bomb"),
+        (["--image", "small.png"], "the image is too small"),
+        (["--image", "missing.png"], "cannot read the image file"),
+        (["--image", "."], "cannot read the image file"),
+        (["--image", "good.png", "--inversion", "null-text"], "unknown inversion"),
+        (["--image", "good.png", "--resize", "zoom"], "unknown resize"),
+        (["--image", "good.png", "--scheduler", "pndm"], "needs the DDIM scheduler"),
+        (["--inversion", "ddim"], "--inversion is only for an edit of a given image"),
+    ],
+)
+def test_bad_image_input_is_a_clear_error_with_no_output(
+    images, capsys, monkeypatch, tiny_pipeline, args, message
+):
+    def no_model_work(*a, **k):
+        raise AssertionError("model work before the input was checked")
+
+    monkeypatch.setattr(tiny_pipeline, "unet", no_model_work)
+    monkeypatch.chdir(images)
+    out = images / "o"
+    assert (
+        main(["edit", IMG_SRC, IMG_TGT, *args, "--steps", "2", "--quiet", "--out", str(out)]) == 2
+    )
+    err = capsys.readouterr().err
+    assert message in err and "where: " in err and "got: " in err
+    assert not out.exists()

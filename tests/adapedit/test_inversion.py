@@ -10,13 +10,15 @@ import torch
 
 from adapedit.config import EditConfig, ImageConfig, SamplerConfig
 from adapedit.controller import EditController
-from adapedit.errors import ConfigError
+from adapedit.errors import ConfigError, ModelError
 from adapedit.fwt import fixed_tau
 from adapedit.inversion import (
+    check_model,
     check_sampler,
     ddim_inversion_step,
     inversion_schedule,
     on_trajectory,
+    to_epsilon,
 )
 from adapedit.layout import EDIT, INVERSION, BatchLayout
 from adapedit.models import SD_SCHEDULER_CONFIG, make_scheduler
@@ -60,6 +62,33 @@ def test_a_ddim_sampler_step_undoes_an_inversion_step_with_the_same_noise():
         back = scheduler.step(eps, timesteps[i + 1], z_next).prev_sample
         assert torch.allclose(back, z, atol=1e-5), i
         z = z_next
+
+
+def test_v_prediction_reads_as_epsilon_and_inverts_a_trailing_schedule():
+    gen = torch.Generator().manual_seed(1)
+    x0, eps = torch.randn(2, 1, 4, 2, 2, generator=gen)
+    a = torch.tensor(0.3)
+    z = a.sqrt() * x0 + (1 - a).sqrt() * eps
+    v = a.sqrt() * eps - (1 - a).sqrt() * x0
+    assert torch.allclose(to_epsilon(v, z, a, "v_prediction"), eps, atol=1e-6)
+    assert to_epsilon(v, z, a, "epsilon") is v
+    # the v2 shapes model's kind of schedule: v-prediction, trailing timesteps
+    config = {**SD_SCHEDULER_CONFIG, "prediction_type": "v_prediction"}
+    scheduler = make_scheduler("ddim", {**config, "timestep_spacing": "trailing"})
+    scheduler.set_timesteps(4)
+    timesteps, alphas = inversion_schedule(scheduler)
+    assert timesteps.tolist() == [0, 249, 499, 749, 999]
+    for i in range(4):  # the sampler's v at z_{t_{i+1}} that reads as the same ε steps back
+        z_next = ddim_inversion_step(z, eps, alphas[i], alphas[i + 1])
+        a_next = alphas[i + 1]
+        v_next = (eps - (1 - a_next).sqrt() * z_next) / a_next.sqrt()
+        back = scheduler.step(v_next, timesteps[i + 1], z_next).prev_sample
+        assert torch.allclose(back, z, atol=1e-4), i
+        z = z_next
+    check_model(config, "m")
+    with pytest.raises(ModelError, match="prediction type cannot be inverted") as e:
+        check_model({"prediction_type": "sample"}, "m")
+    assert "model m" in e.value.where
 
 
 def test_on_trajectory_replaces_the_source_latent_only():

@@ -72,3 +72,34 @@ def test_cpp_turns_a_python_error_into_a_message_and_exit_code(program, tiny_eng
     assert p.returncode == 1 and "ManifestError: not an engine folder" in p.stderr
     p = run(program, tiny_engines, SRC, TGT, tmp_path / "out", "two")
     assert p.returncode == 2 and "STEPS must be an integer, got 'two'" in p.stderr
+
+
+def test_cpp_edits_an_image_file_like_the_python_api(program, tiny_engines, tiny_session, tmp_path):
+    from adapedit.shapes.world import Scene, render
+
+    src, tgt = "a big red circle on the left", "a big blue circle on the left"
+    image = tmp_path / "in.png"
+    Image.fromarray(render(Scene("circle", "red", "big", "left"), 0, 128)).save(image)
+    out = tmp_path / "out"
+    p = run(program, tiny_engines, src, tgt, out, 2, 5, "--image", image, "--inversion", "npi")
+    assert p.returncode == 0, p.stderr
+    assert "128×128 px" in p.stdout
+    ref = plain_edit(
+        tiny_session, src, tgt, steps=2, seed=5, image=image.read_bytes(), inversion="npi"
+    )
+    for name in ("source", "edited"):
+        with Image.open(out / f"{name}.png") as im:
+            assert np.array_equal(np.asarray(im), ref[f"{name}_image"]), name
+
+
+def test_cpp_refuses_a_bad_image_with_exit_2_and_writes_nothing(program, tiny_engines, tmp_path):
+    (tmp_path / "notes.png").write_text("not an image")
+    out = tmp_path / "out"
+    p = run(program, tiny_engines, SRC, TGT, out, 2, "--image", tmp_path / "notes.png")
+    assert p.returncode == 2
+    assert "InputError: not an image Pillow can read | where: plain_edit: field 'image'" in p.stderr
+    p = run(program, tiny_engines, SRC, TGT, out, 2, "--image", tmp_path / "missing.png")
+    assert p.returncode == 2 and "cannot read the image file" in p.stderr
+    p = run(program, tiny_engines, SRC, TGT, out, "--inversion", "ddim")
+    assert p.returncode == 2 and "usage:" in p.stderr
+    assert not out.exists()
