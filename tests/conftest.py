@@ -87,3 +87,20 @@ def tiny_static_session(tiny_static_export, tmp_path_factory):
     out = tmp_path_factory.mktemp("engines") / "tiny-static-ort"
     build_engines(tiny_static_export[0], out, backend="ort", progress=False)
     return EditSession(out)
+
+
+@pytest.fixture(scope="session")
+def photo():
+    """``photo(size)``: an image no model made, uint8 [size, size, 3] — a big red disc on the
+    left of a light grey background (what "a big red circle on the left" says in the shapes
+    world), drawn with Pillow."""
+    import numpy as np
+    from PIL import Image, ImageDraw
+
+    def draw(size: int) -> np.ndarray:
+        img = Image.new("RGB", (4 * size, 4 * size), (232, 232, 228))
+        r, cx, cy = 0.8 * size, size, 2 * size  # radius 1/5 of the side, at (1/4, 1/2)
+        ImageDraw.Draw(img).ellipse((cx - r, cy - r, cx + r, cy + r), fill=(220, 40, 40))
+        return np.asarray(img.resize((size, size), Image.Resampling.BOX))
+
+    return draw

@@ -180,14 +180,12 @@ def _png(pixels) -> bytes:
 
 
 @pytest.fixture()
-def images(tmp_path):
+def images(tmp_path, photo):
     """Image files for ``--image``: a good one, and one of each kind of bad one."""
     import struct
     import zlib
 
-    from adapedit.shapes.world import Scene, render
-
-    good = _png(render(Scene("circle", "red", "big", "left"), seed=0, size=128))
+    good = _png(photo(128))
 
     def chunk(kind: bytes, data: bytes) -> bytes:
         body = kind + data
@@ -200,7 +198,7 @@ def images(tmp_path):
         "text.png": b"just some text",
         "cut.png": good[: len(good) // 2],
         "bomb.png": bomb,
-        "small.png": _png(render(Scene("circle", "red", "big", "left"), seed=0, size=48)),
+        "small.png": _png(photo(48)),
     }
     for name, data in files.items():
         (tmp_path / name).write_bytes(data)

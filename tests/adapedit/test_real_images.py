@@ -17,28 +17,33 @@ from adapedit.errors import ConfigError, InputError, ModelError
 from adapedit.layout import GENERATION
 from adapedit.models import load_folder
 from adapedit.pipeline import ReferencePipeline, from_uint8
-from adapedit.shapes.world import Scene, render
 
 SRC, TGT = "a big red circle on the left", "a big blue circle on the left"
 SAMPLER = SamplerConfig(steps=4, seed=1)
 CFG = EditConfig(alpha_m=0.0)
-IMAGE = render(Scene("circle", "red", "big", "left"), seed=0, size=128)  # the tiny model's size
-
-
-def edit_image(pipe, inversion: str, **kw):
-    return pipe.edit(
-        SRC, TGT, CFG, SAMPLER, image=IMAGE, image_config=ImageConfig(inversion=inversion), **kw
-    )
 
 
 @pytest.fixture(scope="module")
-def runs(tiny_pipeline):
-    return {inv: edit_image(tiny_pipeline, inv, record_latents=True) for inv in ("direct", "ddim")}
+def image(photo):
+    return photo(128)  # the tiny model's size
 
 
-def test_direct_keeps_the_source_branch_on_the_inversion_trajectory(tiny_pipeline, runs):
+def edit_image(pipe, image, inversion: str, **kw):
+    cfg = ImageConfig(inversion=inversion)
+    return pipe.edit(SRC, TGT, CFG, SAMPLER, image=image, image_config=cfg, **kw)
+
+
+@pytest.fixture(scope="module")
+def runs(tiny_pipeline, image):
+    return {
+        inv: edit_image(tiny_pipeline, image, inv, record_latents=True)
+        for inv in ("direct", "ddim")
+    }
+
+
+def test_direct_keeps_the_source_branch_on_the_inversion_trajectory(tiny_pipeline, runs, image):
     r = runs["direct"]
-    z0 = tiny_pipeline.encode_image_one(from_uint8(IMAGE))  # [1, 4, 16, 16]
+    z0 = tiny_pipeline.encode_image_one(from_uint8(image))  # [1, 4, 16, 16]
     assert r.trajectory.shape == (SAMPLER.steps + 1, 4, 16, 16)
     assert torch.equal(r.trajectory[0], z0[0])
     for k, latents in enumerate(r.latents):  # the edit pass's step k lands on t_{N-1-k}
@@ -55,8 +60,10 @@ def test_plain_ddim_drifts_from_the_encoded_latent(runs):
     assert (r.latents[-1][0] - r.trajectory[0]).abs().max() > 1e-3
 
 
-def test_npi_source_branch_is_the_conditional_sampling_from_the_inverted_latent(tiny_pipeline):
-    r = edit_image(tiny_pipeline, "npi", record_latents=True)
+def test_npi_source_branch_is_the_conditional_sampling_from_the_inverted_latent(
+    tiny_pipeline, image
+):
+    r = edit_image(tiny_pipeline, image, "npi", record_latents=True)
     c_src = tiny_pipeline.encode([SRC])
     record: list[torch.Tensor] = []
     tiny_pipeline.denoise(
@@ -66,7 +73,7 @@ def test_npi_source_branch_is_the_conditional_sampling_from_the_inverted_latent(
         assert torch.equal(a[0], b[0])
 
 
-def test_inversion_adds_one_batch_one_call_per_step(tiny_pipeline, monkeypatch):
+def test_inversion_adds_one_batch_one_call_per_step(tiny_pipeline, image, monkeypatch):
     batches: list[int] = []
     unet = tiny_pipeline.unet
 
@@ -75,7 +82,7 @@ def test_inversion_adds_one_batch_one_call_per_step(tiny_pipeline, monkeypatch):
         return unet(x, *args)
 
     monkeypatch.setattr(tiny_pipeline, "unet", counting)
-    edit_image(tiny_pipeline, "direct")
+    edit_image(tiny_pipeline, image, "direct")
     n = SAMPLER.steps
     assert batches == [1] * n + [2] * n + [4] * n
     batches.clear()
@@ -83,7 +90,7 @@ def test_inversion_adds_one_batch_one_call_per_step(tiny_pipeline, monkeypatch):
     assert batches == [2] * n + [4] * n
 
 
-def test_the_result_records_the_image_and_the_inversion(runs):
+def test_the_result_records_the_image_and_the_inversion(runs, image):
     r = runs["direct"]
     doc = r.to_json("tiny")
     assert doc["image"] == {
@@ -98,14 +105,12 @@ def test_the_result_records_the_image_and_the_inversion(runs):
         "box": [0, 0, 128, 128],
         "out_size": [128, 128],
     }
-    assert np.array_equal(r.input_image, IMAGE)
+    assert np.array_equal(r.input_image, image)
     assert set(r.timings) == {"text", "inversion", "calibration", "edit", "decode", "total"}
 
 
-def test_an_encoded_photo_of_another_size_is_resized_and_recorded(tiny_pipeline):
-    wide = Image.fromarray(render(Scene("square", "blue", "big", "centre"), 0, 256)).crop(
-        (0, 64, 256, 192)
-    )  # 256 × 128
+def test_an_encoded_photo_of_another_size_is_resized_and_recorded(tiny_pipeline, photo):
+    wide = Image.fromarray(photo(256)).crop((0, 64, 256, 192))  # 256 × 128
     buf = io.BytesIO()
     wide.save(buf, format="JPEG")
     r = tiny_pipeline.edit(
@@ -135,24 +140,20 @@ def no_model_work(tiny_pipeline, monkeypatch):
     ("kwargs", "error", "field", "match"),
     [
         ({"image": b"not an image"}, InputError, "image", "not an image Pillow can read"),
-        ({"image": IMAGE[:60]}, InputError, "image", "too small"),
+        ({"image": lambda im: im[:60]}, InputError, "image", "too small"),
         ({"image": "/no/such/image.png"}, InputError, "image", "cannot read the image file"),
-        (
-            {"image": IMAGE, "sampler": SamplerConfig(scheduler="pndm")},
-            ConfigError,
-            "scheduler",
-            "DDIM",
-        ),
+        ({"sampler": SamplerConfig(scheduler="pndm")}, ConfigError, "scheduler", "DDIM"),
     ],
 )
-def test_bad_input_is_refused_before_model_work(no_model_work, kwargs, error, field, match):
-    sampler = kwargs.pop("sampler", SAMPLER)
+def test_bad_input_is_refused_before_model_work(no_model_work, image, kwargs, error, field, match):
+    sampler = kwargs.get("sampler", SAMPLER)
+    bad = kwargs.get("image", image)
     with pytest.raises(error, match=match) as e:
-        no_model_work.edit(SRC, TGT, CFG, sampler, **kwargs)
+        no_model_work.edit(SRC, TGT, CFG, sampler, image=bad(image) if callable(bad) else bad)
     assert e.value.field == field
 
 
-def test_a_model_folder_without_a_vae_encoder_cannot_edit_images(tiny_components, tmp_path):
+def test_a_model_folder_without_a_vae_encoder_cannot_edit_images(tiny_components, tmp_path, image):
     tiny_components.save(tmp_path / "m")
     weights = tmp_path / "m" / "vae" / "diffusion_pytorch_model.safetensors"
     state = load_file(weights)
@@ -163,6 +164,6 @@ def test_a_model_folder_without_a_vae_encoder_cannot_edit_images(tiny_components
     assert tiny_components.has_vae_encoder and not components.has_vae_encoder
     pipe = ReferencePipeline(components)
     with pytest.raises(ModelError, match="VAE has no encoder") as e:
-        pipe.edit(SRC, TGT, CFG, SAMPLER, image=IMAGE)
+        pipe.edit(SRC, TGT, CFG, SAMPLER, image=image)
     assert "vae/" in e.value.where
     assert pipe.edit(SRC, TGT, CFG, SamplerConfig(steps=1)).edited_image.shape == (128, 128, 3)

@@ -74,12 +74,12 @@ def test_cpp_turns_a_python_error_into_a_message_and_exit_code(program, tiny_eng
     assert p.returncode == 2 and "STEPS must be an integer, got 'two'" in p.stderr
 
 
-def test_cpp_edits_an_image_file_like_the_python_api(program, tiny_engines, tiny_session, tmp_path):
-    from adapedit.shapes.world import Scene, render
-
+def test_cpp_edits_an_image_file_like_the_python_api(
+    program, tiny_engines, tiny_session, tmp_path, photo
+):
     src, tgt = "a big red circle on the left", "a big blue circle on the left"
     image = tmp_path / "in.png"
-    Image.fromarray(render(Scene("circle", "red", "big", "left"), 0, 128)).save(image)
+    Image.fromarray(photo(128)).save(image)
     out = tmp_path / "out"
     p = run(program, tiny_engines, src, tgt, out, 2, 5, "--image", image, "--inversion", "npi")
     assert p.returncode == 0, p.stderr

@@ -23,12 +23,18 @@ from adapedit.parity import compare_edits
 from adapedit.pipeline import from_uint8
 from adapedit.runtime.api import Validator, parse_edit_request, parse_request, plain_edit
 from adapedit.runtime.session import EditSession
-from adapedit.shapes.world import Scene, render
 
 SRC, TGT = "a big red circle on the left", "a big blue circle on the left"
 SAMPLER = SamplerConfig(steps=4, seed=2)
 CFG = EditConfig(alpha_m=0.0)
-IMAGE = render(Scene("circle", "red", "big", "left"), seed=1, size=128)
+
+
+IMG, SMALL = "<the image>", "<the image cut to 40 rows, as base64 PNG>"  # stand-ins
+
+
+@pytest.fixture(scope="module")
+def image(photo):
+    return photo(128)  # the tiny model's size
 
 
 def png(pixels: np.ndarray) -> bytes:
@@ -37,15 +43,15 @@ def png(pixels: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
-def test_the_encoder_engine_matches_the_reference(tiny_pipeline, tiny_session):
-    x = from_uint8(IMAGE)  # [1, 3, 128, 128]
+def test_the_encoder_engine_matches_the_reference(tiny_pipeline, tiny_session, image):
+    x = from_uint8(image)  # [1, 3, 128, 128]
     z_ref, z_run = tiny_pipeline.encode_image_one(x), tiny_session.encode_image_one(x)
     assert z_run.shape == (1, 4, 16, 16)
     assert (z_run - z_ref).abs().max() <= 1e-4
 
 
 @pytest.mark.parametrize("inversion", ["direct", "ddim", "npi"])
-def test_runtime_matches_the_reference(tiny_pipeline, tiny_session, inversion, monkeypatch):
+def test_runtime_matches_the_reference(tiny_pipeline, tiny_session, image, inversion, monkeypatch):
     # Both from the reference's encoding: the tiny model's random weights amplify the encoders'
     # ~1e-5 difference about 40 times over a 4-step inversion (its own Jacobian: the reference
     # inverting both encodings differs as much), and its edit pass from the inverted latent
@@ -53,7 +59,7 @@ def test_runtime_matches_the_reference(tiny_pipeline, tiny_session, inversion, m
     # trained shapes model is held to 1e-4 absolute end to end (tests/shapes/).
     monkeypatch.setattr(tiny_session, "encode_image_one", tiny_pipeline.encode_image_one)
     cfg = ImageConfig(inversion=inversion)
-    kw = {"image": IMAGE, "image_config": cfg, "record_latents": True}
+    kw = {"image": image, "image_config": cfg, "record_latents": True}
     ref = tiny_pipeline.edit(SRC, TGT, CFG, SAMPLER, **kw)
     run = tiny_session.edit(SRC, TGT, CFG, SAMPLER, **kw)
     assert (run.trajectory - ref.trajectory).abs().max() <= 1e-4  # the inversion
@@ -63,23 +69,23 @@ def test_runtime_matches_the_reference(tiny_pipeline, tiny_session, inversion, m
     assert p["tau_max_abs"] <= 1e-5 and p["psnr_edited_db"] >= 50
     assert run.image == ref.image and run.keywords == ref.keywords
     if inversion == "direct":  # the source branch ends on the encoded latent
-        z0 = tiny_pipeline.encode_image_one(from_uint8(IMAGE))[0]
+        z0 = tiny_pipeline.encode_image_one(from_uint8(image))[0]
         assert (run.latents[-1][0] - z0).abs().max() <= 1e-4
         assert torch.equal(run.latents[-1][0], run.trajectory[0])
 
 
-def test_plain_edit_takes_the_image_as_bytes_base64_or_array(tiny_session):
+def test_plain_edit_takes_the_image_as_bytes_base64_or_array(tiny_session, image):
     options = {"steps": 2, "seed": 3, "inversion": "npi", "resize": "stretch"}
-    from_bytes = plain_edit(tiny_session, SRC, TGT, image=png(IMAGE), **options)
-    b64 = base64.b64encode(png(IMAGE)).decode()
+    from_bytes = plain_edit(tiny_session, SRC, TGT, image=png(image), **options)
+    b64 = base64.b64encode(png(image)).decode()
     from_b64 = plain_edit(tiny_session, SRC, TGT, image=f"data:image/png;base64,{b64}", **options)
-    from_array = plain_edit(tiny_session, SRC, TGT, image=IMAGE, **options)
+    from_array = plain_edit(tiny_session, SRC, TGT, image=image, **options)
     ref = tiny_session.edit(
         SRC,
         TGT,
         EditConfig(),
         SamplerConfig(steps=2, seed=3),
-        image=IMAGE,
+        image=image,
         image_config=ImageConfig(inversion="npi", resize="stretch"),
     )
     for r in (from_bytes, from_b64, from_array):
@@ -96,16 +102,18 @@ def test_plain_edit_takes_the_image_as_bytes_base64_or_array(tiny_session):
         ({"image": "not base64!"}, ConfigError, "image", "not base64"),
         ({"image": 12}, ConfigError, "image", "wrong type"),
         ({"image": base64.b64encode(b"GIF89a...").decode()}, InputError, "image", "not an image"),
-        ({"image": base64.b64encode(png(IMAGE[:40])).decode()}, InputError, "image", "too small"),
-        ({"image": IMAGE, "inversion": "null-text"}, ConfigError, "inversion", "unknown inversion"),
-        ({"image": IMAGE, "resize": 3}, ConfigError, "resize", "wrong type"),
+        ({"image": SMALL}, InputError, "image", "too small"),
+        ({"image": IMG, "inversion": "null-text"}, ConfigError, "inversion", "unknown inversion"),
+        ({"image": IMG, "resize": 3}, ConfigError, "resize", "wrong type"),
         ({"inversion": "ddim"}, ConfigError, "inversion", "only for an edit of a given image"),
-        ({"image": IMAGE, "scheduler": "euler"}, ConfigError, "scheduler", "DDIM"),
+        ({"image": IMG, "scheduler": "euler"}, ConfigError, "scheduler", "DDIM"),
     ],
 )
-def test_bad_image_requests_name_the_field(request_fields, error, field, match):
+def test_bad_image_requests_name_the_field(image, request_fields, error, field, match):
+    stand_in = {IMG: image, SMALL: base64.b64encode(png(image[:40])).decode()}
+    fields = {k: stand_in.get(v, v) if isinstance(v, str) else v for k, v in request_fields.items()}
     with pytest.raises(error, match=match) as e:
-        parse_edit_request({"source": SRC, "target": TGT, **request_fields}, where="POST /edit")
+        parse_edit_request({"source": SRC, "target": TGT, **fields}, where="POST /edit")
     assert e.value.field == field
 
 
@@ -128,27 +136,29 @@ def _without_encoder(engines, folder):
     return folder
 
 
-def test_an_engine_folder_without_a_vae_encoder_refuses_images(tiny_engines, tmp_path, capsys):
+def test_an_engine_folder_without_a_vae_encoder_refuses_images(
+    tiny_engines, tmp_path, capsys, image
+):
     folder = _without_encoder(tiny_engines, tmp_path / "engines")
     session = EditSession(folder)
     with pytest.raises(ManifestError, match="no VAE encoder"):
-        session.edit(SRC, TGT, CFG, SAMPLER, image=IMAGE)
+        session.edit(SRC, TGT, CFG, SAMPLER, image=image)
     with pytest.raises(ConfigError, match="no VAE encoder") as e:
-        Validator(session)(SRC, TGT, CFG, SAMPLER, load_image(IMAGE))
+        Validator(session)(SRC, TGT, CFG, SAMPLER, load_image(image))
     assert e.value.field == "image"
     assert session.edit(SRC, TGT, CFG, SamplerConfig(steps=1)).edited_image.shape == (128, 128, 3)
-    (tmp_path / "in.png").write_bytes(png(IMAGE))
+    (tmp_path / "in.png").write_bytes(png(image))
     out = tmp_path / "out"
     args = ["edit", SRC, TGT, "--engine-dir", str(folder), "--image", str(tmp_path / "in.png")]
     assert main([*args, "--steps", "2", "--quiet", "--out", str(out)]) == 2
     assert "no VAE encoder" in capsys.readouterr().err and not out.exists()
 
 
-def test_a_static_folder_without_batch_one_says_so_before_model_work(tiny_static_session):
+def test_a_static_folder_without_batch_one_says_so_before_model_work(tiny_static_session, image):
     with pytest.raises(EngineError, match="batch") as e:
-        tiny_static_session.edit(SRC, TGT, CFG, SAMPLER, image=IMAGE)
+        tiny_static_session.edit(SRC, TGT, CFG, SAMPLER, image=image)
     assert "1" in str(e.value.got)
     validate = Validator(tiny_static_session)
     with pytest.raises(ConfigError, match="batch"):
-        validate(SRC, TGT, CFG, SAMPLER, load_image(IMAGE))
+        validate(SRC, TGT, CFG, SAMPLER, load_image(image))
     validate(SRC, TGT, CFG, SAMPLER)  # a generated source needs batches 2 and 4 only

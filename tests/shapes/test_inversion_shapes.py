@@ -1,4 +1,4 @@
-"""Editing a rendered shapes-world image with the trained ``shapes`` model: the runtime (ONNX
+"""Editing an image no model made with the trained ``shapes`` model: the runtime (ONNX
 Runtime CPU engines, encoder included) against the PyTorch reference end to end, for each
 inversion."""
 
@@ -10,11 +10,9 @@ import torch
 from adapedit.config import EditConfig, ImageConfig, SamplerConfig
 from adapedit.parity import compare_edits
 from adapedit.pipeline import ReferencePipeline, from_uint8
-from adapedit.shapes.world import Scene, render
 
 SRC, TGT = "a big red circle on the left", "a big blue circle on the left"
-SAMPLER = SamplerConfig(steps=8, seed=0)
-IMAGE = render(Scene("circle", "red", "big", "left"), seed=3)  # 64 × 64, not made by the model
+SAMPLER = SamplerConfig(steps=6, seed=0)
 
 pytestmark = pytest.mark.slow
 
@@ -40,9 +38,10 @@ def shapes_session(shapes, tmp_path_factory):
 
 
 @pytest.mark.parametrize("inversion", ["direct", "ddim", "npi"])
-def test_runtime_matches_the_reference_end_to_end(shapes, shapes_session, inversion):
+def test_runtime_matches_the_reference_end_to_end(shapes, shapes_session, photo, inversion):
+    image = photo(64)  # the shapes model's size
     reference = ReferencePipeline(shapes)
-    kw = {"image": IMAGE, "image_config": ImageConfig(inversion=inversion), "record_latents": True}
+    kw = {"image": image, "image_config": ImageConfig(inversion=inversion), "record_latents": True}
     ref = reference.edit(SRC, TGT, EditConfig(), SAMPLER, **kw)
     run = shapes_session.edit(SRC, TGT, EditConfig(), SAMPLER, **kw)
     assert (run.trajectory - ref.trajectory).abs().max() <= 1e-4
@@ -50,6 +49,6 @@ def test_runtime_matches_the_reference_end_to_end(shapes, shapes_session, invers
     assert p["latents_max_abs"] <= 1e-4, p["per_step"]
     assert p["psnr_source_db"] >= 50 and p["psnr_edited_db"] >= 50
     if inversion == "direct":  # both end exactly on their encoding of the image
-        z0 = reference.encode_image_one(from_uint8(IMAGE))[0]  # [4, 8, 8]
+        z0 = reference.encode_image_one(from_uint8(image))[0]  # [4, 8, 8]
         assert torch.equal(ref.latents[-1][0], z0)
         assert (run.latents[-1][0] - z0).abs().max() <= 1e-4
