@@ -86,12 +86,15 @@ def _to_rgb(im) -> np.ndarray:
     return np.asarray(im.convert("RGB"), dtype=np.uint8)
 
 
-def decode_image(data: bytes, where: str = "image") -> InputImage:
+def decode_image(data: bytes, where: str = "image", *, max_pixels: int | None = None) -> InputImage:
     """Decode an encoded PNG, JPEG or WebP image.
+
+    ``max_pixels`` lowers the limit on width × height below Pillow's decompression-bomb limit
+    (``PIL.Image.MAX_IMAGE_PIXELS``, the default), e.g. for a server's memory per request.
 
     Raises:
         InputError: not one of those formats, a truncated or corrupt file, more pixels than
-            Pillow's decompression-bomb limit, a side under :data:`MIN_SIDE` pixels.
+            the limit, a side under :data:`MIN_SIDE` pixels.
     """
     from PIL import Image, ImageOps, UnidentifiedImageError
 
@@ -118,12 +121,13 @@ def decode_image(data: bytes, where: str = "image") -> InputImage:
             f"{got}: {type(e).__name__}: {e}",
         ) from None
     w, h = im.size
-    limit = Image.MAX_IMAGE_PIXELS
+    limits = [x for x in (Image.MAX_IMAGE_PIXELS, max_pixels) if x]  # None or 0: no limit
+    limit = min(limits) if limits else None
     if limit and w * h > limit:  # Pillow only warns between its limit and twice it
         raise _error(
             "the image has too many pixels (decompression bomb)",
             where,
-            f"at most {limit} pixels (Pillow's limit)",
+            f"at most {limit} pixels",
             f"{w}×{h} = {w * h} pixels",
         )
     _check_side(h, w, where)

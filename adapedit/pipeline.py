@@ -379,14 +379,14 @@ class EditPipeline(ABC):
         plan = self.plan(source, target, edit)
         x0 = self.initial_latent(sampler)  # validates the resolution
         latent_hw = tuple(x0.shape[-2:])
-        pixels = record = None
+        pixels = image_record = None
         if image is not None:
             check_sampler(sampler)
             check_model(self.scheduler_config, self.name)
             height, width = sampler.resolved(self.default_size)
             pixels, fitted = fit_image(load_image(image), height, width, image_config.resize)
             self.check_image_encoder()
-            record = {"inversion": image_config.inversion, **fitted}
+            image_record = {"inversion": image_config.inversion, **fitted}
         self.prepare(edit, latent_hw, self.edit_batches(edit, image=image is not None))
         n = self.num_steps(sampler)
         timings: dict[str, float] = {}
@@ -432,7 +432,7 @@ class EditPipeline(ABC):
         )
         if observe_step is not None:
             controller = _Observer(controller, observe_step)
-        steps: list[torch.Tensor] | None = [] if record_latents else None
+        record: list[torch.Tensor] | None = [] if record_latents else None
         own_uncond = {"source": c_src} if inversion == "npi" else None
         latents = self.denoise(
             torch.cat([x0, x0]),
@@ -441,7 +441,7 @@ class EditPipeline(ABC):
             controller,
             desc="edit",
             progress=progress,
-            record=steps,
+            record=record,
         )
         timings["edit"] = time.perf_counter() - t
 
@@ -463,10 +463,10 @@ class EditPipeline(ABC):
             maps,
             labels,
             timings,
-            steps or [],
+            record or [],
             notes,
             controller.probs if observe_step is not None else {},
-            record,
+            image_record,
             pixels,
             trajectory,
         )

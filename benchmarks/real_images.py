@@ -302,34 +302,54 @@ def goals(s: dict) -> list[tuple[str, bool, str]]:
     ]
 
 
+def md_table(header: list[str], rows: list[list[str]]) -> str:
+    """A markdown table."""
+    lines = [header, ["---"] * len(header), *rows]
+    return "\n".join("| " + " | ".join(cells) + " |" for cells in lines) + "\n"
+
+
+def _size(p: dict) -> str:
+    """A photo's size as stored, and upright when its EXIF orientation turns it."""
+    w, h = p["size"]
+    if p["orientation"] in (None, 1):
+        return f"{w}×{h}"
+    return f"{w}×{h} (EXIF {p['orientation']} → {p['upright_size'][0]}×{p['upright_size'][1]})"
+
+
+def _placed(fit: dict, word: str) -> str:
+    """How a resize policy placed a photo: its scaled size and box."""
+    w, h = fit["resized_to"]
+    return f"scaled {w}×{h}, {word} {fit['box']}"
+
+
 def markdown(record: dict) -> str:
     s = record["summary"]
-    pct = lambda v: f"{100 * v:.0f}"  # noqa: E731
     groups = [*KINDS, "hard", "all"]
-    head = "| method | " + " | ".join(groups) + " |\n|---|" + "---|" * len(groups) + "\n"
 
-    def table(key: str, fmt) -> str:
-        lines = []
-        for m in METHODS:
-            cells = [fmt(s[m][g][key]) if g in s[m] else "–" for g in groups]
-            lines.append(f"| {m} | " + " | ".join(cells) + " |")
-        return head + "\n".join(lines) + "\n"
+    def by_group(key: str) -> str:
+        rows = [
+            [m, *(f"{100 * s[m][g][key]:.0f}" if g in s[m] else "–" for g in groups)]
+            for m in METHODS
+        ]
+        return md_table(["method", *groups], rows)
 
-    rec = ["| inversion | VAE round trip | source branch | edit branch, target = source |"]
-    rec.append("|---|---|---|---|")
-    for m in INVERSIONS:
-        a = s[m]["all"]
-        rec.append(
-            f"| {m} | {a['vae_psnr_db']:.2f} dB / {a['vae_ssim']:.3f} | "
-            f"{a['source_psnr_db']:.2f} dB / {a['source_ssim']:.3f} | "
-            f"{a['edit_branch_psnr_db']:.2f} dB / {a['edit_branch_ssim']:.3f} |"
-        )
-    cost = ["| method | UNet calls | UNet samples | seconds |", "|---|---|---|---|"]
-    for m in METHODS:
-        a = s[m]["all"]
-        cost.append(
-            f"| {m} | {a['unet_calls']:.0f} | {a['unet_samples']:.0f} | {a['seconds']:.2f} |"
-        )
+    def pair(a: dict, what: str) -> str:
+        return f"{a[what + '_psnr_db']:.2f} dB / {a[what + '_ssim']:.3f}"
+
+    rec = md_table(
+        ["inversion", "VAE round trip", "source branch", "edit branch, target = source"],
+        [
+            [m, *(pair(s[m]["all"], w) for w in ("vae", "source", "edit_branch"))]
+            for m in INVERSIONS
+        ],
+    )
+    cost = md_table(
+        ["method", "UNet calls", "UNet samples", "seconds"],
+        [
+            [m, f"{a['unet_calls']:.0f}", f"{a['unet_samples']:.0f}", f"{a['seconds']:.2f}"]
+            for m, a in ((m, s[m]["all"]) for m in METHODS)
+        ],
+    )
     verdicts = "\n".join(
         f"- {'MET' if ok else 'NOT met'}: {goal} — {numbers}."
         for goal, ok, numbers in record["goals"]
@@ -338,25 +358,22 @@ def markdown(record: dict) -> str:
     if photos["skipped"]:
         photo_md = photos["skipped"] + ".\n"
     else:
-        lines = [
-            "| photo | bytes | format | mode | size | crop → | pad → | source PSNR |",
-            "|---|---|---|---|---|---|---|---|",
-        ]
-        for p in photos["rows"]:
-            crop, pad = p["resize"]["crop"], p["resize"]["pad"]
-            lines.append(
-                f"| {p['photo']} | {p['bytes']} | {p['format']} | {p['mode']} | "
-                f"{p['size'][0]}×{p['size'][1]}"
-                + (
-                    f" (EXIF {p['orientation']} → {p['upright_size'][0]}×{p['upright_size'][1]})"
-                    if p["orientation"] not in (None, 1)
-                    else ""
-                )
-                + f" | scaled {crop['resized_to'][0]}×{crop['resized_to'][1]}, box {crop['box']} | "
-                f"scaled {pad['resized_to'][0]}×{pad['resized_to'][1]} at {pad['box']} | "
-                f"{p['source_psnr_db']:.2f} dB |"
-            )
-        photo_md = "\n".join(lines) + "\n"
+        photo_md = md_table(
+            ["photo", "bytes", "format", "mode", "size", "crop", "pad", "source PSNR"],
+            [
+                [
+                    p["photo"],
+                    str(p["bytes"]),
+                    p["format"],
+                    p["mode"],
+                    _size(p),
+                    _placed(p["resize"]["crop"], "box"),
+                    _placed(p["resize"]["pad"], "at"),
+                    f"{p['source_psnr_db']:.2f} dB",
+                ]
+                for p in photos["rows"]
+            ],
+        )
     return (
         f"# Editing given images on the `{record['model']}` model\n\n"
         f"Measured on {record['machine']['description']} (the PyTorch reference, fp32); "
@@ -365,17 +382,17 @@ def markdown(record: dict) -> str:
         f"every image read by `adapedit.shapes.reader`; {record['wall_s']:.0f} s.\n\n"
         f"## Goals\n\n{verdicts}\n\n"
         "## Reconstruction (PSNR / SSIM against the render; target = source prompt)\n\n"
-        + "\n".join(rec)
-        + "\n\nThe source branch is what the edit returns as the source image; the edit branch "
+        + rec
+        + "\nThe source branch is what the edit returns as the source image; the edit branch "
         "with the target equal to the source prompt shows how far an edit's image drifts when "
         "nothing is asked of it.\n\n## Edit success (% of edits whose asked attribute reads "
         "as asked)\n\n"
-        + table("success", pct)
+        + by_group("success")
         + "\n## Preservation (% of the other attributes kept)\n\n"
-        + table("preserved", pct)
+        + by_group("preserved")
         + "\n## Cost per edit (means)\n\n"
-        + "\n".join(cost)
-        + "\n\n`generated`: the same prompts and seed with a generated source (no inversion), "
+        + cost
+        + "\n`generated`: the same prompts and seed with a generated source (no inversion), "
         "scored against its own source image.\n\n## Real photographs (I/O path)\n\n"
         "scikit-image's bundled photographs (public domain or CC0) and variants made from them "
         "in memory, each read, resized to the model's "

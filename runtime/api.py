@@ -224,9 +224,12 @@ class EditRequest:
     image_config: ImageConfig = ImageConfig()
 
 
-def parse_image(value: Any, *, where: str = "edit request") -> InputImage:
+def parse_image(
+    value: Any, *, where: str = "edit request", max_pixels: int | None = None
+) -> InputImage:
     """The ``image`` field: encoded PNG/JPEG/WebP bytes, the same as a base64 string (a
-    ``data:image/…;base64,`` URL too) or a uint8 array [H, W, 3], decoded.
+    ``data:image/…;base64,`` URL too) or a uint8 array [H, W, 3], decoded (at most
+    ``max_pixels`` pixels if given, else Pillow's decompression-bomb limit).
 
     Raises:
         InputError: not base64, not an image, truncated, too large or too small (``field``
@@ -254,14 +257,17 @@ def parse_image(value: Any, *, where: str = "edit request") -> InputImage:
         )
     if isinstance(value, np.ndarray):
         return load_image(value)
-    return decode_image(bytes(value), f"{where}: field 'image'")
+    return decode_image(bytes(value), f"{where}: field 'image'", max_pixels=max_pixels)
 
 
-def parse_edit_request(request: Mapping[str, Any], *, where: str = "edit request") -> EditRequest:
+def parse_edit_request(
+    request: Mapping[str, Any], *, where: str = "edit request", max_pixels: int | None = None
+) -> EditRequest:
     """An :class:`EditRequest` from one mapping: the prompts ``source`` and ``target``
     (required strings), ``image`` (:func:`parse_image`) with ``inversion`` and ``resize``
     (strings; only with an image) and the options of :func:`parse_options`. The image is
-    decoded here, so a bad one is refused before any model work.
+    decoded here (``max_pixels``: see :func:`parse_image`), so a bad one is refused before any
+    model work.
 
     Raises:
         InputError: a missing prompt, an option :func:`parse_options` refuses, a bad image, an
@@ -297,7 +303,7 @@ def parse_edit_request(request: Mapping[str, Any], *, where: str = "edit request
     image = None
     if request.get("image") is not None:
         check_sampler(sampler, where=where)
-        image = parse_image(request["image"], where=where)
+        image = parse_image(request["image"], where=where, max_pixels=max_pixels)
     return EditRequest(source, target, edit, sampler, image, image_config)
 
 

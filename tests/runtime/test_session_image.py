@@ -117,6 +117,14 @@ def test_bad_image_requests_name_the_field(image, request_fields, error, field, 
     assert e.value.field == field
 
 
+def test_a_server_can_lower_the_pixel_limit(image):
+    request = {"source": SRC, "target": TGT, "image": png(image)}
+    assert parse_edit_request(request, max_pixels=128 * 128).image.pixels.shape == (128, 128, 3)
+    with pytest.raises(InputError, match="too many pixels") as e:
+        parse_edit_request(request, max_pixels=128 * 127)
+    assert e.value.field == "image" and "at most 16256 pixels" in str(e.value)
+
+
 def test_parse_request_refuses_an_image_it_could_not_pass_on():
     with pytest.raises(ConfigError, match="does not edit given images") as e:
         parse_request({"source": SRC, "target": TGT, "image": "aGk="})
