@@ -215,7 +215,7 @@ def cmd_export(a: argparse.Namespace) -> int:
 def cmd_serve(a: argparse.Namespace) -> int:
     import logging
 
-    from adapedit.runtime.server import serve
+    from adapedit.runtime.server import HttpOptions, serve
 
     if not a.quiet:
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
@@ -223,9 +223,9 @@ def cmd_serve(a: argparse.Namespace) -> int:
         a.engine_dir,
         host=a.host,
         port=a.port,
-        queue_size=a.queue,
-        timeout=a.timeout,
+        options=HttpOptions(queue_size=a.queue, timeout=a.timeout),
         ort=_engine_options(a),
+        access_log=not a.quiet,
     )
     return 0
 
