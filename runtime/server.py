@@ -59,7 +59,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.exposition import choose_encoder
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
-from starlette.requests import ClientDisconnect, Request
+from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 from starlette.types import Receive
@@ -354,7 +354,7 @@ class _App:
             return 413, _error_of(413, too_large)
         try:
             body = await request.body()
-        except ClientDisconnect:
+        except Exception:  # ClientDisconnect; under Ray Serve, its errors when its proxy lost it
             return CLIENT_CLOSED, None
         try:
             fields = json.loads(body)

@@ -370,3 +370,13 @@ def test_serve_command(tiny_engines):
     finally:
         proc.terminate()
         assert proc.wait(30) == 0
+
+
+def test_the_command_line_stays_light():
+    code = (
+        "import sys; from adapedit.cli import build_parser; "
+        "build_parser().parse_args(['serve', '--engine-dir', 'e', '--replicas', '2']); "
+        "heavy = [m for m in ('ray', 'torch', 'uvicorn', 'starlette') if m in sys.modules]; "
+        "assert not heavy, heavy"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
