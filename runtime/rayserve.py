@@ -29,12 +29,13 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
-from collections.abc import Callable, Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import ray
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from ray import serve
 from ray.exceptions import RayActorError
 from ray.serve.exceptions import BackPressureError
@@ -160,6 +161,7 @@ class RayEditor:
     def __init__(self, handle: DeploymentHandle, queue_size: int) -> None:
         self.handle, self.queue_size = handle, queue_size
         self.in_flight = 0
+        self.resent = 0
 
     async def edit(self, job: EditJob) -> Answer:
         self.in_flight += 1
@@ -172,6 +174,7 @@ class RayEditor:
                     return queue_full(self.queue_size)
                 except RayActorError as e:
                     log.warning("an editor replica died during an edit; sending it again: %s", e)
+                    self.resent += 1
                 except asyncio.CancelledError:
                     response.cancel()
                     raise
@@ -181,17 +184,22 @@ class RayEditor:
     def health(self) -> dict[str, Any]:
         return {"in_flight": self.in_flight, "queue_size": self.queue_size}
 
-    def gauges(self) -> dict[str, tuple[str, Callable[[], float]]]:
-        return {
-            "adapedit_edits_in_flight": (
-                "Edits sent to the editor replicas and not answered yet (running or waiting).",
-                lambda: self.in_flight,
-            ),
-            "adapedit_queue_capacity": (
-                "Edits that may wait for an editor replica; more get 503.",
-                lambda: self.queue_size,
-            ),
-        }
+    def collect(self) -> Iterator[Metric]:
+        yield GaugeMetricFamily(
+            "adapedit_edits_in_flight",
+            "Edits sent to the editor replicas and not answered yet (running or waiting).",
+            value=self.in_flight,
+        )
+        yield GaugeMetricFamily(
+            "adapedit_queue_capacity",
+            "Edits that may wait for an editor replica; more get 503.",
+            value=self.queue_size,
+        )
+        yield CounterMetricFamily(
+            "adapedit_edits_resent",
+            "Edits sent again to another replica after theirs died.",
+            value=self.resent,
+        )
 
 
 @serve.deployment(name="Editor")

@@ -16,7 +16,7 @@ Endpoints:
   :class:`Editor`).
 - ``GET /metrics``: Prometheus exposition of ``adapedit_requests_total{path,code}``, the
   ``adapedit_edit_request_seconds`` histogram (every ``POST /edit``, arrival to answer) and the
-  queue gauges of the :class:`Editor`.
+  queue metrics of the :class:`Editor`.
 
 Requests are parsed and validated (:class:`~adapedit.runtime.api.Validator`: a tokenizer of its
 own) as they arrive, so invalid ones are answered at once, even while edits run; valid ones go to
@@ -47,7 +47,7 @@ import signal
 import socket
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from http import HTTPStatus
@@ -55,7 +55,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, NamedTuple, Protocol
 
 from PIL import Image
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.exposition import choose_encoder
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
@@ -194,8 +195,9 @@ class Editor(Protocol):
         """Fields of ``GET /healthz`` about the queue."""
         ...
 
-    def gauges(self) -> dict[str, tuple[str, Callable[[], float]]]:
-        """Prometheus gauges: name → (help, value read at each scrape)."""
+    def collect(self) -> Iterable[Metric]:
+        """Prometheus metrics of the queue, read at each scrape (a ``prometheus_client``
+        collector)."""
         ...
 
 
@@ -238,18 +240,16 @@ class LocalEditor:
     def health(self) -> dict[str, Any]:
         return {"queue_depth": self.waiting, "queue_size": self.queue_size, "running": self.running}
 
-    def gauges(self) -> dict[str, tuple[str, Callable[[], float]]]:
-        return {
-            "adapedit_queue_depth": ("Edits waiting for the worker.", lambda: self.waiting),
-            "adapedit_queue_capacity": (
-                "Edits that may wait; more get 503.",
-                lambda: self.queue_size,
-            ),
-            "adapedit_edits_running": (
-                "Edits the worker is running (0 or 1).",
-                lambda: self.running,
-            ),
-        }
+    def collect(self) -> Iterator[Metric]:
+        yield GaugeMetricFamily(
+            "adapedit_queue_depth", "Edits waiting for the worker.", value=self.waiting
+        )
+        yield GaugeMetricFamily(
+            "adapedit_queue_capacity", "Edits that may wait; more get 503.", value=self.queue_size
+        )
+        yield GaugeMetricFamily(
+            "adapedit_edits_running", "Edits the worker is running (0 or 1).", value=self.running
+        )
 
     def close(self) -> None:
         """Drop the waiting jobs and stop the worker once the running one ends."""
@@ -258,7 +258,7 @@ class LocalEditor:
 
 class _Metrics:
     """Request counts and the ``POST /edit`` latency histogram, in a registry of their own (one
-    per application), with the editor's gauges."""
+    per application), with the editor's metrics."""
 
     def __init__(self, editor: Editor) -> None:
         self.registry = CollectorRegistry()
@@ -274,8 +274,7 @@ class _Metrics:
             buckets=LATENCY_BUCKETS,
             registry=self.registry,
         )
-        for name, (help_, value) in editor.gauges().items():
-            Gauge(name, help_, registry=self.registry).set_function(value)
+        self.registry.register(editor)
 
     def observe(self, path: str, code: int, seconds: float | None = None) -> None:
         """Count one request; ``seconds`` goes into the latency histogram."""

@@ -111,6 +111,12 @@ def test_ray_editor_sends_again_what_a_dead_replica_ran():
     editor = RayEditor(handle, queue_size=4)
     assert asyncio.run(editor.edit(JOB)) == OK
     assert len(handle.calls) == 3 and editor.in_flight == 0
+    metrics = {m.name: m.samples[0].value for m in editor.collect()}
+    assert metrics == {
+        "adapedit_edits_in_flight": 0,
+        "adapedit_queue_capacity": 4,
+        "adapedit_edits_resent": 2,
+    }
 
 
 def test_ray_editor_answers_503_when_ray_serves_queue_is_full():
