@@ -42,6 +42,7 @@ import asyncio
 import base64
 import json
 import logging
+import math
 import os
 import signal
 import socket
@@ -104,7 +105,7 @@ class HttpOptions:
             ("timeout", self.timeout, isinstance(self.timeout, (int, float))),
             ("max_body", self.max_body, isinstance(self.max_body, int)),
         ):
-            if not ok or isinstance(value, bool) or value <= 0:
+            if not ok or isinstance(value, bool) or not 0 < value < math.inf:
                 raise ConfigError(
                     f"{name} must be positive", where="HttpOptions", expected="> 0", got=value
                 )
@@ -323,8 +324,8 @@ class _App:
         encode, content_type = choose_encoder(request.headers.get("accept", ""))
         return Response(encode(self.metrics.registry), headers={"Content-Type": content_type})
 
-    async def no_route(self, request: Request, exc: Exception) -> Response:
-        status = exc.status_code if isinstance(exc, HTTPException) else 500
+    async def no_route(self, request: Request, exc: HTTPException) -> Response:
+        status = exc.status_code
         what = "no such path" if status == 404 else HTTPStatus(status).phrase.lower()
         self.metrics.observe(request.url.path, status)
         return _json(status, _error(status, f"{what}: {request.method} {request.url.path}"))

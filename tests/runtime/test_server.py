@@ -7,6 +7,7 @@ import base64
 import http.client
 import io
 import json
+import math
 import os
 import re
 import socket
@@ -344,7 +345,8 @@ def test_metrics_in_prometheus_text_format(url):
 
 
 def test_http_options_are_checked():
-    for bad in ({"queue_size": 0}, {"timeout": 0}, {"max_body": -1}, {"queue_size": True}):
+    bad_options = [{"queue_size": 0}, {"queue_size": True}, {"max_body": -1}]
+    for bad in [*bad_options, {"timeout": 0}, {"timeout": float("nan")}, {"timeout": math.inf}]:
         with pytest.raises(ConfigError, match="must be positive"):
             HttpOptions(**bad)
 
