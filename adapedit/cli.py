@@ -340,9 +340,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--form",
         nargs="+",
-        choices=("segmented", "whole"),
+        choices=("segmented", "whole", "fused"),
         default=["segmented", "whole"],
-        help="UNet forms (default: segmented whole)",
+        help="UNet forms (default: segmented whole; fused: the edit inside one graph per pass, "
+        "static exports only)",
     )
     p.add_argument(
         "--shapes",

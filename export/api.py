@@ -24,18 +24,20 @@ from adapedit.export.onnx_export import (
     PRECISIONS,
     LayerExport,
     check_opset,
+    export_fused,
     export_text_encoder,
     export_unet,
     export_vae_decoder,
     export_vae_encoder,
 )
-from adapedit.export.segment import load_graph, prune, split
+from adapedit.export.segment import fold, load_graph, prune, split
 from adapedit.export.weights import WeightStore, merge_stores
 from adapedit.io import atomic_folder
 from adapedit.models import Components, load_model
+from adapedit.processors import attention_geometry, controlled_layers
 from adapedit.spec import NOISE, Boundary, GraphSpec, Manifest, TensorSpec, UNetGraphs
 
-FORMS = ("segmented", "whole")
+FORMS = ("segmented", "whole", "fused")
 SHAPES = ("dynamic", "static")
 #: The UNet batches of an edit: 2 for the calibration pass and plain generation, 4 for the edit.
 DEFAULT_BATCHES = (2, 4)
@@ -83,7 +85,7 @@ class ExportOptions:
     resolution (pixels; it also fixes which self-attention layers are controlled), opset."""
 
     precision: str = "fp32"
-    forms: tuple[str, ...] = FORMS
+    forms: tuple[str, ...] = ("segmented", "whole")
     shapes: str = "dynamic"
     batches: tuple[int, ...] = DEFAULT_BATCHES
     opset: int = DEFAULT_OPSET
@@ -116,6 +118,14 @@ class ExportOptions:
                 expected=" | ".join(SHAPES),
                 got=self.shapes,
                 field="shapes",
+            )
+        if "fused" in self.forms and self.shapes != "static":
+            raise ConfigError(
+                "the fused UNet is exported static only",
+                where=w,
+                expected="shapes 'static' (one resolution, the batches of an edit)",
+                got=self.shapes,
+                field="forms",
             )
         object.__setattr__(self, "batches", tuple(sorted(set(self.batches))))
         if not self.batches or any(
@@ -228,6 +238,9 @@ def _export_into(
         vae_scale_factor=c.vae_scale_factor,
         size_multiple=c.size_multiple,
         shapes=o.shapes,
+        attention={name: q for name, _, q in attention_geometry(c.unet, latent_hw)},
+        controlled=tuple(controlled_layers(c.unet, latent_hw, o.self_max_queries)),
+        self_max_queries=o.self_max_queries,
         graphs=graphs,
         unet=unets,
         boundaries=_boundaries(unets, results[0][1]),
@@ -245,10 +258,8 @@ def _unet_variant(
     c: Components, o: ExportOptions, latent_hw: tuple[int, int], batch: int | None, tmp: Path
 ) -> tuple[UNetGraphs, list[LayerExport], dict]:
     """Trace one UNet variant and write its forms into ``tmp/unet`` (graphs and a weight store
-    of its own); returns its manifest entry, its layers and its store's index."""
-    model, layers = export_unet(c, o.precision, o.opset, latent_hw, o.self_max_queries, batch)
-    graph = load_graph(model)
-    del model
+    of its own); returns its manifest entry, its layers (for the boundaries of the segmented
+    form) and its store's index."""
     tag = f"b{batch}" if batch else "dynamic"
     store = WeightStore(tmp / "unet", tag)
     prefix = f"unet/b{batch}_" if batch else "unet/"
@@ -258,17 +269,28 @@ def _unet_variant(
         store.save(m, tmp / spec.file, spec.file)
         return spec
 
-    whole = save(prune(graph, [NOISE]), "whole") if "whole" in o.forms else None
+    whole, fused = None, None
     segments: list[GraphSpec] = []
-    if "segmented" in o.forms:
-        for k, part in enumerate(split(graph, [layer.probs for layer in layers])):
-            segments.append(save(part, f"segment_{k:02d}"))
-    return UNetGraphs(batch, whole, tuple(segments)), layers, store.close()
+    layers: list[LayerExport] = []
+    if {"whole", "segmented"} & set(o.forms):
+        model, layers = export_unet(c, o.precision, o.opset, latent_hw, o.self_max_queries, batch)
+        graph = load_graph(model)
+        del model
+        if "whole" in o.forms:
+            whole = save(prune(graph, [NOISE]), "whole")
+        if "segmented" in o.forms:
+            for k, part in enumerate(split(graph, [layer.probs for layer in layers])):
+                segments.append(save(part, f"segment_{k:02d}"))
+        del graph
+    if "fused" in o.forms:
+        model = export_fused(c, o.precision, o.opset, latent_hw, o.self_max_queries, batch)
+        fused = save(fold(model), "fused")
+    return UNetGraphs(batch, whole, tuple(segments), fused), layers, store.close()
 
 
 def _boundaries(unets: tuple[UNetGraphs, ...], layers: list[LayerExport]) -> tuple[Boundary, ...]:
     """The boundaries of the segmented form (the same segment indices in every variant)."""
-    if not unets[0].segments:
+    if not layers or not unets[0].segments:
         return ()
     names = {n for layer in layers for n in (layer.probs, layer.hidden) if n}
     produced = [
