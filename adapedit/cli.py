@@ -124,7 +124,7 @@ def cmd_edit(a: argparse.Namespace) -> int:
             )
         from adapedit.runtime.session import EditSession
 
-        pipe = EditSession(a.engine_dir, ort=_engine_options(a))
+        pipe = EditSession(a.engine_dir, ort=_engine_options(a), form=a.form)
         model = pipe.manifest.model
     else:
         from adapedit.pipeline import ReferencePipeline
@@ -301,6 +301,12 @@ def build_parser() -> argparse.ArgumentParser:
         "when --engine-dir is given)",
     )
     _add_engine_args(p)
+    p.add_argument(
+        "--form",
+        choices=("auto", "fused", "segmented"),
+        default="auto",
+        help="UNet form of the engine folder to run (default: fused where it has one)",
+    )
     p.add_argument("--out", default="out", metavar="DIR")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     _add_sampler_args(p)

@@ -27,7 +27,7 @@ from adapedit.controller import EditControls, edit_layer
 from adapedit.edit import branch_mean
 from adapedit.geometry import BLEND_DOWNSCALE, is_cross_layer, layer_downscale
 from adapedit.layout import CALIBRATION, EDIT, INVERSION, BatchLayout
-from adapedit.processors import ControlSlot, install_processors
+from adapedit.processors import ControlSlot, attention_layers, install_processors
 
 MODES = {4: "edit", 2: "calibration", 1: "plain"}
 LAYOUTS = {"edit": EDIT, "calibration": CALIBRATION, "plain": INVERSION}
@@ -145,6 +145,23 @@ class FusedUNet(torch.nn.Module):
         if self.mode == "calibration":
             return (noise, *(t for layer in self.cross for t in hook.outputs[layer]))
         return noise
+
+
+def example_controls(module: FusedUNet, dtype: torch.dtype, device="cpu") -> list[torch.Tensor]:
+    """Control inputs of the right shapes for ``module`` (an edit with DPS on, nothing injected;
+    ``E_k`` random unit vectors): what the exporter traces with and benchmarks time with."""
+    if module.mode != "edit":
+        return []
+    widths = {name: m.to_q.in_features for name, m in attention_layers(module.unet)}
+    g = torch.Generator().manual_seed(0)
+    one = torch.ones(1)
+    controls = [torch.eye(77), torch.ones(77), torch.ones(77), 0.9 * one, one, one]
+    controls += [
+        torch.nn.functional.normalize(torch.randn(widths[x], generator=g), dim=0)
+        for x in module.cross
+    ]
+    controls += [torch.zeros(77), torch.zeros(1)]  # the step's gates
+    return [c.to(device=device, dtype=dtype) for c in controls]
 
 
 def input_names(mode: str, layers: Sequence[str]) -> list[str]:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import multiprocessing
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -181,12 +182,15 @@ def export_model(
     h, w = height or c.default_size, width or c.default_size
     latent_hw = c.latent_hw(h, w)
     with atomic_folder(out) as tmp:
-        return _export_into(tmp, c, options, latent_hw, (h, w), jobs, progress)
+        # processes load a named model themselves rather than receive a pickled copy
+        source = model if isinstance(model, str) else c
+        return _export_into(tmp, c, source, options, latent_hw, (h, w), jobs, progress)
 
 
 def _export_into(
     tmp: Path,
     c: Components,
+    source: str | Components,
     o: ExportOptions,
     latent_hw: tuple[int, int],
     size: tuple[int, int],
@@ -209,11 +213,13 @@ def _export_into(
         bar.update(1)
 
     bar.set_postfix_str("UNet")
-    args = [(c, o, latent_hw, batch, tmp) for batch in variants]
-    if jobs > 1 and len(variants) > 1:
-        with multiprocessing.get_context("spawn").Pool(min(jobs, len(variants))) as pool:
+    parallel = jobs > 1 and len(variants) > 1
+    args = [(source if parallel else c, o, latent_hw, batch, tmp) for batch in variants]
+    if parallel:
+        spawn = multiprocessing.get_context("spawn")
+        with ProcessPoolExecutor(min(jobs, len(variants)), mp_context=spawn) as pool:
             results = []
-            for r in pool.imap(_unet_variant_star, args):
+            for r in pool.map(_unet_variant_star, args):
                 results.append(r)
                 bar.update(1)
     else:
@@ -255,11 +261,12 @@ def _unet_variant_star(args):
 
 
 def _unet_variant(
-    c: Components, o: ExportOptions, latent_hw: tuple[int, int], batch: int | None, tmp: Path
+    c: str | Components, o: ExportOptions, latent_hw: tuple[int, int], batch: int | None, tmp: Path
 ) -> tuple[UNetGraphs, list[LayerExport], dict]:
     """Trace one UNet variant and write its forms into ``tmp/unet`` (graphs and a weight store
     of its own); returns its manifest entry, its layers (for the boundaries of the segmented
     form) and its store's index."""
+    c = load_model(c) if isinstance(c, str) else c
     tag = f"b{batch}" if batch else "dynamic"
     store = WeightStore(tmp / "unet", tag)
     prefix = f"unet/b{batch}_" if batch else "unet/"

@@ -352,7 +352,7 @@ def export_fused(
     Raises:
         ExportError: a batch with no fused mode.
     """
-    from adapedit.fused import MODES, FusedUNet, input_names, output_names
+    from adapedit.fused import MODES, FusedUNet, example_controls, input_names, output_names
 
     if batch not in MODES:
         raise ExportError(
@@ -371,22 +371,7 @@ def export_fused(
         torch.tensor([500.0]),
         torch.randn(batch, 77, c.unet.config.cross_attention_dim, dtype=dtype),
     ]
-    if mode == "edit":
-        geometry = {name: module for name, module, _ in attention_geometry(c.unet, latent_hw)}
-        one = torch.ones(1, dtype=dtype)
-        args += [
-            torch.eye(77, dtype=dtype),
-            torch.ones(77, dtype=dtype),
-            torch.ones(77, dtype=dtype),
-        ]
-        args += [0.9 * one, one, one]  # λ_S, λ_SV, DPS on
-        args += [
-            torch.nn.functional.normalize(
-                torch.randn(geometry[x].to_q.in_features, dtype=torch.float32), dim=0
-            ).to(dtype)
-            for x in module.cross
-        ]
-        args += [torch.zeros(77, dtype=dtype), torch.zeros(1, dtype=dtype)]  # gates
+    args += example_controls(module, dtype)
     return _to_onnx(
         module,
         tuple(args),
