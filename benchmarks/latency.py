@@ -113,7 +113,10 @@ def run(a: argparse.Namespace) -> dict:
     export_s = None
     if backends and not a.export_dir:  # in a child process: its memory is gone afterwards
         t = time.perf_counter()
-        export_cli(a.model, export_dir, precision=a.precision, shapes=a.shapes, size=a.height)
+        forms = ("segmented", "whole", "fused") if a.shapes == "static" else ("segmented", "whole")
+        export_cli(
+            a.model, export_dir, precision=a.precision, shapes=a.shapes, size=a.height, forms=forms
+        )
         export_s = time.perf_counter() - t
     given = Manifest.load(export_dir) if backends else None
     model = given.model if given else a.model
