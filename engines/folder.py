@@ -237,13 +237,23 @@ def make_runner(
     *,
     stream: torch.cuda.Stream | None = None,
     weights: WeightPool | None = None,
+    cuda_graph: bool = False,
 ) -> Runner:
-    """The runner of one graph of an engine folder, on ``stream`` (GPU backends) and, for ONNX
-    Runtime, with the folder's shared weights."""
+    """The runner of one graph of an engine folder, on ``stream`` (GPU backends), replayed as a
+    CUDA graph with ``cuda_graph`` (on a GPU) and, for ONNX Runtime, with the folder's shared
+    weights."""
     if config.backend == "trt":
         from adapedit.engines.trt import TrtRunner
 
-        return TrtRunner(folder / config.plans[spec.file], spec, name=spec.file, stream=stream)
+        return TrtRunner(
+            folder / config.plans[spec.file],
+            spec,
+            name=spec.file,
+            stream=stream,
+            cuda_graph=cuda_graph,
+        )
+    if cuda_graph and (ort or config.ort).device.type == "cuda":
+        ort = replace(ort or config.ort, cuda_graph=True)
     return OrtRunner(
         folder / spec.file, spec, ort or config.ort, name=spec.file, stream=stream, weights=weights
     )

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import threading
 from contextlib import nullcontext
-from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -94,11 +93,14 @@ class EditSession(EditPipeline):
         self._lock = threading.RLock()
 
     def _runner(self, spec: GraphSpec, *, cuda_graph: bool = False) -> Runner:
-        ort = self.ort
-        if cuda_graph and self.device.type == "cuda" and self.config.backend == "ort":
-            ort = replace(ort or self.config.ort, cuda_graph=True)
         return make_runner(
-            self.folder, self.config, spec, ort, stream=self.stream, weights=self.weights
+            self.folder,
+            self.config,
+            spec,
+            self.ort,
+            stream=self.stream,
+            weights=self.weights,
+            cuda_graph=cuda_graph,
         )
 
     def fused(self, batch: int) -> FusedUNet | None:
