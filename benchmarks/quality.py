@@ -30,6 +30,7 @@ from pathlib import Path
 import numpy as np
 
 from adapedit.config import EditConfig, SamplerConfig
+from adapedit.layout import CALIBRATION
 from adapedit.shapes.reader import Reading, caption_matches, read_image
 from adapedit.shapes.world import ATTRIBUTES, Mention, Scene, caption, sample_scene, with_attribute
 from benchmarks.common import machine_info, write_results
@@ -135,7 +136,7 @@ def sdedit(pipe, latent, prompt: str, sampler: SamplerConfig, strength: float) -
     gen = torch.Generator().manual_seed(sampler.seed + 1)
     noise = torch.randn(latent.shape, generator=gen).to(latent)
     emb = pipe.encode(["", prompt])
-    pipe.prepare(EditConfig(), tuple(latent.shape[-2:]))
+    pipe.prepare(EditConfig(), tuple(latent.shape[-2:]), (CALIBRATION.size,))
     z = pipe.denoise(latent, emb, sampler, start=start, noise=noise, desc="sdedit")
     return pipe.decode(z)[0]
 
