@@ -163,12 +163,14 @@ def run(a: argparse.Namespace) -> dict:
     rec["unet_call_s"]["torch-sdpa"] = timed(call, device, a.warmup, a.repeats)
     install_processors(unet, ref.slot)
 
-    edits = []
+    edits, last = [], a.warmup + a.repeats - 1
+    finals = {}  # the last edit of each path, latents recorded: parity beside the timings
     for i in range(a.warmup + a.repeats):
         _sync(device)
-        r = ref.edit(SOURCE, TARGET, edit, sampler)
+        r = ref.edit(SOURCE, TARGET, edit, sampler, record_latents=i == last)
         if i >= a.warmup:
             edits.append(r.timings)
+    finals["reference"] = r
     rec["stages_s"]["reference"] = {s: stats([e[s] for e in edits]) for s in STAGES}
     rec["memory_reference"] = peak_memory(device)
     del ref, components, call
@@ -233,10 +235,11 @@ def run(a: argparse.Namespace) -> dict:
                 edits, ctrl = [], []
                 for i in range(a.warmup + a.repeats):
                     session.reset_clocks()
-                    r = session.edit(SOURCE, TARGET, edit, sampler)
+                    r = session.edit(SOURCE, TARGET, edit, sampler, record_latents=i == last)
                     if i >= a.warmup:
                         edits.append(r.timings)
                         ctrl.append(session.controller_seconds())
+                finals[name] = r
                 n_calls = 2 * session.num_steps(sampler)  # calibration + edit passes
                 rec["stages_s"][name] = {s: stats([e[s] for e in edits]) for s in STAGES}
                 rec["stages_s"][name]["controller"] = stats(ctrl)
@@ -251,6 +254,7 @@ def run(a: argparse.Namespace) -> dict:
             print(f"{backend.name} failed", file=sys.stderr)
             traceback.print_exc()
     rec["goals"] = goals(rec)
+    rec["parity"] = parity(finals)
     shutil.rmtree(work, ignore_errors=True)
     return rec
 
@@ -270,6 +274,25 @@ def _unet_call(session, form: str, batch: int, feeds: dict, size: int):
     ctrl = EditController(plan, fixed_tau(plan, plan.config, None), None, 50, hw)
     unet = session.fused(batch)
     return lambda: unet(*args, ctrl, 0)
+
+
+def parity(finals: dict) -> dict:
+    """Each runtime path's last timed edit against the reference's, and the fused form against
+    the segmented one of the same backend: per-step latents, τ, images."""
+    from adapedit.parity import compare_edits
+
+    keys = ("latents_max_abs", "tau_max_abs", "tau_self_abs", "psnr_source_db", "psnr_edited_db")
+    pairs = [("reference", n) for n in finals if n != "reference"]
+    pairs += [
+        (n, n.removesuffix("-fused") + "-segmented")
+        for n in finals
+        if n.endswith("-fused") and n.removesuffix("-fused") + "-segmented" in finals
+    ]
+    out = {}
+    for x, y in pairs:
+        p = compare_edits(finals[x], finals[y])
+        out[f"{y} vs {x}"] = {k: p[k] for k in keys}
+    return out
 
 
 def goals(rec: dict) -> dict:
@@ -335,6 +358,18 @@ def markdown(rec: dict) -> str:
             f"(≤ {g['goal_end_to_end']:.2f}) | {call} (≤ {g['goal_unet_call']}) | "
             f"{g['controller_share_of_step']:.4f} |"
         )
+    if rec.get("parity"):
+        lines += [
+            "",
+            "| parity (last timed edit) | latents max abs | τ max abs | PSNR source / edited dB |",
+            "|---|---|---|---|",
+        ]
+        for name, p in rec["parity"].items():
+            tau = max(p["tau_max_abs"], p["tau_self_abs"])
+            lines.append(
+                f"| {name} | {p['latents_max_abs']:.2e} | {tau:.1e} | "
+                f"{p['psnr_source_db']:.1f} / {p['psnr_edited_db']:.1f} |"
+            )
     mem = {k: v for k, v in rec.items() if k.startswith("memory_")}
     lines += [
         "",

@@ -41,6 +41,9 @@ def test_gpu_script_dry_run_completes_and_records_everything(tmp_path):
     rows = {"ort-cpu-whole", "ort-cpu-segmented", "ort-cpu-fused", "torch-reference"}
     assert rows <= set(latency["unet_call_s"])
     assert {"ort-cpu-segmented", "ort-cpu-fused"} <= set(latency["goals"])
+    fused_vs_segmented = latency["parity"]["ort-cpu-segmented vs ort-cpu-fused"]
+    assert fused_vs_segmented["latents_max_abs"] <= 1e-4
+    assert latency["parity"]["ort-cpu-fused vs reference"]["tau_max_abs"] <= 1e-6
     peer = json.loads((out / "peer.json").read_text())
     assert {"torch-sdpa", "torch-fused"} <= set(peer["unet_call_s"])
     parity = json.loads((out / "parity.json").read_text())
