@@ -14,7 +14,7 @@ from adapedit.defaults import BUILTIN_MODELS, DEFAULT_MODEL
 from adapedit.models import SHAPES_DIR
 from adapedit.pipeline import ReferencePipeline
 from adapedit.shapes.reader import caption_matches, read_image
-from adapedit.shapes.world import Mention, Scene, caption
+from adapedit.shapes.world import Mention, Scene, Thing, caption
 
 
 @pytest.fixture(scope="module")
@@ -47,9 +47,9 @@ def test_shapes_is_the_default_built_in(shapes_pipeline):
 @pytest.mark.parametrize(
     "scene",
     [
-        Scene("circle", "red", "big", "left"),
-        Scene("square", "blue", "small", "top"),
-        Scene("triangle", "green", "small", None, count=2),
+        Scene.of(Thing("circle", "red", "big", "left")),
+        Scene.of(Thing("square", "blue", "small", "top")),
+        Scene.of(Thing("triangle", "green", "small", None, count=2)),
     ],
 )
 def test_generations_show_what_the_caption_says(shapes_pipeline, scene):
