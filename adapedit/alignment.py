@@ -49,11 +49,14 @@ class TokenizedPrompt:
         key = word.strip().lower()
         return tuple(t for w in self.words if w.text.lower() == key for t in w.tokens)
 
-    def positions(self, word: str, *, where: str = "prompt") -> tuple[int, ...]:
+    def positions(
+        self, word: str, *, where: str = "prompt", field: str | None = None
+    ) -> tuple[int, ...]:
         """Token positions of every occurrence of ``word`` (case-insensitive).
 
         Raises:
-            PromptError: the word is not a word of this prompt.
+            PromptError: the word is not a word of this prompt (``field`` names the option that
+                asked for it).
         """
         found = self.find(word)
         if not found:
@@ -62,20 +65,29 @@ class TokenizedPrompt:
                 where=f"{where} {self.text!r}",
                 expected=f"one of {[w.text for w in self.words]}",
                 got=word,
+                field=field,
             )
         return found
 
 
 def tokenize(
-    tokenizer, prompt: str, *, where: str = "prompt", max_length: int = MAX_TOKENS
+    tokenizer,
+    prompt: str,
+    *,
+    where: str = "prompt",
+    field: str | None = None,
+    max_length: int = MAX_TOKENS,
 ) -> TokenizedPrompt:
     """Tokenize ``prompt`` without truncation and split it into words.
 
     Raises:
-        PromptError: the prompt needs more than ``max_length`` tokens (start and end included).
+        PromptError: the prompt needs more than ``max_length`` tokens (start and end included);
+            ``field`` (``source``/``target``) names the prompt.
     """
     if not isinstance(prompt, str):
-        raise PromptError("prompt must be a string", where=where, got=type(prompt).__name__)
+        raise PromptError(
+            "prompt must be a string", where=where, got=type(prompt).__name__, field=field
+        )
     enc = tokenizer(prompt, add_special_tokens=True, truncation=False, return_offsets_mapping=True)
     ids = tuple(int(i) for i in enc["input_ids"])
     if len(ids) > max_length:
@@ -84,6 +96,7 @@ def tokenize(
             where=f"{where} {prompt[:60]!r}{'…' if len(prompt) > 60 else ''}",
             expected=f"at most {max_length} tokens, start and end tokens included",
             got=f"{len(ids)} tokens",
+            field=field,
         )
     offsets = enc["offset_mapping"]
     words = []
@@ -101,19 +114,20 @@ class TokenMap:
     """How source probabilities are carried onto edit tokens (``M_src→edt``) and which edit
     tokens are aligned (``a_j``).
 
-    ``index`` ([77] long, refine: ``M[..., index]``) or ``matrix`` ([77, 77], replace:
-    ``M @ matrix``) — exactly one is set. ``alphas`` [77]: 1 aligned, 0 inserted.
+    ``matrix`` [77, 77]: ``M_src→edt = M @ matrix`` — column ``j`` weighs the source tokens that
+    edit token ``j`` takes: one-hot for refine (P2P's ``M[..., mapper]``, exactly: products with
+    exact 0s and 1s), ``1/k`` spreads for replace. ``alphas`` [77]: 1 aligned, 0 inserted.
     """
 
     alphas: torch.Tensor
-    index: torch.Tensor | None = None
-    matrix: torch.Tensor | None = None
+    matrix: torch.Tensor
 
-    def carry(self, src: torch.Tensor) -> torch.Tensor:
-        """``M_src→edt`` from source probabilities ``src`` [..., 77]."""
-        if self.index is not None:
-            return src[..., self.index.to(src.device)]
-        return src @ self.matrix.to(src)
+    @property
+    def index(self) -> torch.Tensor | None:
+        """[77] the source position of each edit token when every column is one-hot (refine:
+        P2P's mapper), else None."""
+        one_hot = ((self.matrix == 1).sum(dim=0) == 1) & ((self.matrix != 0).sum(dim=0) == 1)
+        return self.matrix.argmax(dim=0) if bool(one_hot.all()) else None
 
 
 def _global_align(x: tuple[int, ...], y: tuple[int, ...]) -> np.ndarray:
@@ -170,7 +184,9 @@ def refine_map(source: TokenizedPrompt, target: TokenizedPrompt) -> TokenMap:
             index[j] = m
         else:
             alphas[j] = 0.0
-    return TokenMap(alphas=alphas, index=index)
+    matrix = torch.zeros(n, n)
+    matrix[index, torch.arange(n)] = 1.0  # column j: the source token edit token j takes
+    return TokenMap(alphas=alphas, matrix=matrix)
 
 
 def swapped_words(source: TokenizedPrompt, target: TokenizedPrompt) -> list[int]:
@@ -185,6 +201,7 @@ def swapped_words(source: TokenizedPrompt, target: TokenizedPrompt) -> list[int]
             where=f"source {source.text!r} / target {target.text!r}",
             expected=f"{len(source.words)} words in both",
             got=f"{len(source.words)} and {len(target.words)} words",
+            field="source",
         )
     return [
         k
@@ -211,6 +228,7 @@ def replace_map(source: TokenizedPrompt, target: TokenizedPrompt) -> TokenMap:
                 where=f"before word {k} ({source.words[k].text!r} → {target.words[k].text!r})",
                 expected="identical tokens outside the swapped words",
                 got=f"source {source.text!r} / target {target.text!r}",
+                field="target",
             )
         while i < s_toks[0]:
             matrix[i, j] = 1.0
@@ -234,5 +252,5 @@ def equalizer(target: TokenizedPrompt, weights: tuple[tuple[str, float], ...]) -
     """
     eq = torch.ones(target.max_length)
     for word, factor in weights:
-        eq[list(target.positions(word, where="edit prompt (reweight)"))] = factor
+        eq[list(target.positions(word, where="edit prompt (reweight)", field="reweight"))] = factor
     return eq

@@ -28,7 +28,7 @@ def local_blend_mask(
     return (m > threshold).any(dim=0, keepdim=True).to(maps.dtype)  # [1, 1, H, W]
 
 
-def apply_local_blend(latents: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """``x_edt = x_src + mask · (x_edt − x_src)`` on latents [2, C, H, W] (source, edit)."""
-    src = latents[:1]
-    return torch.cat([src, src + mask * (latents[1:] - src)])
+def apply_local_blend(src: torch.Tensor, edt: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """``x_edt = x_src + mask · (x_edt − x_src)``: the blended edit latent from the source and
+    edit latents [C, H, W] and the mask [1, 1, H, W] → [C, H, W]."""
+    return (src + mask * (edt - src))[0]

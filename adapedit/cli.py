@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import sys
+import traceback
 from collections.abc import Sequence
 
 from adapedit.defaults import BUILTIN_MODELS, DEFAULT_MODEL, DEMO_SOURCE, DEMO_TARGET
@@ -122,7 +124,7 @@ def cmd_edit(a: argparse.Namespace) -> int:
             )
         from adapedit.runtime.session import EditSession
 
-        pipe = EditSession(a.engine_dir, ort=_engine_options(a))
+        pipe = EditSession(a.engine_dir, ort=_engine_options(a), form=a.form)
         model = pipe.manifest.model
     else:
         from adapedit.pipeline import ReferencePipeline
@@ -149,7 +151,7 @@ def cmd_build(a: argparse.Namespace) -> int:
     profile = None
     if a.batch or a.height or a.width:
         from adapedit.engines.folder import default_profile
-        from adapedit.export.manifest import Manifest
+        from adapedit.spec import Manifest
 
         d = default_profile(Manifest.load(a.export_dir))
         profile = Profile(
@@ -191,49 +193,91 @@ def cmd_demo(a: argparse.Namespace) -> int:
 
 
 def cmd_export(a: argparse.Namespace) -> int:
-    from adapedit.export.api import export_model
+    from adapedit.export.api import ExportOptions, export_model
 
+    options = ExportOptions(
+        precision=a.precision,
+        forms=tuple(a.form),
+        shapes=a.shapes,
+        batches=tuple(a.batches),
+        opset=a.opset,
+    )
     m = export_model(
         a.model,
         a.out,
-        precision=a.precision,
-        form=a.form,
+        options,
         height=a.height,
         width=a.width,
-        opset=a.opset,
+        jobs=a.jobs,
         progress=not a.quiet,
     )
     n_cross = sum(b.kind == "cross" for b in m.boundaries)
+    batches = f"batches {list(m.batches)}" if m.static else "any batch"
     print(
-        f"exported {m.model} ({m.precision}, opset {m.opset}, {m.height}×{m.width}) → {a.out}: "
-        f"{len(m.segments)} segments, {len(m.boundaries)} boundaries ({n_cross} cross, "
-        f"{len(m.boundaries) - n_cross} self), graphs {sorted(m.graphs)}"
+        f"exported {m.model} ({m.precision}, opset {m.opset}, {m.height}×{m.width}, "
+        f"{m.shapes}: {batches}) → {a.out}: UNet {', '.join(options.forms)}, "
+        f"{len(m.boundaries)} boundaries ({n_cross} cross, {len(m.boundaries) - n_cross} self), "
+        f"graphs {sorted(m.graphs)}"
     )
     return 0
+
+
+#: ``adapedit serve`` options that deploy on Ray Serve (fields of ``ScaleOut``), with --ray-address
+SCALE_OPTIONS = ("replicas", "min_replicas", "max_replicas", "gpus_per_replica", "cpus_per_replica")
 
 
 def cmd_serve(a: argparse.Namespace) -> int:
     import logging
 
-    from adapedit.runtime.server import serve
-
     if not a.quiet:
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    serve(
+    from adapedit.runtime.server import HttpOptions
+
+    options = HttpOptions(queue_size=a.queue, timeout=a.timeout)
+    scale = {k: v for k in SCALE_OPTIONS if (v := getattr(a, k)) is not None}
+    if not scale and a.ray_address is None:
+        from adapedit.runtime.server import serve
+
+        serve(
+            a.engine_dir,
+            host=a.host,
+            port=a.port,
+            options=options,
+            ort=_engine_options(a),
+            access_log=not a.quiet,
+        )
+        return 0
+    if importlib.util.find_spec("ray") is None:
+        raise ConfigError(
+            "Ray Serve is not installed",
+            where="adapedit serve --replicas/--ray-address",
+            expected="pip install 'adapedit[serve]'",
+            got="no module named 'ray'",
+        )
+    from adapedit.runtime.rayserve import ScaleOut, serve_ray
+
+    config = ScaleOut(
         a.engine_dir,
-        host=a.host,
-        port=a.port,
-        queue_size=a.queue,
-        timeout=a.timeout,
+        queue_size=options.queue_size,
+        timeout=options.timeout,
         ort=_engine_options(a),
+        **scale,
     )
+    serve_ray(config, address=a.ray_address, host=a.host, port=a.port, quiet=a.quiet)
     return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
+    debug = "show the traceback of an internal error"
+    # --debug before or after the command: the sub-commands' copy sets it only when given
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=debug)
     parser = argparse.ArgumentParser(prog="adapedit", description=__doc__)
+    parser.add_argument("--debug", action="store_true", help=debug)
     sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("edit", help="edit SOURCE into TARGET and write both images")
+    p = sub.add_parser(
+        "edit", parents=[common], help="edit SOURCE into TARGET and write both images"
+    )
     p.add_argument("source", metavar="SOURCE")
     p.add_argument("target", metavar="TARGET")
     p.add_argument(
@@ -257,13 +301,19 @@ def build_parser() -> argparse.ArgumentParser:
         "when --engine-dir is given)",
     )
     _add_engine_args(p)
+    p.add_argument(
+        "--form",
+        choices=("auto", "fused", "segmented"),
+        default="auto",
+        help="UNet form of the engine folder to run (default: fused where it has one)",
+    )
     p.add_argument("--out", default="out", metavar="DIR")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     _add_sampler_args(p)
     _add_edit_args(p)
     p.set_defaults(func=cmd_edit)
 
-    p = sub.add_parser("build", help="build engines from an export folder")
+    p = sub.add_parser("build", parents=[common], help="build engines from an export folder")
     p.add_argument("export_dir", metavar="EXPORT_DIR")
     p.add_argument("--out", required=True, metavar="ENGINE_DIR")
     p.add_argument("--backend", choices=("ort", "trt"), default="ort")
@@ -275,7 +325,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_build)
 
-    p = sub.add_parser("demo", help="export, build, edit through the runtime and the reference")
+    p = sub.add_parser(
+        "demo", parents=[common], help="export, build, edit through the runtime and the reference"
+    )
     p.add_argument("--out", default="out", metavar="DIR")
     p.add_argument("--model", default=DEFAULT_MODEL)
     p.add_argument("--source", default=DEMO_SOURCE)
@@ -285,28 +337,64 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_demo)
 
-    p = sub.add_parser("export", help="export a model to ONNX (segmented and/or whole UNet)")
+    p = sub.add_parser(
+        "export", parents=[common], help="export a model to ONNX (segmented and/or whole UNet)"
+    )
     p.add_argument("--model", default=DEFAULT_MODEL, help=f"{' | '.join(BUILTIN_MODELS)} | PATH")
     p.add_argument("--out", required=True, metavar="DIR", help="a folder that does not exist")
     p.add_argument("--precision", choices=("fp32", "fp16"), default="fp32")
-    p.add_argument("--form", choices=("segmented", "whole", "both"), default="both")
+    p.add_argument(
+        "--form",
+        nargs="+",
+        choices=("segmented", "whole", "fused"),
+        default=["segmented", "whole"],
+        help="UNet forms (default: segmented whole; fused: the edit inside one graph per pass, "
+        "static exports only)",
+    )
+    p.add_argument(
+        "--shapes",
+        choices=("dynamic", "static"),
+        default="dynamic",
+        help="dynamic: any batch and resolution (CPU, many sizes); static: every shape fixed "
+        "to --height × --width and the UNet to --batches (GPU engines, CUDA graphs)",
+    )
+    p.add_argument(
+        "--batches",
+        type=int,
+        nargs="+",
+        default=[2, 4],
+        help="UNet batch sizes of a static export (default: 2 4 — calibration and edit)",
+    )
+    p.add_argument(
+        "--jobs", type=int, default=1, help="trace the static UNet variants in N processes"
+    )
     p.add_argument(
         "--height",
         type=int,
         default=None,
-        help="export resolution in pixels: fixes which self-attention layers are cut",
+        help="export resolution in pixels: fixes which self-attention layers are cut (and "
+        "every shape of a static export)",
     )
     p.add_argument("--width", type=int, default=None)
     p.add_argument("--opset", type=int, default=18)
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_export)
 
-    p = sub.add_parser("serve", help="serve edits over HTTP from an engine folder")
+    p = sub.add_parser(
+        "serve",
+        parents=[common],
+        help="serve edits over HTTP from an engine folder (uvicorn; Ray Serve with --replicas)",
+    )
     p.add_argument("--engine-dir", required=True, metavar="DIR", help="from 'adapedit build'")
     p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=8000, help="0: any free port (default: 8000)")
     p.add_argument(
-        "--queue", type=int, default=8, help="edits that may wait; one more gets 503 (default: 8)"
+        "--port", type=int, default=8000, help="0: any free port (not with Ray) (default: 8000)"
+    )
+    p.add_argument(
+        "--queue",
+        type=int,
+        default=8,
+        help="edits that may wait for an engine; one more gets 503 (default: 8)",
     )
     p.add_argument(
         "--timeout",
@@ -314,6 +402,27 @@ def build_parser() -> argparse.ArgumentParser:
         default=120.0,
         help="seconds from a request's arrival to its answer; later: 504 (default: 120)",
     )
+    g = p.add_argument_group(
+        "Ray Serve (any of these deploys on Ray; pip install 'adapedit[serve]')"
+    )
+    g.add_argument("--replicas", type=int, default=None, help="replicas, one session each")
+    g.add_argument(
+        "--ray-address",
+        default=None,
+        metavar="ADDR",
+        help="a running Ray cluster (default: start a local one)",
+    )
+    g.add_argument(
+        "--min-replicas", type=int, default=None, help="autoscaling: at least (with --max-replicas)"
+    )
+    g.add_argument("--max-replicas", type=int, default=None, help="autoscaling: at most")
+    g.add_argument(
+        "--gpus-per-replica",
+        type=float,
+        default=None,
+        help="default: 1 when the cluster has GPUs, else 0",
+    )
+    g.add_argument("--cpus-per-replica", type=float, default=None, help="default: 1")
     _add_engine_args(p)
     p.add_argument("--quiet", action="store_true", help="no access log")
     p.set_defaults(func=cmd_serve)
@@ -321,15 +430,21 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command line; exit code 0, 2 for an :class:`~adapedit.errors.AdapEditError`
+    (bad input, a model or engine that cannot be used), 1 for an internal error (its traceback
+    with ``--debug``)."""
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
     except AdapEditError as e:
         print(f"adapedit: error: {e}", file=sys.stderr)
         return 2
-    except ValueError as e:  # a config value argparse could not check
-        print(f"adapedit: error: {ConfigError(str(e))}", file=sys.stderr)
-        return 2
+    except Exception as e:
+        if args.debug:
+            traceback.print_exc()
+        hint = "" if args.debug else " (run with --debug for the traceback)"
+        print(f"adapedit: internal error: {type(e).__name__}: {e}{hint}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -14,16 +14,24 @@ CALIBRATION_MODES = ("mean", "last")
 SCHEDULERS = ("ddim", "pndm", "euler", "dpmpp")
 
 
-def _check_range(name: str, value: float, lo: float, hi: float, where: str) -> None:
+def _check_range(
+    name: str, value: float, lo: float, hi: float, where: str, field: str | None = None
+) -> None:
     if not (isinstance(value, (int, float)) and math.isfinite(value) and lo <= value <= hi):
         raise ConfigError(
-            f"{name} is out of range", where=where, expected=f"{lo} ≤ {name} ≤ {hi}", got=value
+            f"{name} is out of range",
+            where=where,
+            expected=f"{lo} ≤ {name} ≤ {hi}",
+            got=value,
+            field=field or name,
         )
 
 
 def _check_choice(name: str, value: str, choices: tuple[str, ...], where: str) -> None:
     if value not in choices:
-        raise ConfigError(f"unknown {name}", where=where, expected=" | ".join(choices), got=value)
+        raise ConfigError(
+            f"unknown {name}", where=where, expected=" | ".join(choices), got=value, field=name
+        )
 
 
 @dataclass(frozen=True)
@@ -71,19 +79,26 @@ class EditConfig:
                 where=w,
                 expected="1, 2, 4 or 8",
                 got=self.calibration_downscale,
+                field="calibration_downscale",
             )
         if self.self_max_queries < 0:
-            raise ConfigError("self_max_queries must be ≥ 0", where=w, got=self.self_max_queries)
+            raise ConfigError(
+                "self_max_queries must be ≥ 0",
+                where=w,
+                got=self.self_max_queries,
+                field="self_max_queries",
+            )
         object.__setattr__(self, "local_blend", tuple(self.local_blend))
         object.__setattr__(self, "reweight", tuple((str(k), float(v)) for k, v in self.reweight))
         for word, factor in self.reweight:
-            _check_range(f"reweight factor of {word!r}", factor, -100.0, 100.0, w)
+            _check_range(f"reweight factor of {word!r}", factor, -100.0, 100.0, w, "reweight")
         if self.edit_type == "reweight" and not self.reweight:
             raise ConfigError(
                 "edit_type 'reweight' needs at least one word and factor",
                 where=w,
                 expected="reweight=(('word', factor), ...)",
                 got="none",
+                field="edit_type",
             )
         if self.reweight and self.edit_type != "reweight":
             raise ConfigError(
@@ -91,6 +106,7 @@ class EditConfig:
                 where=w,
                 expected="edit_type='reweight'",
                 got=self.edit_type,
+                field="reweight",
             )
 
     @property
@@ -122,11 +138,17 @@ class SamplerConfig:
         _check_choice("scheduler", self.scheduler, SCHEDULERS, w)
         if not (isinstance(self.steps, int) and 1 <= self.steps <= 1000):
             raise ConfigError(
-                "steps out of range", where=w, expected="1 ≤ steps ≤ 1000", got=self.steps
+                "steps out of range",
+                where=w,
+                expected="1 ≤ steps ≤ 1000",
+                got=self.steps,
+                field="steps",
             )
         _check_range("guidance", self.guidance, 0.0, 100.0, w)
         if not (isinstance(self.seed, int) and 0 <= self.seed < 2**63):
-            raise ConfigError("seed must be a non-negative integer", where=w, got=self.seed)
+            raise ConfigError(
+                "seed must be a non-negative integer", where=w, got=self.seed, field="seed"
+            )
         for name in ("height", "width"):
             v = getattr(self, name)
             if v is None:
@@ -137,6 +159,7 @@ class SamplerConfig:
                     where=w,
                     expected="e.g. 256, 512",
                     got=v,
+                    field=name,
                 )
 
     def resolved(self, default_size: int) -> tuple[int, int]:

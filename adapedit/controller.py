@@ -1,24 +1,35 @@
-"""Controllers: the stateful glue that applies the pure edit functions at each controlled
-attention layer, identified by its diffusers module path, step after step.
+"""Controllers: the glue that applies the pure edit functions at each controlled attention layer,
+identified by its diffusers module path, step after step.
 
-The same controllers serve the PyTorch reference (called from its attention processors) and the
-runtime (called between engine segments). A controller is called as
-``controller(layer_id, is_cross, probs, hidden) -> probs`` with ``probs`` [B*H, P, T] laid out
-batch-major (``b*H + h``) and ``hidden`` [B, P, C] the layer's input hidden states, then
-``end_step()`` after each UNet call.
+The same controllers serve the PyTorch reference (called from its attention processors), the
+segmented runtime (called between engine segments) and, through :class:`EditControls` and the
+``record_*`` methods, the fused graph (which runs the same functions inside the engine).
+
+The contract (:class:`Controller`):
+
+- ``controller(layer_id, is_cross, probs, hidden, step) -> probs`` at every controlled layer of
+  every UNet call of a pass. ``probs`` [B·H, P, K] is laid out batch-major by the controller's
+  :attr:`~Controller.layout` (sample ``b``, head ``h`` at ``b·H + h``); ``hidden`` [B, P, C] is
+  the layer's input hidden states (cross-attention; ``None`` for self-attention); ``step`` is the
+  index of the UNet call in the pass (0 = the noisiest), passed by the sampling loop — a
+  controller never counts calls.
+- Buffers: a controller never writes into the tensors it is given. It returns the probabilities
+  to use: ``probs`` itself when it changes nothing, else a new tensor. Its inputs may be buffers
+  the caller reuses after the call returns, so what it keeps beyond the call it copies.
+- ``after_step(step, latents) -> latents`` after the scheduler step of call ``step`` (latents
+  [n, C, h, w], one per prompt of the layout): LocalBlend, or the latents unchanged.
 """
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
+from typing import Protocol, runtime_checkable
 
 import torch
 
 from adapedit.blend import apply_local_blend, local_blend_mask
 from adapedit.config import EditConfig
-from adapedit.dps import pixel_similarity
-from adapedit.edit import edit_cross_attention, edit_self_attention
+from adapedit.edit import branch_mean, edit_probs
 from adapedit.errors import ModelError
 from adapedit.fwt import (
     TauPlan,
@@ -29,35 +40,40 @@ from adapedit.fwt import (
     self_steps,
     token_embeddings,
 )
+from adapedit.geometry import BLEND_DOWNSCALE, layer_downscale, layer_hw
+from adapedit.layout import CALIBRATION, EDIT, BatchLayout
 from adapedit.plan import EditPlan
 
-#: Downscale (relative to the latent) of the maps used by LocalBlend and the visualisation:
-#: 16×16 at 512 px, as in P2P.
-BLEND_DOWNSCALE = 4
 
+@runtime_checkable
+class Controller(Protocol):
+    """What the sampling loop and the attention layers call during a pass (module docstring)."""
 
-def layer_downscale(latent_hw: tuple[int, int], queries: int) -> int:
-    """How many times smaller than the latent a layer with ``queries`` pixels is (1, 2, 4, …)."""
-    return round(math.sqrt(latent_hw[0] * latent_hw[1] / queries))
+    layout: BatchLayout
 
+    def __call__(
+        self,
+        layer_id: str,
+        is_cross: bool,
+        probs: torch.Tensor,
+        hidden: torch.Tensor | None,
+        step: int,
+    ) -> torch.Tensor: ...
 
-def layer_hw(latent_hw: tuple[int, int], queries: int) -> tuple[int, int]:
-    """The (h, w) of a layer's query grid."""
-    f = layer_downscale(latent_hw, queries)
-    return (latent_hw[0] // f, latent_hw[1] // f)
+    def after_step(self, step: int, latents: torch.Tensor) -> torch.Tensor: ...
 
 
 @dataclass
 class CalibrationRecorder:
-    """Records, during the calibration pass (batch ``[u_edt, c_edt]``), what FWT and DPS need:
-    the cond-branch cross-attention maps at the calibration resolution (mean over heads and
-    layers, summed over steps) and each cross-attention layer's final-step maps and input hidden
-    states."""
+    """Records, during the calibration pass (:data:`~adapedit.layout.CALIBRATION`,
+    ``[u_edt, c_edt]``), what FWT and DPS need: the conditional branch's cross-attention maps at
+    the calibration resolution (mean over heads and layers, summed over steps) and each
+    cross-attention layer's final-step maps and input hidden states."""
 
     latent_hw: tuple[int, int]
     num_steps: int
     config: EditConfig
-    step: int = 0
+    layout: BatchLayout = CALIBRATION
     map_sum: torch.Tensor | None = None
     map_count: int = 0
     last_calib_layer: str | None = None
@@ -65,28 +81,35 @@ class CalibrationRecorder:
     final_hidden: dict[str, torch.Tensor] = field(default_factory=dict)
 
     def __call__(
-        self, layer_id: str, is_cross: bool, probs: torch.Tensor, hidden: torch.Tensor
+        self,
+        layer_id: str,
+        is_cross: bool,
+        probs: torch.Tensor,
+        hidden: torch.Tensor | None,
+        step: int,
     ) -> torch.Tensor:
-        if not is_cross:
-            return probs
-        heads = probs.shape[0] // 2
-        cond = probs[heads:].float().mean(dim=0)  # [P, T]
-        final = self.step == self.num_steps - 1
-        if final:
-            self.final_maps[layer_id] = cond
-            # a copy: on engines, `hidden` lives in an output buffer reused by the next call
-            self.final_hidden[layer_id] = hidden[1].float().clone()  # [P, C]
-        f = layer_downscale(self.latent_hw, probs.shape[1])
-        if f == self.config.calibration_downscale and (self.config.calibration == "mean" or final):
-            self.map_sum = cond if self.map_sum is None else self.map_sum + cond
-            self.map_count += 1
-            self.last_calib_layer = layer_id
+        if is_cross:
+            cond_map = branch_mean(probs, self.layout, "edit")  # [P, T]
+            self.record(layer_id, step, cond_map, hidden[self.layout.index("edit")])
         return probs
 
-    def end_step(self) -> None:
-        self.step += 1
+    def record(
+        self, layer_id: str, step: int, cond_map: torch.Tensor, cond_hidden: torch.Tensor
+    ) -> None:
+        """One cross-attention layer at one step: its conditional head-mean map ``cond_map``
+        [P, T] (float32) and conditional input hidden states ``cond_hidden`` [P, C]."""
+        final = step == self.num_steps - 1
+        if final:  # copies: on engines the inputs are output buffers reused by the next call
+            self.final_maps[layer_id] = cond_map.float().clone()  # [P, T]
+            self.final_hidden[layer_id] = cond_hidden.float().clone()  # [P, C]
+        f = layer_downscale(self.latent_hw, cond_map.shape[0])
+        if f == self.config.calibration_downscale and (self.config.calibration == "mean" or final):
+            cond_map = cond_map.float()
+            self.map_sum = cond_map.clone() if self.map_sum is None else self.map_sum + cond_map
+            self.map_count += 1
+            self.last_calib_layer = layer_id
 
-    def after_scheduler_step(self, latents: torch.Tensor) -> torch.Tensor:
+    def after_step(self, step: int, latents: torch.Tensor) -> torch.Tensor:
         """The calibration pass is a plain generation: latents pass unchanged."""
         return latents
 
@@ -122,83 +145,196 @@ class CalibrationRecorder:
         return tau, keys
 
 
+_CONTROL_TENSORS = ("carry", "alphas", "equalizer", "lambda_s", "lambda_sv", "dps_on")
+
+
+@dataclass(frozen=True, eq=False)
+class EditControls:
+    """What the per-layer edit of one edit needs besides the step's gates, as tensors: the
+    arguments of :func:`~adapedit.edit.edit_probs` (the fused graph's per-edit inputs).
+
+    Attributes:
+        carry: [T, T] the token map's matrix; alphas: [T]; equalizer: [T] (ones unless
+            reweighting).
+        lambda_s, lambda_sv, dps_on: [] or [1] (``dps_on`` 1.0 when DPS runs).
+        keys: per cross-attention layer, ``E_k`` [C]; empty without DPS.
+    """
+
+    carry: torch.Tensor
+    alphas: torch.Tensor
+    equalizer: torch.Tensor
+    lambda_s: torch.Tensor
+    lambda_sv: torch.Tensor
+    dps_on: torch.Tensor
+    keys: dict[str, torch.Tensor]
+
+    @classmethod
+    def build(cls, plan: EditPlan, keys: dict[str, torch.Tensor] | None) -> EditControls:
+        cfg = plan.config
+        n_tokens = plan.target.max_length
+        eq = plan.equalizer if plan.equalizer is not None else torch.ones(n_tokens)
+        return cls(
+            carry=plan.token_map.matrix,
+            alphas=plan.token_map.alphas,
+            equalizer=eq,
+            lambda_s=torch.tensor(cfg.lambda_s),
+            lambda_sv=torch.tensor(cfg.lambda_sv),
+            dps_on=torch.tensor(float(keys is not None)),
+            keys=dict(keys or {}),
+        )
+
+    def to(self, like: torch.Tensor) -> EditControls:
+        """The controls on ``like``'s device and in its dtype."""
+
+        def cast(x: torch.Tensor) -> torch.Tensor:
+            return x.to(device=like.device, dtype=like.dtype)
+
+        return EditControls(
+            **{name: cast(getattr(self, name)) for name in _CONTROL_TENSORS},
+            keys={k: cast(v) for k, v in self.keys.items()},
+        )
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """The per-edit tensors by field name (keys apart)."""
+        return {name: getattr(self, name) for name in _CONTROL_TENSORS}
+
+    def key(self, layer_id: str, width: int, like: torch.Tensor) -> torch.Tensor:
+        """The layer's ``E_k`` [C], or zeros when DPS does not run (``dps_on`` = 0 ignores it)."""
+        return self.keys.get(layer_id, torch.zeros(width, device=like.device, dtype=like.dtype))
+
+
+@dataclass(frozen=True, eq=False)
+class EditSchedule:
+    """The gates of every step of an edit pass: ``cross`` [N, T] (1 where token ``j`` is
+    injected at step ``s``, ``s < ⌊τ_j · (N + 1)⌋``) and ``self`` [N] (``s < ⌊τ_self · N⌋``)."""
+
+    cross: torch.Tensor
+    self: torch.Tensor
+
+    @classmethod
+    def build(cls, tau: TauPlan, num_steps: int) -> EditSchedule:
+        n_self = self_steps(tau.tau_self, num_steps)
+        return cls(
+            cross_gates(tau.token_tau, num_steps), (torch.arange(num_steps) < n_self).float()
+        )
+
+
+def edit_layer(
+    layer_id: str,
+    is_cross: bool,
+    probs: torch.Tensor,
+    hidden: torch.Tensor | None,
+    layout: BatchLayout,
+    controls: EditControls,
+    cross_gate: torch.Tensor,
+    self_gate: torch.Tensor,
+) -> torch.Tensor:
+    """:func:`~adapedit.edit.edit_probs` for one controlled layer with an edit's controls and
+    the step's gates (the controller between segments and the fused graph both call this)."""
+    width = hidden.shape[-1] if hidden is not None else 0
+    return edit_probs(
+        probs,
+        hidden,
+        layout,
+        is_cross=is_cross,
+        carry=controls.carry,
+        alphas=controls.alphas,
+        equalizer=controls.equalizer,
+        cross_gate=cross_gate,
+        self_gate=self_gate,
+        e_k=controls.key(layer_id, width, probs),
+        lambda_s=controls.lambda_s,
+        lambda_sv=controls.lambda_sv,
+        dps_on=controls.dps_on,
+    )
+
+
 @dataclass
 class EditController:
-    """Applies §5 to the edit branch (batch ``[u_src, u_edt, c_src, c_edt]``) and collects the
-    maps LocalBlend and the visualisation need."""
+    """Applies §5 to the edit branch of an edit pass (:data:`~adapedit.layout.EDIT`,
+    ``[u_src, u_edt, c_src, c_edt]``) and collects the maps LocalBlend and the attention image
+    need (from the 1/4-resolution cross-attention layers, after the edit, as P2P's
+    attention store sees them)."""
 
     plan: EditPlan
     tau: TauPlan
     keys: dict[str, torch.Tensor] | None
     num_steps: int
     latent_hw: tuple[int, int]
-    step: int = 0
-    gates: torch.Tensor = field(init=False)  # [N, T]
-    n_self: int = field(init=False)
+    layout: BatchLayout = EDIT
+    controls: EditControls = field(init=False)
+    schedule: EditSchedule = field(init=False)
     blend_maps: torch.Tensor | None = None  # [2, h, w] accumulated over steps
     vis_sum: torch.Tensor | None = None  # [h*w, T] edit-branch maps after the edit
     vis_count: int = 0
+    _cast: dict[tuple[torch.device, torch.dtype], tuple[EditControls, EditSchedule]] = field(
+        init=False, default_factory=dict
+    )
 
     def __post_init__(self) -> None:
-        self.gates = cross_gates(self.tau.token_tau, self.num_steps)
-        self.n_self = self_steps(self.tau.tau_self, self.num_steps)
+        self.controls = EditControls.build(self.plan, self.keys)
+        self.schedule = EditSchedule.build(self.tau, self.num_steps)
+
+    def controls_like(self, like: torch.Tensor) -> tuple[EditControls, EditSchedule]:
+        """The controls and the schedule on ``like``'s device and dtype (cast once each)."""
+        key = (like.device, like.dtype)
+        if key not in self._cast:
+            cast = {"device": like.device, "dtype": like.dtype}
+            s = EditSchedule(self.schedule.cross.to(**cast), self.schedule.self.to(**cast))
+            self._cast[key] = (self.controls.to(like), s)
+        return self._cast[key]
 
     def __call__(
-        self, layer_id: str, is_cross: bool, probs: torch.Tensor, hidden: torch.Tensor
+        self,
+        layer_id: str,
+        is_cross: bool,
+        probs: torch.Tensor,
+        hidden: torch.Tensor | None,
+        step: int,
     ) -> torch.Tensor:
-        heads = probs.shape[0] // 4
-        v = probs.view(4, heads, *probs.shape[1:])  # [4, H, P, T]
-        if not is_cross:
-            v[3] = edit_self_attention(v[2], v[3], self.step < self.n_self)
-            return probs
-        cfg = self.plan.config
-        blend_layer = layer_downscale(self.latent_hw, probs.shape[1]) == BLEND_DOWNSCALE
-        if blend_layer and cfg.local_blend:
-            self._record_blend(v)
-        s = None
-        if self.keys is not None:
-            s = pixel_similarity(hidden[3], self.keys[layer_id], cfg.lambda_sv)  # [P]
-        v[3] = edit_cross_attention(
-            v[2],
-            v[3],
-            self.plan.token_map,
-            self.gates[self.step],
-            s=s,
-            lambda_s=cfg.lambda_s,
-            equalizer=self.plan.equalizer,
+        c, s = self.controls_like(probs)
+        out = edit_layer(
+            layer_id, is_cross, probs, hidden, self.layout, c, s.cross[step], s.self[step]
         )
-        if blend_layer:
-            m = v[3].float().mean(dim=0)  # [P, T]
-            self.vis_sum = m if self.vis_sum is None else self.vis_sum + m
-            self.vis_count += 1
-        return probs
+        if is_cross and layer_downscale(self.latent_hw, probs.shape[1]) == BLEND_DOWNSCALE:
+            self.record_maps(
+                branch_mean(probs, self.layout, "source"), branch_mean(out, self.layout, "edit")
+            )
+        return out
 
-    def _record_blend(self, v: torch.Tensor) -> None:
-        hw = layer_hw(self.latent_hw, v.shape[2])
-        maps = []
-        for b, toks in ((2, self.plan.blend_source), (3, self.plan.blend_target)):
-            m = (
-                v[b][..., list(toks)].sum(dim=-1).float().mean(dim=0)
-                if toks
-                else torch.zeros(v.shape[2], device=v.device)
-            )  # [P]
-            maps.append(m.reshape(hw))
-        # Each layer contributes its head-mean; the mask is max-normalised, so a sum over
-        # layers and steps gives the same mask as P2P's mean.
-        maps = torch.stack(maps)  # [2, h, w]
+    def record_maps(self, src_map: torch.Tensor, edt_map: torch.Tensor, layers: int = 1) -> None:
+        """Maps of the LocalBlend-resolution layers at one step: the source branch's and the
+        edited branch's conditional head-mean maps [P, T], summed over ``layers`` layers."""
+        hw = layer_hw(self.latent_hw, src_map.shape[0])
+        src_map, edt_map = src_map.float(), edt_map.float()  # [P, T]
+        self.vis_sum = edt_map.clone() if self.vis_sum is None else self.vis_sum + edt_map
+        self.vis_count += layers
+        if not self.plan.config.local_blend:
+            return
+        maps = torch.stack(
+            [
+                m[:, list(toks)].sum(dim=-1) if toks else torch.zeros_like(m[:, 0])
+                for m, toks in (
+                    (src_map, self.plan.blend_source),
+                    (edt_map, self.plan.blend_target),
+                )
+            ]
+        ).reshape(2, *hw)  # [2, h, w]
+        # The mask is max-normalised, so a sum over layers and steps gives P2P's mean's mask.
         self.blend_maps = maps if self.blend_maps is None else self.blend_maps + maps
 
-    def end_step(self) -> None:
-        self.step += 1
-
-    def after_scheduler_step(self, latents: torch.Tensor) -> torch.Tensor:
-        """LocalBlend on latents [2, C, H, W] after each scheduler step (identity without it)."""
+    def after_step(self, step: int, latents: torch.Tensor) -> torch.Tensor:
+        """LocalBlend on latents [2, C, H, W] (source, edit) after each scheduler step (identity
+        without it)."""
         if not self.plan.config.local_blend or self.blend_maps is None:
             return latents
         mask = local_blend_mask(
             self.blend_maps, self.latent_hw, self.plan.config.local_blend_threshold
-        )
-        return apply_local_blend(latents, mask.to(latents.dtype))
+        ).to(latents.dtype)  # [1, 1, H, W]
+        i, j = self.layout.latent_index("source"), self.layout.latent_index("edit")
+        out = latents.clone()
+        out[j] = apply_local_blend(latents[i], latents[j], mask)
+        return out
 
     def attention_maps(self) -> torch.Tensor:
         """Mean edit-branch maps per token at the LocalBlend resolution: [T, h, w]."""

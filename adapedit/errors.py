@@ -1,7 +1,9 @@
 """One exception hierarchy for the whole project.
 
 Every message reads *what / where / expected / got*, so that a user (or a C++ caller through the
-Python bridge) can tell what to fix without reading a traceback.
+Python bridge) can tell what to fix without reading a traceback. An error about one option or
+prompt also carries its name as data (``field``: an option of ``EditConfig``/``SamplerConfig``,
+or ``source``/``target`` for the prompts), so a server can name it without parsing the text.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ class AdapEditError(Exception):
         where: str | None = None,
         expected: Any = None,
         got: Any = None,
+        field: str | None = None,
     ) -> None:
         parts = [what]
         if where is not None:
@@ -29,6 +32,7 @@ class AdapEditError(Exception):
             parts.append(f"got: {got}")
         super().__init__(" | ".join(parts))
         self.what, self.where, self.expected, self.got = what, where, expected, got
+        self.field = field
 
 
 class InputError(AdapEditError, ValueError):

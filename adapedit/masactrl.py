@@ -37,6 +37,7 @@ import torch
 from adapedit.alignment import tokenize
 from adapedit.config import EditConfig, SamplerConfig
 from adapedit.errors import ConfigError
+from adapedit.layout import EDIT
 from adapedit.processors import attention_layers, is_cross_layer
 
 #: The branches of the edit batch in the order the sampling loop stacks the latents; with its
@@ -226,7 +227,7 @@ def masactrl_edit(
     for prompt in (source, target):
         tokenize(pipe.tokenizer, prompt)  # validates the length first
     x0 = pipe.initial_latent(sampler)  # [1, 4, h, w]; validates the resolution
-    pipe.prepare(EditConfig(), tuple(x0.shape[-2:]))
+    pipe.prepare(EditConfig(), tuple(x0.shape[-2:]), (EDIT.size,))
     unet = pipe.components.unet
     start_step, start_layer = config.resolved(
         pipe.num_steps(sampler), len(transformer_layers(unet))

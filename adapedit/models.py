@@ -181,6 +181,7 @@ def latent_size(
                 where=f"model {model}",
                 expected=f"a multiple of {size_multiple}",
                 got=v,
+                field=name,
             )
     return height // vae_scale_factor, width // vae_scale_factor
 

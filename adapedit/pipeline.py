@@ -15,11 +15,13 @@ from tqdm.auto import tqdm
 
 from adapedit.alignment import MAX_TOKENS, tokenize
 from adapedit.config import EditConfig, SamplerConfig
-from adapedit.controller import CalibrationRecorder, EditController
+from adapedit.controller import CalibrationRecorder, Controller, EditController
+from adapedit.errors import AdapEditError
 from adapedit.fwt import TauPlan, fixed_tau
+from adapedit.layout import CALIBRATION, EDIT, GENERATION
 from adapedit.models import Components, latent_size, load_model, make_scheduler
 from adapedit.plan import EditPlan, build_plan
-from adapedit.processors import Controller, ControlSlot, install_processors
+from adapedit.processors import ControlSlot, install_processors
 
 
 @dataclass
@@ -90,22 +92,24 @@ class _Observer:
     """Wraps an :class:`EditController`, keeping the probabilities it returns at one step."""
 
     def __init__(self, inner: EditController, step: int) -> None:
-        self.inner, self.step = inner, step
+        self.inner, self.step, self.layout = inner, step, inner.layout
         self.probs: dict[str, torch.Tensor] = {}
 
     def __call__(
-        self, layer_id: str, is_cross: bool, probs: torch.Tensor, hidden: torch.Tensor | None
+        self,
+        layer_id: str,
+        is_cross: bool,
+        probs: torch.Tensor,
+        hidden: torch.Tensor | None,
+        step: int,
     ) -> torch.Tensor:
-        out = self.inner(layer_id, is_cross, probs, hidden)
-        if self.inner.step == self.step:
+        out = self.inner(layer_id, is_cross, probs, hidden, step)
+        if step == self.step:
             self.probs[layer_id] = out.detach().float().cpu().clone()
         return out
 
-    def end_step(self) -> None:
-        self.inner.end_step()
-
-    def after_scheduler_step(self, latents: torch.Tensor) -> torch.Tensor:
-        return self.inner.after_scheduler_step(latents)
+    def after_step(self, step: int, latents: torch.Tensor) -> torch.Tensor:
+        return self.inner.after_step(step, latents)
 
     def attention_maps(self) -> torch.Tensor:
         return self.inner.attention_maps()
@@ -141,17 +145,27 @@ class EditPipeline(ABC):
         t: torch.Tensor,
         embeddings: torch.Tensor,
         controller: Controller | None,
+        step: int,
     ) -> torch.Tensor:
-        """One UNet call: noise prediction [B, 4, h, w] for latents ``x`` at timestep ``t``."""
+        """One UNet call, the ``step``-th of its pass: noise prediction [B, 4, h, w] for latents
+        ``x`` at timestep ``t``, with ``controller`` at the controlled layers."""
 
     @abstractmethod
     def decode_one(self, latent: torch.Tensor) -> torch.Tensor:
         """VAE-decode one latent [1, 4, h, w] → image [3, H, W] in [-1, 1]."""
 
     @abstractmethod
-    def prepare(self, edit: EditConfig, latent_hw: tuple[int, int]) -> None:
-        """Before a pass: fix which layers are controlled (where the backend can choose) and
-        check the resolution against what the backend was built for."""
+    def prepare(
+        self, edit: EditConfig, latent_hw: tuple[int, int], batches: tuple[int, ...]
+    ) -> None:
+        """Before any UNet call: fix which layers are controlled (where the backend can choose)
+        and check the resolution and the UNet batch sizes the passes will run against what the
+        backend was built for."""
+
+    @staticmethod
+    def edit_batches(edit: EditConfig) -> tuple[int, ...]:
+        """The UNet batch sizes of an edit: the edit pass, and the calibration pass if it runs."""
+        return (CALIBRATION.size, EDIT.size) if edit.needs_calibration else (EDIT.size,)
 
     # -- building blocks ---------------------------------------------------------------------
 
@@ -198,10 +212,22 @@ class EditPipeline(ABC):
         noise: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """The CFG sampling loop. ``latents`` [B, 4, h, w]; ``embeddings`` [2B, 77, D] laid out
-        ``[uncond…, cond…]``. The controller sees every controlled attention layer.
+        ``[uncond…, cond…]`` (a guided :class:`~adapedit.layout.BatchLayout`). The controller
+        sees every controlled attention layer, with the index of the UNet call in the pass.
 
         With ``start > 0`` (SDEdit) ``latents`` are clean: they are noised with ``noise`` to
-        the ``start``-th timestep and denoised from there."""
+        the ``start``-th timestep and denoised from there.
+
+        Raises:
+            AdapEditError: the controller's layout does not fit the batch.
+        """
+        if controller is not None and controller.layout.size != embeddings.shape[0]:
+            raise AdapEditError(
+                "the controller's batch layout does not fit the batch",
+                where=f"{desc} pass",
+                expected=f"{controller.layout.size} samples {controller.layout.branches}",
+                got=f"{embeddings.shape[0]} samples",
+            )
         scheduler = make_scheduler(sampler.scheduler, self.scheduler_config)
         scheduler.set_timesteps(sampler.steps)
         timesteps = scheduler.timesteps[start:]
@@ -211,15 +237,14 @@ class EditPipeline(ABC):
             if hasattr(scheduler, "set_begin_index"):
                 scheduler.set_begin_index(start)
             latents = scheduler.add_noise(latents, noise, timesteps[:1])
-        for t in tqdm(timesteps, desc=desc, disable=not progress, leave=False):
+        for step, t in enumerate(tqdm(timesteps, desc=desc, disable=not progress, leave=False)):
             x_in = scheduler.scale_model_input(torch.cat([latents, latents]), t)
-            eps = self.unet(x_in, t, embeddings, controller).to(latents.dtype)
+            eps = self.unet(x_in, t, embeddings, controller, step).to(latents.dtype)
             eps_u, eps_c = eps.chunk(2)
             eps = eps_u + sampler.guidance * (eps_c - eps_u)
             latents = scheduler.step(eps, t, latents).prev_sample
             if controller is not None:
-                controller.end_step()
-                latents = controller.after_scheduler_step(latents)
+                latents = controller.after_step(step, latents)
             if record is not None:
                 record.append(latents.detach().cpu().clone())
         return latents
@@ -243,9 +268,10 @@ class EditPipeline(ABC):
         """Plain text-to-image generation of ``prompt`` (batch ``[u, c]``)."""
         tokenize(self.tokenizer, prompt)  # validates the length first
         x0 = self.initial_latent(sampler)
-        emb = self.encode(["", prompt])
+        uncond, cond = self.encode(["", prompt]).split(1)
+        emb = GENERATION.stack(uncond, {"source": cond})
         record: list[torch.Tensor] | None = [] if record_latents else None
-        self.prepare(EditConfig(), tuple(x0.shape[-2:]))
+        self.prepare(EditConfig(), tuple(x0.shape[-2:]), (GENERATION.size,))
         latents = self.denoise(x0, emb, sampler, desc="generate", progress=progress, record=record)
         return GenerationResult(self.decode(latents)[0], record or [])
 
@@ -271,7 +297,7 @@ class EditPipeline(ABC):
         plan = self.plan(source, target, edit)
         x0 = self.initial_latent(sampler)  # validates the resolution
         latent_hw = tuple(x0.shape[-2:])
-        self.prepare(edit, latent_hw)
+        self.prepare(edit, latent_hw, self.edit_batches(edit))
         n = self.num_steps(sampler)
         timings: dict[str, float] = {}
         notes: list[str] = []
@@ -286,7 +312,7 @@ class EditPipeline(ABC):
             recorder = CalibrationRecorder(latent_hw, n, edit)
             self.denoise(
                 x0,
-                torch.cat([uncond, c_edt]),
+                CALIBRATION.stack(uncond, {"edit": c_edt}),
                 sampler,
                 recorder,
                 desc="calibration",
@@ -308,7 +334,7 @@ class EditPipeline(ABC):
         record: list[torch.Tensor] | None = [] if record_latents else None
         latents = self.denoise(
             torch.cat([x0, x0]),
-            torch.cat([uncond, uncond, c_src, c_edt]),
+            EDIT.stack(uncond, {"source": c_src, "edit": c_edt}),
             sampler,
             controller,
             desc="edit",
@@ -318,7 +344,8 @@ class EditPipeline(ABC):
         timings["edit"] = time.perf_counter() - t
 
         t = time.perf_counter()
-        src_img, edt_img = self.decode(latents)
+        images = self.decode(latents)
+        src_img, edt_img = (images[EDIT.latent_index(p)] for p in ("source", "edit"))
         timings["decode"] = time.perf_counter() - t
         timings["total"] = time.perf_counter() - t_start
 
@@ -362,7 +389,9 @@ class ReferencePipeline(EditPipeline):
         """Build from a built-in model name or a local diffusers folder."""
         return cls(load_model(spec), device)
 
-    def prepare(self, edit: EditConfig, latent_hw: tuple[int, int]) -> None:
+    def prepare(
+        self, edit: EditConfig, latent_hw: tuple[int, int], batches: tuple[int, ...]
+    ) -> None:
         self.slot.self_max_queries = edit.self_max_queries
 
     @torch.no_grad()
@@ -377,12 +406,13 @@ class ReferencePipeline(EditPipeline):
         t: torch.Tensor,
         embeddings: torch.Tensor,
         controller: Controller | None,
+        step: int,
     ) -> torch.Tensor:
-        self.slot.controller = controller
+        self.slot.controller, self.slot.step = controller, step
         try:
             return self.components.unet(x, t, encoder_hidden_states=embeddings).sample
         finally:
-            self.slot.controller = None
+            self.slot.controller, self.slot.step = None, 0
 
     @torch.no_grad()
     def decode_one(self, latent: torch.Tensor) -> torch.Tensor:

@@ -54,8 +54,8 @@ def build_plan(tokenizer, source: str, target: str, config: EditConfig) -> EditP
         PromptError: a prompt over 77 tokens, replace with unequal word counts, a LocalBlend or
             reweight word that is not in its prompt.
     """
-    src = tokenize(tokenizer, source, where="source prompt")
-    tgt = tokenize(tokenizer, target, where="edit prompt")
+    src = tokenize(tokenizer, source, where="source prompt", field="source")
+    tgt = tokenize(tokenizer, target, where="edit prompt", field="target")
     if config.edit_type == "replace":
         token_map = replace_map(src, tgt)
         keywords = tuple(t for k in swapped_words(src, tgt) for t in tgt.words[k].tokens)
@@ -74,6 +74,7 @@ def build_plan(tokenizer, source: str, target: str, config: EditConfig) -> EditP
                 where=f"source {src.text!r} / edit {tgt.text!r}",
                 expected=f"a word of either prompt: {all_words}",
                 got=word,
+                field="local_blend",
             )
         blend_src += in_src
         blend_tgt += in_tgt

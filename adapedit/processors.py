@@ -9,16 +9,20 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-#: ``controller(layer_id, is_cross, probs [B*H, P, T], hidden [B, P, C]) -> probs``
-Controller = Callable[[str, bool, torch.Tensor, torch.Tensor], torch.Tensor]
+from adapedit.geometry import is_controlled_by_rule, is_cross_layer
+
+#: What a controlled layer calls: ``hook(layer_id, is_cross, probs, hidden, step) -> probs`` —
+#: a :class:`~adapedit.controller.Controller`, or the exporter's capture of the tensors.
+LayerHook = Callable[[str, bool, torch.Tensor, "torch.Tensor | None", int], torch.Tensor]
 
 
 @dataclass
 class ControlSlot:
-    """Shared by all processors of a UNet: the controller of the current pass (or None) and which
-    layers are controlled."""
+    """Shared by all processors of a UNet: the controller of the current UNet call (or None),
+    the call's step index in its pass, and which layers are controlled."""
 
-    controller: Controller | None = None
+    controller: LayerHook | None = None
+    step: int = 0
     self_max_queries: int = 256
     controlled: frozenset[str] | None = None
 
@@ -28,11 +32,6 @@ class ControlSlot:
         if self.controlled is not None:
             return layer_id in self.controlled
         return is_controlled_by_rule(is_cross, queries, self.self_max_queries)
-
-
-def is_controlled_by_rule(is_cross: bool, queries: int, self_max_queries: int) -> bool:
-    """ALGORITHM.md §5: every cross-attention layer; self-attention with ≤ 256 queries."""
-    return is_cross or queries <= self_max_queries
 
 
 class ControlledAttnProcessor:
@@ -62,9 +61,15 @@ class ControlledAttnProcessor:
         value = attn.to_v(context)
         if self.slot.is_controlled(self.layer_id, is_cross, queries):
             q, k, v = (attn.head_to_batch_dim(x) for x in (query, key, value))  # [B*H, ·, d]
-            probs = attn.get_attention_scores(q, k, None)  # [B*H, P, K]
+            probs = attention_probs(attn, q, k)  # [B*H, P, K]
             if self.slot.controller is not None:
-                probs = self.slot.controller(self.layer_id, is_cross, probs, hidden_states)
+                probs = self.slot.controller(
+                    self.layer_id,
+                    is_cross,
+                    probs,
+                    hidden_states if is_cross else None,
+                    self.slot.step,
+                )
             out = attn.batch_to_head_dim(torch.bmm(probs, v))  # [B, P, H*d]
         else:
             heads = attn.heads
@@ -78,6 +83,21 @@ class ControlledAttnProcessor:
         if attn.residual_connection:
             out = out + hidden_states
         return out / attn.rescale_output_factor
+
+
+def attention_probs(attn, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    """Softmax attention probabilities [B·H, P, K] from ``q`` [B·H, P, d] and ``k`` [B·H, K, d]:
+    diffusers' ``Attention.get_attention_scores`` without a mask, bit for bit, except that the
+    ignored ``baddbmm`` input (β = 0) is a broadcast scalar rather than an empty [B·H, P, K]
+    tensor, which a static export would otherwise store as a constant of zeros."""
+    dtype = q.dtype
+    if attn.upcast_attention:
+        q, k = q.float(), k.float()
+    zero = torch.zeros(1, 1, 1, dtype=q.dtype, device=q.device)
+    scores = torch.baddbmm(zero, q, k.transpose(-1, -2), beta=0, alpha=attn.scale)
+    if attn.upcast_softmax:
+        scores = scores.float()
+    return scores.softmax(dim=-1).to(dtype)
 
 
 def attention_layers(unet) -> list[tuple[str, object]]:
@@ -113,11 +133,6 @@ def controlled_layers(unet, latent_hw: tuple[int, int], self_max_queries: int = 
         for name, _, queries in attention_geometry(unet, latent_hw)
         if is_controlled_by_rule(is_cross_layer(name), queries, self_max_queries)
     ]
-
-
-def is_cross_layer(layer_id: str) -> bool:
-    """In SD's transformer blocks ``attn1`` is self-attention and ``attn2`` cross-attention."""
-    return layer_id.endswith("attn2")
 
 
 def attention_geometry(unet, latent_hw: tuple[int, int]) -> list[tuple[str, object, int]]:

@@ -8,6 +8,9 @@ import importlib.util
 import json
 import os
 import platform
+import subprocess
+import sys
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -85,3 +88,44 @@ def write_results(folder: Path, stem: str, record: dict, md: str) -> None:
     atomic_write_bytes(folder / f"{stem}.json", (json.dumps(record, indent=2) + "\n").encode())
     atomic_write_bytes(folder / f"{stem}.md", md.encode())
     print(md)
+
+
+def export_cli(
+    model: str,
+    folder: Path,
+    *,
+    precision: str,
+    shapes: str,
+    size: int,
+    forms: Sequence[str] = ("segmented", "whole"),
+    batches: Sequence[int] = (2, 4),
+    jobs: int = 1,
+) -> None:
+    """``adapedit export`` in a child process (the command users run; its memory is gone when
+    it ends, so the measuring process holds only what it measures)."""
+    cmd = [
+        sys.executable,
+        "-m",
+        "adapedit.cli",
+        "export",
+        "--model",
+        model,
+        "--out",
+        str(folder),
+        "--precision",
+        precision,
+        "--shapes",
+        shapes,
+        "--height",
+        str(size),
+        "--width",
+        str(size),
+        "--form",
+        *forms,
+        "--batches",
+        *map(str, batches),
+        "--jobs",
+        str(jobs),
+        "--quiet",
+    ]
+    subprocess.run(cmd, check=True)

@@ -29,13 +29,13 @@ def _sizes(folder: Path) -> dict[str, int]:
     return {
         str(p.relative_to(folder)): p.stat().st_size
         for p in sorted(folder.rglob("*"))
-        if p.is_file() and "onnx" in p.name
+        if p.is_file() and ("onnx" in p.name or p.name.endswith(".bin"))
     }
 
 
 def _export_all(scratch: str, precisions: list[str], height: int, out_json: str) -> None:
     """Child process: build the model, export each precision, record times and sizes."""
-    from adapedit.export.api import export_model
+    from adapedit.export.api import ExportOptions, export_model
     from adapedit.models import build_random
 
     t = time.perf_counter()
@@ -44,16 +44,19 @@ def _export_all(scratch: str, precisions: list[str], height: int, out_json: str)
     for precision in precisions:
         out = Path(scratch) / precision
         t = time.perf_counter()
-        m = export_model(model, out, precision=precision, form="both", height=height, width=height)
+        m = export_model(
+            model, out, ExportOptions(precision=precision), height=height, width=height
+        )
         sizes = _sizes(out)
         runs[precision] = {
             "export_s": time.perf_counter() - t,
             "boundaries": len(m.boundaries),
             "cross": sum(b.kind == "cross" for b in m.boundaries),
             "self": sum(b.kind == "self" for b in m.boundaries),
-            "segments": len(m.segments),
+            "segments": len(m.unet[0].segments),
             "bytes_segments": sum(v for k, v in sizes.items() if "segment_" in k),
             "bytes_whole_unet": sum(v for k, v in sizes.items() if "whole" in k),
+            "bytes_unet_weights": sum(v for k, v in sizes.items() if "weights" in k),
             "bytes_all": sum(sizes.values()),
             "files": sizes,
         }
@@ -64,7 +67,7 @@ def _time_unet(folder: Path, batch: int, repeats: int) -> dict[str, object]:
     """Whole, then segmented (one form loaded at a time): one warm-up, then ``repeats`` runs."""
     import onnxruntime as ort
 
-    from adapedit.export.manifest import Manifest
+    from adapedit.spec import Manifest
 
     manifest = Manifest.load(folder)
     dtype = np.float16 if manifest.precision == "fp16" else np.float32
@@ -104,8 +107,9 @@ def _time_unet(folder: Path, batch: int, repeats: int) -> dict[str, object]:
         gc.collect()
         return times, out.astype(np.float32)
 
-    whole_t, whole_out = time_form([manifest.graphs["unet"]])
-    seg_t, seg_out = time_form(list(manifest.segments))
+    (unet,) = manifest.unet
+    whole_t, whole_out = time_form([unet.whole])
+    seg_t, seg_out = time_form(list(unet.segments))
     times = {"whole": whole_t, "segmented": seg_t}
     med = {k: statistics.median(v) for k, v in times.items()}
     return {

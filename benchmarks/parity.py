@@ -5,8 +5,9 @@ difference, final image PSNR and max pixel difference, per-layer attention agree
 probabilities leaving the controller at the edit pass's first step, every controlled layer);
 pass/fail against the tolerances stated per precision. Writes JSON + markdown:
 
-    python benchmarks/parity.py --model tiny --steps 10
-    python benchmarks/parity.py --model sd14-random --height 256 --steps 3 --tag sd14-256
+    python -m benchmarks.parity --model tiny --steps 10
+    python -m benchmarks.parity --model sd14-random --height 256 --steps 3 --tag sd14-256
+    python -m benchmarks.parity --export-dir EXPORT --device cuda --reference-precision fp16
 """
 
 from __future__ import annotations
@@ -16,9 +17,9 @@ import tempfile
 import time
 from pathlib import Path
 
-from benchmarks.common import available_backends, machine_info, write_results
+from benchmarks.common import available_backends, export_cli, machine_info, write_results
 
-#: Tolerances per engine precision (against an fp32 reference on the same device).
+#: Tolerances per engine precision (against a reference on the same device).
 TOLERANCES = {
     "fp32": {"latents_max_abs": 1e-3, "tau_max_abs": 1e-5, "psnr_db": 50.0},
     "fp16": {"latents_max_abs": 5e-2, "tau_max_abs": 1e-2, "psnr_db": 30.0},
@@ -34,24 +35,30 @@ def run(a: argparse.Namespace) -> dict:
 
     from adapedit.config import EditConfig, SamplerConfig
     from adapedit.engines.folder import build_engines
-    from adapedit.export.api import export_model
     from adapedit.models import load_model
     from adapedit.parity import compare_edits
     from adapedit.pipeline import ReferencePipeline
     from adapedit.runtime.session import EditSession
+    from adapedit.spec import Manifest
 
     device = (
         "cuda"
         if torch.cuda.is_available() and a.device == "auto"
         else ("cpu" if a.device == "auto" else a.device)
     )
-    components = load_model(a.model)
+    given = Manifest.load(a.export_dir) if a.export_dir else None
+    model = given.model if given else a.model
+    dtype = torch.float16 if a.reference_precision == "fp16" else torch.float32
+    components = load_model(model).to("cpu", dtype)
     reference = ReferencePipeline(components, device=device)
-    size = a.height or components.default_size
+    size = given.height if given else (a.height or components.default_size)
+    precisions = [given.precision] if given else a.precisions
     edit = EditConfig(alpha_m=a.alpha_m)
     record = {
         "machine": machine_info(),
-        "model": a.model,
+        "model": model,
+        "shapes": given.shapes if given else a.shapes,
+        "reference_precision": a.reference_precision,
         "height": size,
         "width": size,
         "steps": a.steps,
@@ -62,20 +69,14 @@ def run(a: argparse.Namespace) -> dict:
     }
     backends = [b for b in available_backends() if not a.backends or b.name in a.backends]
     with tempfile.TemporaryDirectory(prefix="adapedit-parity-", dir=a.work) as work:
-        exports = {}
+        exports = {given.precision: Path(a.export_dir)} if given else {}
         for backend in backends:
-            for precision in a.precisions:
+            for precision in precisions:
                 if precision not in exports:
                     t = time.perf_counter()
                     folder = Path(work) / f"export-{precision}"
-                    export_model(
-                        a.model,  # a fresh CPU copy: the reference may live on the GPU
-                        folder,
-                        precision=precision,
-                        form="segmented",
-                        height=size,
-                        width=size,
-                        progress=False,
+                    export_cli(  # in a child process: a fresh CPU copy of the model
+                        model, folder, precision=precision, shapes=a.shapes, size=size
                     )
                     exports[precision] = folder
                     print(f"exported {precision} in {time.perf_counter() - t:.0f} s")
@@ -132,7 +133,8 @@ def markdown(record: dict) -> str:
         f"# Parity: {record['model']} at {record['height']}×{record['width']}, "
         f"{record['steps']} steps",
         "",
-        f"Machine: {m['description']}. Reference (PyTorch fp32) on {record['reference_device']}.",
+        f"Machine: {m['description']}. Reference (PyTorch {record['reference_precision']}) on "
+        f"{record['reference_device']}; engines from a {record['shapes']} export.",
         "",
         "| backend | precision | seed | latents max abs | latents max rel | τ max abs | PSNR src / "
         "edit dB | max px diff | worst layer max abs | ref s | backend s | result |",
@@ -161,6 +163,9 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     ap.add_argument("--model", default="tiny")
+    ap.add_argument("--export-dir", default=None, help="an existing export (else one is made)")
+    ap.add_argument("--shapes", choices=("dynamic", "static"), default="dynamic")
+    ap.add_argument("--reference-precision", choices=("fp32", "fp16"), default="fp32")
     ap.add_argument("--height", type=int, default=None)
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1])

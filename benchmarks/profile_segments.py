@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 import collections
 import json
-import multiprocessing
 import shutil
 import tempfile
 import time
@@ -19,8 +18,7 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.common import machine_info, write_results
-from benchmarks.latency import _export
+from benchmarks.common import export_cli, machine_info, write_results
 
 
 def profile(runners, run, repeats: int) -> dict:
@@ -52,22 +50,20 @@ def main() -> None:
     )
     ap.add_argument("--model", default="sd14-random")
     ap.add_argument("--height", type=int, default=256)
+    ap.add_argument("--shapes", choices=("dynamic", "static"), default="static")
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--results", default=str(Path(__file__).parent / "results"))
     a = ap.parse_args()
 
     from adapedit.engines.ort import OrtOptions, OrtRunner
-    from adapedit.export.manifest import Manifest
     from adapedit.runtime.segmented import SegmentedUNet
+    from adapedit.spec import Manifest
 
     work = Path(tempfile.mkdtemp(prefix="adapedit-profile-"))
-    child = multiprocessing.get_context("spawn").Process(
-        target=_export, args=(a.model, str(work / "export"), "fp32", a.height)
-    )
-    child.start()
-    child.join()
+    export_cli(a.model, work / "export", precision="fp32", shapes=a.shapes, size=a.height)
     m = Manifest.load(work / "export")
+    u = m.unet_graphs(a.batch)
     lat = m.height // m.vae_scale_factor
     g = torch.Generator().manual_seed(0)
     feeds = {
@@ -83,11 +79,11 @@ def main() -> None:
         r.activate()
         return r
 
-    whole = runner(m.graphs["unet"])
+    whole = runner(u.whole)
     rec_whole = profile([whole], lambda: whole.infer(feeds), a.repeats)
     whole.deactivate()
-    segs = [runner(s) for s in m.segments]
-    unet = SegmentedUNet(m, segs)
+    segs = [runner(s) for s in u.segments]
+    unet = SegmentedUNet(m, u, segs)
     rec_seg = profile(
         segs,
         lambda: unet(feeds["sample"], feeds["timestep"], feeds["encoder_hidden_states"]),

@@ -40,6 +40,7 @@ from pathlib import Path
 import numpy as np
 
 from adapedit.config import EditConfig, SamplerConfig
+from adapedit.layout import CALIBRATION
 from adapedit.masactrl import MasaCtrlConfig
 from adapedit.shapes.reader import Reading, read_image
 from adapedit.shapes.world import Mention, Scene, Thing, caption, with_attribute
@@ -283,7 +284,7 @@ def sdedit(pipe, latent, prompt: str, sampler: SamplerConfig, strength: float) -
     gen = torch.Generator().manual_seed(sampler.seed + 1)
     noise = torch.randn(latent.shape, generator=gen).to(latent)
     emb = pipe.encode(["", prompt])
-    pipe.prepare(EditConfig(), tuple(latent.shape[-2:]))
+    pipe.prepare(EditConfig(), tuple(latent.shape[-2:]), (CALIBRATION.size,))
     z = pipe.denoise(latent, emb, sampler, start=start, noise=noise, desc="sdedit")
     return pipe.decode(z)[0]
 

@@ -1,9 +1,12 @@
 """The one ``Runner`` interface over every backend, symbolic shapes, and build profiles.
 
 A runner wraps one graph of an export (its manifest :class:`GraphSpec`), takes and returns
-torch tensors on the runner's device, checks its feeds against the manifest before the backend
-sees them, and is a context manager (``activate`` on enter, ``deactivate`` on exit), in the
-manner of Polygraphy's runners.
+torch tensors on the runner's device, and is a context manager (``activate`` on enter,
+``deactivate`` on exit), in the manner of Polygraphy's runners.
+
+The hot path is static: the first call with given input shapes checks the feeds against the
+manifest, evaluates the output shapes once and lets the backend plan for them (output buffers,
+bindings); later calls with the same shapes, dtypes and devices only run.
 """
 
 from __future__ import annotations
@@ -17,7 +20,7 @@ import sympy
 import torch
 
 from adapedit.errors import EngineError
-from adapedit.export.manifest import GraphSpec, TensorSpec
+from adapedit.spec import GraphSpec, TensorSpec
 
 TORCH_DTYPES = {
     "float32": torch.float32,
@@ -78,6 +81,7 @@ class Runner(ABC):
         self.spec = spec
         self.name = name
         self.is_active = False
+        self._planned: tuple | None = None  # what the current plan is for
 
     # lifecycle -------------------------------------------------------------------------------
     def __enter__(self) -> Runner:
@@ -96,19 +100,33 @@ class Runner(ABC):
         if self.is_active:
             self._deactivate()
             self.is_active = False
+            self._planned = None
 
     # inference -------------------------------------------------------------------------------
     def infer(
-        self, feeds: dict[str, torch.Tensor], symbols: dict[str, int] | None = None
+        self,
+        feeds: dict[str, torch.Tensor],
+        symbols: dict[str, int] | None = None,
+        *,
+        check: bool = False,
     ) -> dict[str, torch.Tensor]:
         """Run the graph. ``feeds`` must hold exactly the graph's inputs, with the manifest's
         dtypes and ranks; ``symbols`` (``batch``, ``lh``, ``lw``) may be given where the inputs
-        alone do not fix them (a UNet segment fed only products such as ``64*lh*lw``). Outputs
-        may live in buffers the runner reuses on its next call."""
+        alone do not fix them (a UNet segment fed only products such as ``64*lh*lw``). Feeds
+        are checked when their shapes, dtypes or devices change (always with ``check``).
+        Outputs live in buffers the runner reuses on its next call."""
         if not self.is_active:
             self.activate()
-        symbols = self.check_feeds(feeds, symbols)
-        return self._infer(feeds, symbols)
+        key = (
+            tuple((k, x.shape, x.dtype, x.device) for k, x in feeds.items()),
+            tuple(sorted(symbols.items())) if symbols else (),
+        )
+        if key != self._planned or check:
+            solved = self.check_feeds(feeds, symbols)
+            inputs = {k: tuple(x.shape) for k, x in feeds.items()}
+            self._plan(inputs, self.output_shapes(solved))
+            self._planned = key
+        return self._run(feeds)
 
     def check_feeds(
         self, feeds: dict[str, torch.Tensor], symbols: dict[str, int] | None = None
@@ -164,9 +182,16 @@ class Runner(ABC):
     def _deactivate(self) -> None: ...
 
     @abstractmethod
-    def _infer(
-        self, feeds: dict[str, torch.Tensor], symbols: dict[str, int]
-    ) -> dict[str, torch.Tensor]: ...
+    def _plan(
+        self,
+        input_shapes: dict[str, tuple[int, ...]],
+        output_shapes: dict[str, tuple[int, ...]],
+    ) -> None:
+        """Prepare for feeds of new shapes: output buffers of ``output_shapes``, bindings."""
+
+    @abstractmethod
+    def _run(self, feeds: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Run with checked feeds of the planned shapes; returns the output buffers."""
 
 
 @dataclass(frozen=True)
@@ -200,6 +225,7 @@ class Profile:
                     where=where,
                     expected=f"{lo} ≤ {name} ≤ {hi}",
                     got=v,
+                    field=name,
                 )
 
     def symbols(self, which: int, vae_scale: int, unet_multiple: int) -> dict[str, int]:

@@ -5,19 +5,22 @@ model path. Written to a temporary folder and renamed at the end."""
 from __future__ import annotations
 
 import json
+import os
 import shutil
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+import torch
 from tqdm.auto import tqdm
 
 from adapedit.engines.base import Profile, Runner
 from adapedit.engines.cache import PlanCache, file_digest
 from adapedit.engines.ort import OrtOptions, OrtRunner
+from adapedit.engines.weights import WeightPool
 from adapedit.errors import EngineError, ManifestError
-from adapedit.export.manifest import MANIFEST, GraphSpec, Manifest
 from adapedit.io import atomic_folder, write_json
+from adapedit.spec import MANIFEST, GraphSpec, Manifest
 
 ENGINE_JSON = "engine.json"
 #: Where TensorRT plans are cached between builds unless ``cache_dir`` says otherwise.
@@ -51,8 +54,15 @@ class EngineConfig:
 
 
 def default_profile(m: Manifest) -> Profile:
-    """Batch 1–4 (an edit runs 4), sizes from the smallest the export accepts up to the export
-    resolution, optimised for the export resolution."""
+    """A static export's own shapes; for a dynamic one, batch 1–4 (an edit runs 4) and sizes
+    from the smallest the export accepts up to the export resolution, optimised for the export
+    resolution."""
+    if m.static:
+        return Profile(
+            batch=(min(m.batches), max(m.batches), max(m.batches)),
+            height=(m.height,) * 3,
+            width=(m.width,) * 3,
+        )
     lo = 2 * m.size_multiple
     return Profile(
         batch=(1, 4, 4),
@@ -61,8 +71,32 @@ def default_profile(m: Manifest) -> Profile:
     )
 
 
-def _graphs(m: Manifest) -> list[GraphSpec]:
-    return [*m.graphs.values(), *m.segments]
+def session_graphs(m: Manifest) -> Manifest:
+    """The manifest of what a session loads: the text encoder, the VAE and the fused and
+    segmented UNets of every batch variant (not the whole UNet, which only benchmarks run)."""
+    return replace(m, unet=tuple(replace(u, whole=None) for u in m.unet if u.segments or u.fused))
+
+
+def _place(src: Path, dest: Path) -> None:
+    """``src`` at ``dest``: a hard link where the file system allows it, else a copy."""
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        os.link(src, dest)
+    except OSError:
+        shutil.copy2(src, dest)
+
+
+def _weights_index(export_dir: Path, m: Manifest, tmp: Path) -> None:
+    """The weights index and files of the graphs ``m`` lists, placed under ``tmp``."""
+    doc = json.loads((export_dir / m.weights).read_text())
+    files = {g.file for g in m.all_graphs()}
+    graphs = {f: refs for f, refs in doc["graphs"].items() if f in files}
+    keys = {k for refs in graphs.values() for k in refs.values()}
+    tensors = {k: t for k, t in doc["tensors"].items() if k in keys}
+    folder = Path(m.weights).parent
+    for name in sorted({t["file"] for t in tensors.values()}):
+        _place(export_dir / folder / name, tmp / folder / name)
+    write_json(tmp / m.weights, {"tensors": tensors, "graphs": graphs})
 
 
 def build_engines(
@@ -75,10 +109,13 @@ def build_engines(
     cache_dir: str | Path | None = None,
     progress: bool = True,
 ) -> EngineConfig:
-    """Build an engine folder from an export folder.
+    """Build an engine folder from an export folder: the graphs a session loads (text encoder,
+    VAE, segmented UNet), placed (ORT: hard-linked or copied, with their weights file) or
+    compiled (TensorRT), with a manifest of exactly those graphs.
 
     Raises:
-        EngineError: ``out`` exists, unknown backend, TensorRT missing or failing.
+        EngineError: ``out`` exists, unknown backend, a profile given for a static export, no
+            segmented UNet, TensorRT missing or failing.
         ManifestError: the export folder is incomplete or not an export.
     """
     export_dir, out = Path(export_dir), Path(out)
@@ -94,20 +131,36 @@ def build_engines(
             got="an existing path",
         )
     manifest = Manifest.load(export_dir)
-    profile = profile or default_profile(manifest)
+    if not (manifest.has_segments or manifest.has_fused):
+        raise EngineError(
+            "the export has no UNet a session can run",
+            where=str(export_dir),
+            expected="the segmented or fused form ('adapedit export --form segmented|fused')",
+            got="whole UNet only",
+        )
+    own = default_profile(manifest)
+    if manifest.static and profile is not None and profile != own:
+        raise EngineError(
+            "a static export is built for its own shapes: a profile cannot widen them",
+            where=str(export_dir),
+            expected=f"no --batch/--height/--width, or exactly {own}",
+            got=profile,
+        )
+    profile = profile or own
+    built = session_graphs(manifest)
     with atomic_folder(out) as tmp:
-        for name in (MANIFEST, "scheduler_config.json"):
-            shutil.copy2(export_dir / name, tmp / name)
+        built.save(tmp)
+        shutil.copy2(export_dir / "scheduler_config.json", tmp / "scheduler_config.json")
         shutil.copytree(export_dir / "tokenizer", tmp / "tokenizer")
+        if backend == "ort" and built.weights:
+            _weights_index(export_dir, built, tmp)
         plans: dict[str, str] = {}
-        graphs = _graphs(manifest)
-        for g in tqdm(graphs, desc=f"build ({backend})", disable=not progress):
+        for g in tqdm(built.all_graphs(), desc=f"build ({backend})", disable=not progress):
             src = export_dir / g.file
             if backend == "ort":
-                (tmp / g.file).parent.mkdir(parents=True, exist_ok=True)
-                shutil.copy2(src, tmp / g.file)
+                _place(src, tmp / g.file)
                 if Path(f"{src}.data").is_file():
-                    shutil.copy2(f"{src}.data", f"{tmp / g.file}.data")
+                    _place(Path(f"{src}.data"), Path(f"{tmp / g.file}.data"))
             else:
                 from adapedit.engines.trt import build_cached
 
@@ -116,8 +169,8 @@ def build_engines(
                     src,
                     g,
                     profile,
-                    manifest.vae_scale_factor,
-                    manifest.size_multiple // manifest.vae_scale_factor,
+                    built.vae_scale_factor,
+                    built.size_multiple // built.vae_scale_factor,
                     cache,
                 )
                 dest = tmp / "plans" / f"{Path(g.file).with_suffix('').as_posix()}.plan"
@@ -164,7 +217,7 @@ def load_engine_folder(
             expected=config.manifest_sha256[:16],
             got=file_digest(folder / MANIFEST)[:16],
         )
-    for g in _graphs(manifest):
+    for g in manifest.all_graphs():
         file = config.plans.get(g.file, g.file) if config.backend == "trt" else g.file
         if not (folder / file).is_file():
             raise ManifestError(
@@ -177,11 +230,30 @@ def load_engine_folder(
 
 
 def make_runner(
-    folder: Path, config: EngineConfig, spec: GraphSpec, ort: OrtOptions | None = None
+    folder: Path,
+    config: EngineConfig,
+    spec: GraphSpec,
+    ort: OrtOptions | None = None,
+    *,
+    stream: torch.cuda.Stream | None = None,
+    weights: WeightPool | None = None,
+    cuda_graph: bool = False,
 ) -> Runner:
-    """The runner of one graph of an engine folder."""
+    """The runner of one graph of an engine folder, on ``stream`` (GPU backends), replayed as a
+    CUDA graph with ``cuda_graph`` (on a GPU) and, for ONNX Runtime, with the folder's shared
+    weights."""
     if config.backend == "trt":
         from adapedit.engines.trt import TrtRunner
 
-        return TrtRunner(folder / config.plans[spec.file], spec, name=spec.file)
-    return OrtRunner(folder / spec.file, spec, ort or config.ort, name=spec.file)
+        return TrtRunner(
+            folder / config.plans[spec.file],
+            spec,
+            name=spec.file,
+            stream=stream,
+            cuda_graph=cuda_graph,
+        )
+    if cuda_graph and (ort or config.ort).device.type == "cuda":
+        ort = replace(ort or config.ort, cuda_graph=True)
+    return OrtRunner(
+        folder / spec.file, spec, ort or config.ort, name=spec.file, stream=stream, weights=weights
+    )

@@ -10,8 +10,9 @@ import numpy as np
 import torch
 
 from adapedit.engines.base import TORCH_DTYPES, Runner
+from adapedit.engines.weights import WeightPool
 from adapedit.errors import EngineError
-from adapedit.export.manifest import GraphSpec
+from adapedit.spec import GraphSpec
 
 PROVIDERS = {
     "cpu": "CPUExecutionProvider",
@@ -27,13 +28,18 @@ class OrtOptions:
     default), graph optimisation level, and whether idle intra-op threads spin. Spinning is off
     by default: between UNet segments the controller runs torch code, and spinning ORT threads
     would take the cores from it. ``profile_prefix`` turns on ONNX Runtime's profiler (JSON
-    traces written under that prefix)."""
+    traces written under that prefix); ``optimized_model_prefix`` saves each graph as ONNX
+    Runtime optimised it for its providers (to check, e.g., that no Memcpy node is left);
+    ``cuda_graph`` captures the graph's kernels as a CUDA graph on the first runs and replays it
+    (CUDA provider; every input and output bound at a fixed address, as the fused UNet does)."""
 
     providers: tuple[str, ...] = ("cpu",)
     threads: int = 0
     optimization: str = "all"
     spinning: bool = False
     profile_prefix: str | None = None
+    optimized_model_prefix: str | None = None
+    cuda_graph: bool = False
 
     def __post_init__(self) -> None:
         unknown = [p for p in self.providers if p not in PROVIDERS]
@@ -65,7 +71,13 @@ HOST_DTYPES = frozenset({"int64", "int32"})
 
 
 class OrtRunner(Runner):
-    """One ONNX graph in an ``onnxruntime.InferenceSession``."""
+    """One ONNX graph in an ``onnxruntime.InferenceSession``.
+
+    On the CUDA (or TensorRT) provider with a ``stream``, ONNX Runtime runs its kernels on that
+    stream (``user_compute_stream``) and does not synchronise after a run: callers issue their
+    own torch work on the same stream, so nothing waits on the host. ``weights`` shares the
+    graph's stored weights with every other session of the folder.
+    """
 
     def __init__(
         self,
@@ -73,12 +85,22 @@ class OrtRunner(Runner):
         spec: GraphSpec,
         options: OrtOptions = OrtOptions(),
         name: str | None = None,
+        *,
+        stream: torch.cuda.Stream | None = None,
+        weights: WeightPool | None = None,
     ) -> None:
         super().__init__(spec, name or str(path))
         self.path = Path(path)
         self.options = options
+        self.stream = stream
+        self.weights = weights
         self.session = None
+        self._binding = None
+        self._run_options = None
         self._buffers: dict[tuple[str, tuple[int, ...]], torch.Tensor] = {}
+        self._outputs: dict[str, torch.Tensor] = {}
+        self._bound: dict[str, int] = {}  # input name → data pointer bound
+        self._sync_after = False
 
     def _activate(self) -> None:
         import onnxruntime as ort
@@ -109,14 +131,25 @@ class OrtRunner(Runner):
         if self.options.profile_prefix:
             so.enable_profiling = True
             so.profile_file_prefix = self.options.profile_prefix
+        if self.options.optimized_model_prefix:
+            so.optimized_model_filepath = f"{self.options.optimized_model_prefix}{self.path.name}"
+            so.add_session_config_entry(  # large weights beside it, as in the export
+                "session.optimized_model_external_initializers_file_name",
+                f"{self.path.name}.data",
+            )
         so.graph_optimization_level = {
             "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
             "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
             "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
             "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
         }[self.options.optimization]
+        if self.weights is not None:
+            for name, value in self.weights.initializers(self.spec.file).items():
+                so.add_initializer(name, value)
         try:
-            self.session = ort.InferenceSession(str(self.path), so, providers=wanted)
+            self.session = ort.InferenceSession(
+                str(self.path), so, providers=self._providers(wanted)
+            )
         except Exception as e:  # onnxruntime raises its own exception types
             raise EngineError(
                 "ONNX Runtime could not load the graph",
@@ -125,13 +158,28 @@ class OrtRunner(Runner):
                 got=str(e).splitlines()[0],
             ) from e
 
+    def _providers(self, wanted: list[str]) -> list:
+        """Providers with their options: the device and the compute stream on the GPU."""
+        device = self.options.device
+        if device.type != "cuda":
+            return wanted
+        gpu = {"device_id": str(device.index or torch.cuda.current_device())}
+        if self.stream is not None:
+            gpu["user_compute_stream"] = str(self.stream.cuda_stream)
+        if self.options.cuda_graph:
+            gpu["enable_cuda_graph"] = "1"
+        return [(p, gpu) if p != PROVIDERS["cpu"] else p for p in wanted]
+
     def _deactivate(self) -> None:
-        self.session = None
+        self.session = self._binding = self._run_options = None
         self._buffers.clear()
+        self._outputs = {}
+        self._bound.clear()
 
     def _device(self, dtype: str) -> torch.device:
-        """Where a tensor of ``dtype`` is bound: integer tensors crossing segment cuts are shapes
-        and indices, kept in host memory (CUDA kernels such as Reshape read shapes there)."""
+        """Where a tensor of ``dtype`` is bound: integer tensors (shapes and indices passed
+        across the cuts of a dynamic export) in host memory, where ONNX Runtime's CUDA kernels
+        read shapes; every other tensor on the runner's device."""
         return torch.device("cpu") if dtype in HOST_DTYPES else self.options.device
 
     def _buffer(self, name: str, shape: tuple[int, ...], dtype: str) -> torch.Tensor:
@@ -142,28 +190,68 @@ class OrtRunner(Runner):
             self._buffers[key] = buf
         return buf
 
-    def _infer(
-        self, feeds: dict[str, torch.Tensor], symbols: dict[str, int]
-    ) -> dict[str, torch.Tensor]:
+    def _plan(
+        self,
+        input_shapes: dict[str, tuple[int, ...]],
+        output_shapes: dict[str, tuple[int, ...]],
+    ) -> None:
         binding = self.session.io_binding()
-        keep = []
-        for t in self.spec.inputs:
-            dev = self._device(t.dtype)
-            x = feeds[t.name].to(dev).contiguous()
-            keep.append(x)
-            binding.bind_input(
-                t.name, dev.type, dev.index or 0, np.dtype(t.dtype), tuple(x.shape), x.data_ptr()
-            )
         outputs = {}
-        for t, shape in zip(self.spec.outputs, self.output_shapes(symbols).values(), strict=True):
+        for t in self.spec.outputs:
+            shape = output_shapes[t.name]
             buf = self._buffer(t.name, shape, t.dtype)
             dev = buf.device
             binding.bind_output(
                 t.name, dev.type, dev.index or 0, np.dtype(t.dtype), shape, buf.data_ptr()
             )
             outputs[t.name] = buf
+        self._binding, self._outputs = binding, outputs
+        self._bound.clear()
+        # a CUDA kernel's output bound in host memory is copied there asynchronously: wait for
+        # it before anyone reads it (dynamic exports only; static graphs have no such output)
+        on_gpu = self.options.device.type == "cuda"
+        self._sync_after = on_gpu and any(b.device.type == "cpu" for b in outputs.values())
+        import onnxruntime as ort
+
+        self._run_options = ort.RunOptions()
+        self._run_options.add_run_config_entry(
+            "disable_synchronize_execution_providers",
+            "1" if on_gpu and self.stream is not None and not self._sync_after else "0",
+        )
+
+    def _run(self, feeds: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        binding = self._binding
         device = self.options.device
-        if device.type == "cuda":
-            torch.cuda.current_stream(device).synchronize()
-        self.session.run_with_iobinding(binding)
-        return outputs
+        keep = []
+        for t in self.spec.inputs:
+            dev = self._device(t.dtype)
+            x = feeds[t.name]
+            if x.device != dev or not x.is_contiguous():
+                x = x.to(dev).contiguous()
+                keep.append(x)
+            # ONNX Runtime copies an input bound on another device than its kernel's at bind
+            # time: such inputs are bound again on every call, the others when they move
+            if self._bound.get(t.name) != x.data_ptr() or dev != device:
+                binding.bind_input(
+                    t.name,
+                    dev.type,
+                    dev.index or 0,
+                    np.dtype(t.dtype),
+                    tuple(x.shape),
+                    x.data_ptr(),
+                )
+                self._bound[t.name] = x.data_ptr()
+        if device.type == "cuda" and self.stream is None:
+            torch.cuda.current_stream(device).synchronize()  # no shared stream: order by hand
+        try:
+            self.session.run_with_iobinding(binding, self._run_options)
+        except Exception as e:  # onnxruntime raises its own exception types
+            raise EngineError(
+                "ONNX Runtime failed to run the graph",
+                where=self.name,
+                expected="a successful run",
+                got=str(e).splitlines()[0],
+            ) from e
+        if self._sync_after:
+            torch.cuda.synchronize(device)
+        return self._outputs

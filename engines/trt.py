@@ -1,7 +1,7 @@
 """Native TensorRT: a builder from (fp16) ONNX as a strongly-typed network with one optimisation
 profile, plans cached by (ONNX hash, TensorRT version, GPU, profile), and a runner that binds
-torch CUDA tensors with ``set_tensor_address`` and runs ``execute_async_v3`` on the current
-torch stream, with output buffers allocated once per shape.
+torch CUDA tensors with ``set_tensor_address`` and runs ``execute_async_v3`` on the runtime's
+stream, with input shapes and output buffers set once per shape.
 
 ``tensorrt`` is imported lazily: this module imports on a machine without it, and everything but
 ``build_plan``/``TrtRunner.activate`` is plain Python (tested on the CPU). It is written against
@@ -19,7 +19,7 @@ import torch
 from adapedit.engines.base import TORCH_DTYPES, Profile, Runner, eval_shape
 from adapedit.engines.cache import PlanCache, PlanKey, file_digest
 from adapedit.errors import EngineError
-from adapedit.export.manifest import GraphSpec
+from adapedit.spec import GraphSpec
 
 log = logging.getLogger("adapedit.engines")
 
@@ -114,13 +114,30 @@ def build_cached(
 
 
 class TrtRunner(Runner):
-    """One TensorRT engine; tensors are CUDA torch tensors on the current stream."""
+    """One TensorRT engine; tensors are CUDA torch tensors, run with ``execute_async_v3`` on
+    ``stream`` (default: the current torch stream). Input shapes and output buffers are set
+    once per plan; each call sets the input addresses and enqueues. With ``cuda_graph`` the
+    enqueue is captured as a CUDA graph on the second call and replayed while the inputs stay at
+    the same addresses (the fused UNet's fixed buffers)."""
 
-    def __init__(self, plan_path: str | Path, spec: GraphSpec, name: str | None = None) -> None:
+    def __init__(
+        self,
+        plan_path: str | Path,
+        spec: GraphSpec,
+        name: str | None = None,
+        *,
+        stream: torch.cuda.Stream | None = None,
+        cuda_graph: bool = False,
+    ) -> None:
         super().__init__(spec, name or str(plan_path))
         self.plan_path = Path(plan_path)
+        self.stream = stream
+        self.cuda_graph = cuda_graph
+        self._graph: tuple[tuple[int, ...], torch.cuda.CUDAGraph] | None = None
+        self._runs = 0
         self.engine = self.context = None
         self._buffers: dict[tuple[str, tuple[int, ...]], torch.Tensor] = {}
+        self._outputs: dict[str, torch.Tensor] = {}
 
     def _activate(self) -> None:
         trt = _trt()
@@ -145,21 +162,21 @@ class TrtRunner(Runner):
     def _deactivate(self) -> None:
         self.context = self.engine = None
         self._buffers.clear()
+        self._outputs = {}
+        self._graph, self._runs = None, 0
 
     def _device(self, name: str) -> str:
-        """Shape tensors (shapes passed across segment cuts) live in host memory, as TensorRT
-        reads them during shape inference; every other tensor on the GPU."""
+        """Shape tensors (shapes passed across the cuts of a dynamic export) live in host
+        memory, as TensorRT reads them during shape inference; every other tensor on the GPU."""
         return "cpu" if self.engine.is_shape_inference_io(name) else "cuda"
 
-    def _infer(
-        self, feeds: dict[str, torch.Tensor], symbols: dict[str, int]
-    ) -> dict[str, torch.Tensor]:
-        keep = []
-        for t in self.spec.inputs:
-            x = feeds[t.name].to(self._device(t.name)).contiguous()
-            keep.append(x)
-            self.context.set_input_shape(t.name, tuple(x.shape))
-            self.context.set_tensor_address(t.name, x.data_ptr())
+    def _plan(
+        self,
+        input_shapes: dict[str, tuple[int, ...]],
+        output_shapes: dict[str, tuple[int, ...]],
+    ) -> None:
+        for name, shape in input_shapes.items():
+            self.context.set_input_shape(name, shape)
         outputs = {}
         for t in self.spec.outputs:
             shape = tuple(self.context.get_tensor_shape(t.name))
@@ -170,7 +187,29 @@ class TrtRunner(Runner):
                 )
             outputs[t.name] = self._buffers[key]
             self.context.set_tensor_address(t.name, outputs[t.name].data_ptr())
-        stream = torch.cuda.current_stream()
+        self._outputs = outputs
+        self._graph, self._runs = None, 0
+
+    def _run(self, feeds: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        keep = []
+        for t in self.spec.inputs:
+            x = feeds[t.name].to(self._device(t.name)).contiguous()
+            keep.append(x)
+            self.context.set_tensor_address(t.name, x.data_ptr())
+        stream = self.stream or torch.cuda.current_stream()
+        ptrs = tuple(x.data_ptr() for x in keep)
+        if self._graph is not None and self._graph[0] == ptrs:
+            self._graph[1].replay()
+            return self._outputs
+        if self.cuda_graph and self._runs >= 1:  # warmed up: capture this enqueue
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, stream=stream):
+                ok = self.context.execute_async_v3(stream.cuda_stream)
+            if ok:
+                self._graph = (ptrs, graph)
+                graph.replay()
+                return self._outputs
+        self._runs += 1
         if not self.context.execute_async_v3(stream.cuda_stream):
             raise EngineError(
                 "TensorRT execution failed",
@@ -178,4 +217,4 @@ class TrtRunner(Runner):
                 expected="execute_async_v3 to return True",
                 got=False,
             )
-        return outputs
+        return self._outputs

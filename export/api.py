@@ -1,32 +1,47 @@
 """``export_model``: a model → an export folder (ONNX graphs, tokenizer, scheduler config and
 ``manifest.json``), written to a temporary folder and renamed at the end, so an interrupted
-export never leaves anything that looks complete."""
+export never leaves anything that looks complete.
+
+A dynamic export takes any batch and any resolution that is a multiple of the model's; a
+static one is specialised to one resolution and, for the UNet, to the batch sizes an edit runs
+(one variant per batch, traced separately — in parallel processes with ``jobs`` > 1). All UNet
+graphs share one weights file (:mod:`adapedit.export.weights`).
+"""
 
 from __future__ import annotations
 
 import json
+import multiprocessing
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 
 import onnx
 from tqdm.auto import tqdm
 
 from adapedit.errors import ConfigError, ExportError
-from adapedit.export.manifest import Boundary, GraphSpec, Manifest, TensorSpec
 from adapedit.export.onnx_export import (
     DEFAULT_OPSET,
-    NOISE,
     PRECISIONS,
+    LayerExport,
     check_opset,
+    export_fused,
     export_text_encoder,
     export_unet,
     export_vae_decoder,
     export_vae_encoder,
 )
-from adapedit.export.segment import prune, split
+from adapedit.export.segment import fold, load_graph, prune, split
+from adapedit.export.weights import WeightStore, merge_stores
 from adapedit.io import atomic_folder
 from adapedit.models import Components, load_model
+from adapedit.processors import attention_geometry, controlled_layers
+from adapedit.spec import NOISE, Boundary, GraphSpec, Manifest, TensorSpec, UNetGraphs
 
-FORMS = ("segmented", "whole", "both")
+FORMS = ("segmented", "whole", "fused")
+SHAPES = ("dynamic", "static")
+#: The UNet batches of an edit: 2 for the calibration pass and plain generation, 4 for the edit.
+DEFAULT_BATCHES = (2, 4)
 #: Above this many bytes of weights a graph is saved with external data (protobuf's 2 GB limit).
 EXTERNAL_DATA_BYTES = 1_800_000_000
 
@@ -65,26 +80,92 @@ def save_onnx(model: onnx.ModelProto, path: Path) -> None:
         onnx.save_model(model, str(path))
 
 
+@dataclass(frozen=True)
+class ExportOptions:
+    """What to export: precision, UNet forms, shapes (with the static batches), the export
+    resolution (pixels; it also fixes which self-attention layers are controlled), opset."""
+
+    precision: str = "fp32"
+    forms: tuple[str, ...] = ("segmented", "whole")
+    shapes: str = "dynamic"
+    batches: tuple[int, ...] = DEFAULT_BATCHES
+    opset: int = DEFAULT_OPSET
+    self_max_queries: int = 256
+
+    def __post_init__(self) -> None:
+        w = "export"
+        check_opset(self.opset)
+        if self.precision not in PRECISIONS:
+            raise ConfigError(
+                "unknown precision",
+                where=w,
+                expected=" | ".join(PRECISIONS),
+                got=self.precision,
+                field="precision",
+            )
+        object.__setattr__(self, "forms", tuple(dict.fromkeys(self.forms)))
+        if not self.forms or any(f not in FORMS for f in self.forms):
+            raise ConfigError(
+                "unknown UNet form",
+                where=w,
+                expected=f"one or more of {' | '.join(FORMS)}",
+                got=list(self.forms),
+                field="forms",
+            )
+        if self.shapes not in SHAPES:
+            raise ConfigError(
+                "unknown shapes",
+                where=w,
+                expected=" | ".join(SHAPES),
+                got=self.shapes,
+                field="shapes",
+            )
+        if "fused" in self.forms and self.shapes != "static":
+            raise ConfigError(
+                "the fused UNet is exported static only",
+                where=w,
+                expected="shapes 'static' (one resolution, the batches of an edit)",
+                got=self.shapes,
+                field="forms",
+            )
+        object.__setattr__(self, "batches", tuple(sorted(set(self.batches))))
+        if not self.batches or any(
+            not isinstance(b, int) or not 1 <= b <= 64 for b in self.batches
+        ):
+            raise ConfigError(
+                "static batches must be integers in 1…64",
+                where=w,
+                expected="e.g. 2 4",
+                got=list(self.batches),
+                field="batches",
+            )
+
+    @property
+    def unet_batches(self) -> tuple[int | None, ...]:
+        """One UNet variant per batch (static), or one for any batch (None, dynamic)."""
+        return self.batches if self.shapes == "static" else (None,)
+
+
 def export_model(
     model: str | Components,
     out: str | Path,
+    options: ExportOptions = ExportOptions(),
     *,
-    precision: str = "fp32",
-    form: str = "both",
     height: int | None = None,
     width: int | None = None,
-    opset: int = DEFAULT_OPSET,
-    self_max_queries: int = 256,
+    jobs: int = 1,
     progress: bool = True,
 ) -> Manifest:
-    """Export a model's text encoder, VAE and UNet (``form``: segmented, whole or both) to
-    ``out`` (which must not exist). ``height``/``width`` (pixels) fix which self-attention
-    layers are controlled (≤ ``self_max_queries`` queries); the graphs accept any batch and any
-    resolution that is a multiple of the model's size multiple.
+    """Export a model's text encoder, VAE and UNet to ``out`` (which must not exist).
+
+    ``height``/``width`` (pixels, default the model's) are the export resolution: the static
+    shapes, and which self-attention layers are controlled. With ``jobs`` > 1 the UNet variants
+    of a static export are traced in that many processes at once (each needs the memory of a
+    whole export).
 
     Raises:
         ExportError: ``out`` exists, unsupported opset, or a graph that cannot be cut.
-        ConfigError: unknown precision or form, or a resolution the model cannot take.
+        ConfigError: bad options, or a resolution the model cannot take.
         ModelError: the model cannot be loaded.
     """
     out = Path(out)
@@ -95,106 +176,156 @@ def export_model(
             expected="a path that does not exist yet",
             got="an existing path",
         )
-    check_opset(opset)
-    if precision not in PRECISIONS:
-        raise ConfigError(
-            "unknown precision", where="export", expected="fp32 | fp16", got=precision
-        )
-    if form not in FORMS:
-        raise ConfigError("unknown form", where="export", expected=" | ".join(FORMS), got=form)
+    if not isinstance(jobs, int) or jobs < 1:
+        raise ConfigError("jobs must be ≥ 1", where="export", got=jobs, field="jobs")
     c = load_model(model) if isinstance(model, str) else model
     h, w = height or c.default_size, width or c.default_size
     latent_hw = c.latent_hw(h, w)
-
     with atomic_folder(out) as tmp:
-        return _export_into(
-            tmp, c, precision, form, latent_hw, opset, self_max_queries, progress, (h, w)
-        )
+        # processes load a named model themselves rather than receive a pickled copy
+        source = model if isinstance(model, str) else c
+        return _export_into(tmp, c, source, options, latent_hw, (h, w), jobs, progress)
 
 
 def _export_into(
     tmp: Path,
     c: Components,
-    precision: str,
-    form: str,
+    source: str | Components,
+    o: ExportOptions,
     latent_hw: tuple[int, int],
-    opset: int,
-    self_max_queries: int,
-    progress: bool,
     size: tuple[int, int],
+    jobs: int,
+    progress: bool,
 ) -> Manifest:
-    stages = ["text encoder", "VAE decoder", "VAE encoder", "UNet", "UNet forms"]
-    bar = tqdm(stages, desc="export", disable=not progress)
+    one = 1 if o.shapes == "static" else None  # the text encoder and the VAE: batch 1 if static
+    variants = o.unet_batches
+    bar = tqdm(total=3 + len(variants), desc="export", disable=not progress)
     graphs: dict[str, GraphSpec] = {}
-
-    def stage(name: str) -> None:
-        bar.set_postfix_str(name)
-        bar.update(0)
-
     for key, fn in (
-        ("text_encoder", lambda: export_text_encoder(c, precision, opset)),
-        ("vae_decoder", lambda: export_vae_decoder(c, precision, opset, latent_hw)),
-        ("vae_encoder", lambda: export_vae_encoder(c, precision, opset, latent_hw)),
+        ("text_encoder", lambda: export_text_encoder(c, o.precision, o.opset, one)),
+        ("vae_decoder", lambda: export_vae_decoder(c, o.precision, o.opset, latent_hw, one)),
+        ("vae_encoder", lambda: export_vae_encoder(c, o.precision, o.opset, latent_hw, one)),
     ):
-        stage(key)
+        bar.set_postfix_str(key)
         m = fn()
         save_onnx(m, tmp / f"{key}.onnx")
         graphs[key] = graph_spec(m, f"{key}.onnx")
         bar.update(1)
 
-    stage("UNet (tracing)")
-    unet, layers = export_unet(c, precision, opset, latent_hw, self_max_queries)
-    bar.update(1)
-    stage("UNet forms")
-    if form in ("whole", "both"):
-        whole = prune(unet, [NOISE])
-        save_onnx(whole, tmp / "unet" / "whole.onnx")
-        graphs["unet"] = graph_spec(whole, "unet/whole.onnx")
-    segments: list[GraphSpec] = []
-    boundaries: list[Boundary] = []
-    if form in ("segmented", "both"):
-        parts = split(unet, [layer.probs for layer in layers])
-        for k, part in enumerate(parts):
-            file = f"unet/segment_{k:02d}.onnx"
-            save_onnx(part, tmp / file)
-            segments.append(graph_spec(part, file))
-        produced_in = {t.name: k for k, s in enumerate(segments) for t in s.outputs}
-        boundaries = [
-            Boundary(
-                layer=layer.layer,
-                kind=layer.kind,
-                segment=produced_in[layer.probs],
-                probs=layer.probs,
-                hidden=layer.hidden,
-                hidden_segment=produced_in[layer.hidden] if layer.hidden else None,
-                resolution=layer.resolution,
-                downscale=layer.downscale,
-                heads=layer.heads,
-                head_dim=layer.head_dim,
-                queries=layer.queries,
-                keys=layer.keys,
-            )
-            for layer in layers
-        ]
-    bar.update(1)
+    bar.set_postfix_str("UNet")
+    parallel = jobs > 1 and len(variants) > 1
+    args = [(source if parallel else c, o, latent_hw, batch, tmp) for batch in variants]
+    if parallel:
+        spawn = multiprocessing.get_context("spawn")
+        with ProcessPoolExecutor(min(jobs, len(variants)), mp_context=spawn) as pool:
+            results = []
+            for r in pool.map(_unet_variant_star, args):
+                results.append(r)
+                bar.update(1)
+    else:
+        results = []
+        for a in args:
+            results.append(_unet_variant(*a))
+            bar.update(1)
     bar.close()
-
+    unets = tuple(r[0] for r in results)
+    weights = merge_stores(tmp, "unet", [r[2] for r in results])
     c.tokenizer.save_pretrained(str(tmp / "tokenizer"))
     (tmp / "scheduler_config.json").write_text(json.dumps(c.scheduler_config, indent=2))
     manifest = Manifest(
         model=c.name,
         config_hash=c.config_hash(),
-        precision=precision,
-        opset=opset,
+        precision=o.precision,
+        opset=o.opset,
         height=size[0],
         width=size[1],
         latent_channels=int(c.unet.config.in_channels),
         text_hidden=int(c.unet.config.cross_attention_dim),
         vae_scale_factor=c.vae_scale_factor,
         size_multiple=c.size_multiple,
+        shapes=o.shapes,
+        attention={name: q for name, _, q in attention_geometry(c.unet, latent_hw)},
+        controlled=tuple(controlled_layers(c.unet, latent_hw, o.self_max_queries)),
+        self_max_queries=o.self_max_queries,
         graphs=graphs,
-        segments=tuple(segments),
-        boundaries=tuple(boundaries),
+        unet=unets,
+        boundaries=_boundaries(unets, results[0][1]),
+        weights=weights,
     )
     manifest.save(tmp)
     return manifest
+
+
+def _unet_variant_star(args):
+    return _unet_variant(*args)
+
+
+def _unet_variant(
+    c: str | Components, o: ExportOptions, latent_hw: tuple[int, int], batch: int | None, tmp: Path
+) -> tuple[UNetGraphs, list[LayerExport], dict]:
+    """Trace one UNet variant and write its forms into ``tmp/unet`` (graphs and a weight store
+    of its own); returns its manifest entry, its layers (for the boundaries of the segmented
+    form) and its store's index."""
+    c = load_model(c) if isinstance(c, str) else c
+    tag = f"b{batch}" if batch else "dynamic"
+    store = WeightStore(tmp / "unet", tag)
+    prefix = f"unet/b{batch}_" if batch else "unet/"
+
+    def save(m: onnx.ModelProto, name: str) -> GraphSpec:
+        spec = graph_spec(m, f"{prefix}{name}.onnx")
+        store.save(m, tmp / spec.file, spec.file)
+        return spec
+
+    whole, fused = None, None
+    segments: list[GraphSpec] = []
+    layers: list[LayerExport] = []
+    if {"whole", "segmented"} & set(o.forms):
+        model, layers = export_unet(c, o.precision, o.opset, latent_hw, o.self_max_queries, batch)
+        graph = load_graph(model)
+        del model
+        if "whole" in o.forms:
+            whole = save(prune(graph, [NOISE]), "whole")
+        if "segmented" in o.forms:
+            for k, part in enumerate(split(graph, [layer.probs for layer in layers])):
+                segments.append(save(part, f"segment_{k:02d}"))
+        del graph
+    if "fused" in o.forms:
+        model = export_fused(c, o.precision, o.opset, latent_hw, o.self_max_queries, batch)
+        fused = save(fold(model), "fused")
+    return UNetGraphs(batch, whole, tuple(segments), fused), layers, store.close()
+
+
+def _boundaries(unets: tuple[UNetGraphs, ...], layers: list[LayerExport]) -> tuple[Boundary, ...]:
+    """The boundaries of the segmented form (the same segment indices in every variant)."""
+    if not layers or not unets[0].segments:
+        return ()
+    names = {n for layer in layers for n in (layer.probs, layer.hidden) if n}
+    produced = [
+        {t.name: k for k, s in enumerate(u.segments) for t in s.outputs if t.name in names}
+        for u in unets
+    ]
+    if any(p != produced[0] for p in produced[1:]):
+        raise ExportError(
+            "the UNet variants were cut differently",
+            where="segmented export",
+            expected="the same segments for every batch",
+            got=[len(u.segments) for u in unets],
+        )
+    produced_in = produced[0]
+    return tuple(
+        Boundary(
+            layer=layer.layer,
+            kind=layer.kind,
+            segment=produced_in[layer.probs],
+            probs=layer.probs,
+            hidden=layer.hidden,
+            hidden_segment=produced_in[layer.hidden] if layer.hidden else None,
+            resolution=layer.resolution,
+            downscale=layer.downscale,
+            heads=layer.heads,
+            head_dim=layer.head_dim,
+            queries=layer.queries,
+            keys=layer.keys,
+        )
+        for layer in layers
+    )

@@ -1,5 +1,7 @@
 """PyTorch → ONNX for the text encoder, the VAE (decoder and encoder) and the UNet, with
-``torch.onnx.export(..., dynamo=True)``: opset ≥ 17, dynamic batch and resolution, fp32 or fp16.
+``torch.onnx.export(..., dynamo=True)``: opset ≥ 17, fp32 or fp16, and either dynamic batch and
+resolution or static (``batch`` given: every shape a constant of the graph, specialised to that
+batch and to the example's resolution — no shape arithmetic left for an engine to do).
 
 The UNet is exported once with explicit attention in the controlled layers and extra outputs:
 each controlled layer's attention probabilities (``<layer>.probs``, [B*H, P, K]) and each
@@ -20,22 +22,20 @@ from dataclasses import dataclass
 import onnx
 import torch
 
-from adapedit.controller import layer_downscale
 from adapedit.errors import ExportError
+from adapedit.geometry import is_cross_layer, layer_downscale
 from adapedit.models import Components
 from adapedit.processors import (
     ControlSlot,
     attention_geometry,
     controlled_layers,
     install_processors,
-    is_cross_layer,
 )
+from adapedit.spec import NOISE, UNET_INPUTS
 
 MIN_OPSET, MAX_OPSET, DEFAULT_OPSET = 17, 23, 18
 _SYMBOL = re.compile(r"[A-Za-z_]\w*")
 PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16}
-UNET_INPUTS = ("sample", "timestep", "encoder_hidden_states")
-NOISE = "noise_pred"
 
 
 def check_opset(opset: int) -> None:
@@ -156,58 +156,67 @@ class _VaeEncoder(torch.nn.Module):
         return self.vae.encode(image).latent_dist.mean * self.vae.config.scaling_factor
 
 
-def export_text_encoder(c: Components, precision: str, opset: int) -> onnx.ModelProto:
-    """``input_ids`` [B, 77] int64 → ``text_embeddings`` [B, 77, D]."""
-    batch = torch.export.Dim("batch", min=1, max=64)
-    ids = torch.tensor([c.tokenizer("", padding="max_length", max_length=77).input_ids] * 2)
+def export_text_encoder(
+    c: Components, precision: str, opset: int, batch: int | None = None
+) -> onnx.ModelProto:
+    """``input_ids`` [B, 77] int64 → ``text_embeddings`` [B, 77, D]; static when ``batch`` is
+    given."""
+    ids = torch.tensor([c.tokenizer("", padding="max_length", max_length=77).input_ids])
+    ids = ids.expand(batch or 2, -1).contiguous()
+    dims = None if batch else ({0: torch.export.Dim("batch", min=1, max=64)},)
     return _to_onnx(
         _TextEncoder(_copy_as(c.text_encoder, precision)),
         (ids,),
         input_names=["input_ids"],
         output_names=["text_embeddings"],
-        dynamic_shapes=({0: batch},),
+        dynamic_shapes=dims,
         opset=opset,
     )
 
 
-def _latent_dims(c: Components):
-    m = 2 ** (len(c.unet.config.block_out_channels) - 1)  # UNet downsampling
+def _latent_dims(c: Components, scale: int = 1) -> tuple[dict[int, object]]:
+    """The dynamic dims of a [B, C, H, W] input whose H and W are ``scale`` × the latent's."""
+    m = 2 ** (len(c.unet.config.block_out_channels) - 1) * scale  # UNet downsampling
     return (
-        torch.export.Dim("batch", min=1, max=64),
-        m * torch.export.Dim("lh", min=1, max=64),
-        m * torch.export.Dim("lw", min=1, max=64),
+        {
+            0: torch.export.Dim("batch", min=1, max=64),
+            2: m * torch.export.Dim("lh", min=1, max=64),
+            3: m * torch.export.Dim("lw", min=1, max=64),
+        },
     )
 
 
 def export_vae_decoder(
-    c: Components, precision: str, opset: int, latent_hw: tuple[int, int]
+    c: Components, precision: str, opset: int, latent_hw: tuple[int, int], batch: int | None = None
 ) -> onnx.ModelProto:
-    """``latent`` [B, 4, h, w] (sampler scale) → ``image`` [B, 3, 8h, 8w] in [-1, 1]."""
-    b, h, w = _latent_dims(c)
-    z = torch.randn(2, c.vae.config.latent_channels, *latent_hw, dtype=PRECISIONS[precision])
+    """``latent`` [B, 4, h, w] (sampler scale) → ``image`` [B, 3, 8h, 8w] in [-1, 1]; static
+    (``batch`` × ``latent_hw``) when ``batch`` is given."""
+    z = torch.randn(
+        batch or 2, c.vae.config.latent_channels, *latent_hw, dtype=PRECISIONS[precision]
+    )
     return _to_onnx(
         _VaeDecoder(_copy_as(c.vae, precision)),
         (z,),
         input_names=["latent"],
         output_names=["image"],
-        dynamic_shapes=({0: b, 2: h, 3: w},),
+        dynamic_shapes=None if batch else _latent_dims(c),
         opset=opset,
     )
 
 
 def export_vae_encoder(
-    c: Components, precision: str, opset: int, latent_hw: tuple[int, int]
+    c: Components, precision: str, opset: int, latent_hw: tuple[int, int], batch: int | None = None
 ) -> onnx.ModelProto:
-    """``image`` [B, 3, H, W] in [-1, 1] → ``latent`` [B, 4, H/8, W/8] (mean, sampler scale)."""
-    b, h, w = _latent_dims(c)
+    """``image`` [B, 3, H, W] in [-1, 1] → ``latent`` [B, 4, H/8, W/8] (mean, sampler scale);
+    static when ``batch`` is given."""
     f = c.vae_scale_factor
-    x = torch.randn(2, 3, latent_hw[0] * f, latent_hw[1] * f, dtype=PRECISIONS[precision])
+    x = torch.randn(batch or 2, 3, latent_hw[0] * f, latent_hw[1] * f, dtype=PRECISIONS[precision])
     return _to_onnx(
         _VaeEncoder(_copy_as(c.vae, precision)),
         (x,),
         input_names=["image"],
         output_names=["latent"],
-        dynamic_shapes=({0: b, 2: h * f, 3: w * f},),
+        dynamic_shapes=None if batch else _latent_dims(c, f),
         opset=opset,
     )
 
@@ -244,7 +253,7 @@ class _CapturingUNet(torch.nn.Module):
         captured: list[torch.Tensor] = []
         self.order.clear()
 
-        def capture(layer_id, is_cross, probs, hidden):
+        def capture(layer_id, is_cross, probs, hidden, step):
             self.order.append(layer_id)
             captured.append(probs)
             if is_cross:
@@ -265,16 +274,17 @@ def export_unet(
     opset: int,
     latent_hw: tuple[int, int],
     self_max_queries: int = 256,
+    batch: int | None = None,
 ) -> tuple[onnx.ModelProto, list[LayerExport]]:
     """The UNet with probability and hidden-state outputs for every layer controlled at
-    ``latent_hw`` (the export resolution); see the module docstring."""
+    ``latent_hw`` (the export resolution); see the module docstring. Static (``batch`` ×
+    ``latent_hw``) when ``batch`` is given."""
     controlled = controlled_layers(c.unet, latent_hw, self_max_queries)
     wrapper = _CapturingUNet(_copy_as(c.unet, precision), controlled).eval()
     dtype = PRECISIONS[precision]
-    batch = 2
-    sample = torch.randn(batch, c.unet.config.in_channels, *latent_hw, dtype=dtype)
+    sample = torch.randn(batch or 2, c.unet.config.in_channels, *latent_hw, dtype=dtype)
     t = torch.tensor([500.0])
-    ctx = torch.randn(batch, 77, c.unet.config.cross_attention_dim, dtype=dtype)
+    ctx = torch.randn(batch or 2, 77, c.unet.config.cross_attention_dim, dtype=dtype)
     m = 2 ** (len(c.unet.config.block_out_channels) - 1)
     with torch.no_grad():  # a small eager call records the call order (down, mid, up)
         wrapper(sample[:1, :, :m, :m], t, ctx[:1])
@@ -291,13 +301,16 @@ def export_unet(
         names.append(f"{layer}.probs")
         if is_cross_layer(layer):
             names.append(f"{layer}.hidden")
-    b, h, w = _latent_dims(c)
+    dims = None
+    if batch is None:
+        (sample_dims,) = _latent_dims(c)
+        dims = (sample_dims, None, {0: sample_dims[0]})
     model = _to_onnx(
         wrapper,
         (sample, t, ctx),
         input_names=list(UNET_INPUTS),
         output_names=names,
-        dynamic_shapes=({0: b, 2: h, 3: w}, None, {0: b}),
+        dynamic_shapes=dims,
         opset=opset,
     )
     geometry = {name: (module, q) for name, module, q in attention_geometry(c.unet, latent_hw)}
@@ -322,3 +335,48 @@ def export_unet(
             )
         )
     return model, layers
+
+
+def export_fused(
+    c: Components,
+    precision: str,
+    opset: int,
+    latent_hw: tuple[int, int],
+    self_max_queries: int,
+    batch: int,
+) -> onnx.ModelProto:
+    """The fused UNet (:mod:`adapedit.fused`) of ``batch``'s mode, static at ``batch`` ×
+    ``latent_hw``: the edit inside the graph (batch 4), the calibration pass's maps (batch 2),
+    or the plain UNet (batch 1).
+
+    Raises:
+        ExportError: a batch with no fused mode.
+    """
+    from adapedit.fused import MODES, FusedUNet, example_controls, input_names, output_names
+
+    if batch not in MODES:
+        raise ExportError(
+            "no fused UNet for this batch size",
+            where="fused export",
+            expected=f"one of {sorted(MODES)} ({', '.join(MODES.values())})",
+            got=batch,
+            field="batches",
+        )
+    mode = MODES[batch]
+    layers = controlled_layers(c.unet, latent_hw, self_max_queries)
+    module = FusedUNet(_copy_as(c.unet, precision), layers, mode, latent_hw).eval()
+    dtype = PRECISIONS[precision]
+    args = [
+        torch.randn(batch, c.unet.config.in_channels, *latent_hw, dtype=dtype),
+        torch.tensor([500.0]),
+        torch.randn(batch, 77, c.unet.config.cross_attention_dim, dtype=dtype),
+    ]
+    args += example_controls(module, dtype)
+    return _to_onnx(
+        module,
+        tuple(args),
+        input_names=input_names(mode, layers),
+        output_names=output_names(mode, layers),
+        dynamic_shapes=None,
+        opset=opset,
+    )

@@ -1,105 +1,93 @@
-"""Graph surgery on ONNX models: cutting a graph into segments at given tensors, and pruning a
-graph to some of its outputs. Plain ``onnx`` protobuf work, no runtime needed."""
+"""Graph work on the exported UNet with onnx-graphsurgeon: folding constants, cutting the graph
+into segments at given tensors, and pruning it to some of its outputs.
+
+Constants (``Constant`` nodes are lowered to constant tensors first) are copied into every
+segment that uses them, so only variable tensors cross a cut: in a static export, where every
+shape is a constant, no integer tensor crosses a cut at all.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import logging
+from collections.abc import Iterator, Sequence
 
 import onnx
-from onnx import helper
 
 from adapedit.errors import ExportError
 
-
-def _value_infos(graph: onnx.GraphProto) -> dict[str, onnx.ValueInfoProto]:
-    infos = {v.name: v for v in graph.value_info}
-    infos.update({v.name: v for v in graph.input})
-    infos.update({v.name: v for v in graph.output})
-    return infos
+#: Constant subgraphs whose result is larger than this are left to run time (an ``Expand`` of a
+#: constant into a [B·H, P, K] tensor would otherwise be stored in the file).
+FOLD_LIMIT_BYTES = 1 << 20
 
 
-def _model_like(model: onnx.ModelProto, graph: onnx.GraphProto) -> onnx.ModelProto:
-    out = helper.make_model(graph, opset_imports=list(model.opset_import), producer_name="adapedit")
-    out.ir_version = model.ir_version
-    out.functions.extend(model.functions)
-    return out
-
-
-def _subgraph(
-    model: onnx.ModelProto,
-    nodes: Sequence[onnx.NodeProto],
-    inputs: Sequence[str],
-    outputs: Sequence[str],
-    name: str,
-) -> onnx.ModelProto:
-    g = model.graph
-    infos = _value_infos(g)
-    used = {i for n in nodes for i in n.input}
-    missing = [t for t in [*inputs, *outputs] if t not in infos]
-    if missing:
-        raise ExportError(
-            "no type information for tensors at a cut",
-            where=name,
-            expected="shape-inferred value_info for every live tensor",
-            got=missing[:5],
-        )
-    graph = helper.make_graph(
-        list(nodes),
-        name,
-        inputs=[infos[t] for t in inputs],
-        outputs=[infos[t] for t in outputs],
-        initializer=[init for init in g.initializer if init.name in used],
-        value_info=[infos[o] for n in nodes for o in n.output if o in infos and o not in outputs],
-    )
-    return _model_like(model, graph)
-
-
-def prune(model: onnx.ModelProto, keep_outputs: Sequence[str]) -> onnx.ModelProto:
-    """The model with only ``keep_outputs`` as outputs and every node they do not need removed."""
-    g = model.graph
-    needed = set(keep_outputs)
-    kept: list[onnx.NodeProto] = []
-    for node in reversed(g.node):
-        if needed.intersection(node.output):
-            kept.append(node)
-            needed.update(i for i in node.input if i)
-    kept.reverse()
-    inputs = [i.name for i in g.input if i.name in needed]
-    return _subgraph(model, kept, inputs, list(keep_outputs), g.name)
-
-
-def split(model: onnx.ModelProto, cuts: Sequence[str]) -> list[onnx.ModelProto]:
-    """Cut ``model`` after the nodes producing each tensor of ``cuts`` (in graph order).
-
-    Segment ``k`` ends with the producer of ``cuts[k]`` and outputs it; every tensor produced in
-    a segment and consumed later (or a graph output) becomes an output of its segment and an input
-    of each later segment that uses it, by name. Graph inputs go to every segment that uses them.
-    Initializers are copied into the segments that use them.
+def load_graph(model: onnx.ModelProto):
+    """The model as an onnx-graphsurgeon graph with ``Constant`` nodes lowered to constant
+    tensors and constant subgraphs (up to :data:`FOLD_LIMIT_BYTES`) folded, topologically
+    sorted.
 
     Raises:
-        ExportError: a cut tensor is not produced by a node, the cuts are out of graph order, or
-            a node carries a subgraph (control flow cannot be cut safely).
+        ExportError: the graph has control flow (If/Loop/Scan), which cannot be cut safely.
     """
-    g = model.graph
-    nodes = list(g.node)
-    if any(
-        a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS)
-        for n in nodes
-        for a in n.attribute
-    ):
+    import onnx_graphsurgeon as gs
+
+    logging.getLogger("onnx_graphsurgeon").setLevel(logging.ERROR)
+    graph = gs.import_onnx(model)
+    if any(n.op in ("If", "Loop", "Scan") for n in graph.nodes):
         raise ExportError(
             "cannot cut a graph with control-flow subgraphs",
-            where=g.name,
+            where=graph.name,
             expected="a flat graph",
             got="If/Loop/Scan nodes",
         )
-    producer = {o: k for k, n in enumerate(nodes) for o in n.output}
+    graph.fold_constants(size_threshold=FOLD_LIMIT_BYTES).cleanup().toposort()
+    return graph
+
+
+def fold(model: onnx.ModelProto) -> onnx.ModelProto:
+    """``model`` with constants lowered and folded as :func:`load_graph` does, uncut."""
+    graph = load_graph(model)
+    return _export(graph, graph.name)
+
+
+def _export(graph, name: str) -> onnx.ModelProto:
+    import onnx_graphsurgeon as gs
+
+    graph.name = name
+    return gs.export_onnx(graph)
+
+
+def prune(graph, outputs: Sequence[str]) -> onnx.ModelProto:
+    """The graph with only ``outputs`` as outputs and every node they do not need removed (the
+    graph itself is left as it is)."""
+    g = graph.copy()
+    tensors = g.tensors()
+    g.outputs = [tensors[name] for name in outputs]
+    g.cleanup(remove_unused_graph_inputs=True)
+    return _export(g, graph.name)
+
+
+def split(graph, cuts: Sequence[str]) -> Iterator[onnx.ModelProto]:
+    """Cut ``graph`` after the nodes producing each tensor of ``cuts`` (in graph order); yields
+    the segments in order.
+
+    Segment ``k`` ends with the producer of ``cuts[k]`` and outputs it; every variable tensor
+    produced in a segment and consumed later (or a graph output) becomes an output of its
+    segment and an input of each later segment that uses it, by name. Graph inputs go to every
+    segment that uses them; constants are copied into every segment that uses them.
+
+    Raises:
+        ExportError: a cut tensor is not produced by a node, or the cuts are out of graph order.
+    """
+    import onnx_graphsurgeon as gs
+
+    nodes = list(graph.nodes)
+    producer = {t.name: k for k, n in enumerate(nodes) for t in n.outputs}
     ends = []
     for name in cuts:
         if name not in producer:
             raise ExportError(
                 "cut tensor is not produced by any node",
-                where=g.name,
+                where=graph.name,
                 expected="an attention-probability tensor",
                 got=name,
             )
@@ -107,35 +95,39 @@ def split(model: onnx.ModelProto, cuts: Sequence[str]) -> list[onnx.ModelProto]:
     if ends != sorted(ends) or len(set(ends)) != len(ends):
         raise ExportError(
             "cuts are not in graph order",
-            where=g.name,
+            where=graph.name,
             expected="strictly increasing node positions",
             got=ends,
         )
     bounds = list(zip([-1, *ends], [*ends, len(nodes) - 1], strict=True))
-    seg_of = {}
-    for k, (lo, hi) in enumerate(bounds):
-        for i in range(lo + 1, hi + 1):
-            seg_of[i] = k
-    initializers = {init.name for init in g.initializer}
-    graph_inputs = [i.name for i in g.input]
-    graph_outputs = {o.name for o in g.output}
-    # the last segment that reads each tensor
-    last_use: dict[str, int] = {}
+    seg_of = {k: s for s, (lo, hi) in enumerate(bounds) for k in range(lo + 1, hi + 1)}
+    graph_inputs = [t.name for t in graph.inputs]
+    graph_outputs = {t.name for t in graph.outputs}
+    last_use: dict[str, int] = {}  # the last segment that reads each variable tensor
     for k, n in enumerate(nodes):
-        for t in n.input:
-            if t:
-                last_use[t] = max(last_use.get(t, -1), seg_of[k])
-    segments = []
-    for k, (lo, hi) in enumerate(bounds):
+        for t in n.inputs:
+            if isinstance(t, gs.Variable) and t.name:
+                last_use[t.name] = max(last_use.get(t.name, -1), seg_of[k])
+    for s, (lo, hi) in enumerate(bounds):
         seg_nodes = nodes[lo + 1 : hi + 1]
-        produced = [o for n in seg_nodes for o in n.output if o]
-        produced_set = set(produced)
-        consumed = list(dict.fromkeys(t for n in seg_nodes for t in n.input if t))
-        inputs = [t for t in consumed if t not in produced_set and t not in initializers]
+        produced = [t for n in seg_nodes for t in n.outputs if t.name]
+        produced_names = {t.name for t in produced}
+        consumed = {}
+        for n in seg_nodes:
+            for t in n.inputs:
+                if isinstance(t, gs.Variable) and t.name and t.name not in produced_names:
+                    consumed.setdefault(t.name, t)
         # graph inputs in graph order, then live tensors in order of first use
-        inputs = [t for t in graph_inputs if t in inputs] + [
-            t for t in inputs if t not in graph_inputs
+        inputs = [consumed[n] for n in graph_inputs if n in consumed] + [
+            t for n, t in consumed.items() if n not in graph_inputs
         ]
-        outputs = [t for t in produced if t in graph_outputs or last_use.get(t, -1) > k]
-        segments.append(_subgraph(model, seg_nodes, inputs, outputs, f"segment_{k:02d}"))
-    return segments
+        outputs = [t for t in produced if t.name in graph_outputs or last_use.get(t.name, -1) > s]
+        seg = gs.Graph(
+            nodes=seg_nodes,
+            inputs=inputs,
+            outputs=outputs,
+            opset=graph.opset,
+            import_domains=graph.import_domains,
+            ir_version=graph.ir_version,
+        )
+        yield _export(seg, f"segment_{s:02d}")

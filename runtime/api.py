@@ -16,14 +16,13 @@ a dict of JSON values plus the two images as C-contiguous ``uint8`` arrays [H, W
 
 Every error is an :class:`~adapedit.errors.AdapEditError`; bad options and prompts are
 :class:`~adapedit.errors.InputError` (``ConfigError``/``PromptError``), raised before any model
-work; :func:`field_of` names the option an input error is about. A :class:`Validator` makes the
-same checks up front, from any thread, without waiting for an edit in progress (a server answers
-invalid requests at once with it).
+work; an input error's ``field`` names the option or prompt it is about. A :class:`Validator`
+makes the same checks up front, from any thread, without waiting for an edit in progress (a
+server answers invalid requests at once with it).
 """
 
 from __future__ import annotations
 
-import re
 import threading
 from collections.abc import Callable, Mapping
 from dataclasses import fields
@@ -32,7 +31,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from adapedit.config import EditConfig, SamplerConfig
-from adapedit.errors import AdapEditError, ConfigError, EngineError
+from adapedit.errors import ConfigError, EngineError
 from adapedit.models import load_tokenizer
 from adapedit.plan import build_plan
 
@@ -108,6 +107,7 @@ def parse_options(
                 where=where,
                 expected=f"one of {sorted(OPTION_FIELDS)}",
                 got=name,
+                field=name,
             )
         description, check, convert = _FIELD_KINDS[name]
         if not check(value):
@@ -116,6 +116,7 @@ def parse_options(
                 where=where,
                 expected=description,
                 got=f"{value!r} ({type(value).__name__})",
+                field=name,
             )
         (edit if name in EDIT_FIELDS else sampler)[name] = convert(value)
     return EditConfig(**edit), SamplerConfig(**sampler)
@@ -130,9 +131,11 @@ def check_resolution(session: EditSession, edit: EditConfig, sampler: SamplerCon
     """
     latent_hw = session.latent_hw(sampler)
     try:
-        session.prepare(edit, latent_hw)  # EditSession.prepare only checks the profile
+        session.prepare(edit, latent_hw, session.edit_batches(edit))  # checks the engines only
     except EngineError as e:  # the resolution asked for is the caller's input
-        raise ConfigError(e.what, where=e.where, expected=e.expected, got=e.got) from e
+        raise ConfigError(
+            e.what, where=e.where, expected=e.expected, got=e.got, field=e.field
+        ) from e
 
 
 class Validator:
@@ -190,6 +193,7 @@ def parse_request(
                 where=where,
                 expected="a prompt (string)",
                 got="nothing" if value is None else f"{value!r} ({type(value).__name__})",
+                field=name,
             )
         prompts.append(value)
     options = {k: v for k, v in request.items() if k not in PROMPT_FIELDS}
@@ -210,24 +214,3 @@ def plain_edit(session: EditSession, source: str, target: str, **options: Any) -
     )
     check_resolution(session, edit, sampler)
     return to_plain(session.edit(source, target, edit, sampler), session.manifest.model)
-
-
-_NAMED_FIELD = re.compile(r"\bfield '(\w+)'")
-_FIELD_NAMES = re.compile(
-    r"\b(" + "|".join(sorted(PROMPT_FIELDS + OPTION_FIELDS, key=len, reverse=True)) + r")\b"
-)
-_PROMPT_NAMES = re.compile(r"\b(source|edit) prompt\b")
-
-
-def field_of(error: AdapEditError) -> str | None:
-    """The option or prompt (``source``/``target``) an input error is about, if it names one:
-    a field named in its message first (``local-blend`` read as ``local_blend``), else the prompt
-    its location names, else the first field its location mentions."""
-    what, where = error.what.replace("local-blend", "local_blend"), error.where or ""
-    if m := _NAMED_FIELD.search(what) or _FIELD_NAMES.search(what):
-        return m.group(1)
-    if m := _PROMPT_NAMES.search(where):
-        return "source" if m.group(1) == "source" else "target"
-    if m := _FIELD_NAMES.search(where):
-        return m.group(1)
-    return None

@@ -4,33 +4,44 @@ from __future__ import annotations
 
 import json
 import threading
+from contextlib import nullcontext
 from pathlib import Path
 
 import torch
 
 from adapedit.config import EditConfig, SamplerConfig
+from adapedit.controller import Controller
+from adapedit.engines.base import Runner
 from adapedit.engines.folder import load_engine_folder, make_runner
 from adapedit.engines.ort import OrtOptions
+from adapedit.engines.weights import WeightPool
 from adapedit.errors import EngineError
+from adapedit.geometry import is_controlled_by_rule, is_cross_layer
 from adapedit.models import load_tokenizer
 from adapedit.pipeline import EditPipeline, EditResult, GenerationResult
-from adapedit.processors import Controller
+from adapedit.runtime.fused import FusedUNet
 from adapedit.runtime.segmented import SegmentedUNet
+from adapedit.spec import GraphSpec
 
 ENGINE_DTYPES = {"fp32": torch.float32, "fp16": torch.float16}
 
 
 class EditSession(EditPipeline):
-    """AdapEdit from an engine folder: text encoder, segmented UNet and VAE decoder engines, the
-    controller from ``adapedit`` applied between UNet segments.
+    """AdapEdit from an engine folder: text encoder, UNet and VAE decoder engines.
 
+    The UNet runs fused (the edit inside the graph: one engine call per step, replayed as a
+    CUDA graph on the GPU) where the folder has the fused form, else segmented (the controller
+    from ``adapedit`` applied between engine segments; any Python controller works there).
     Build once, call :meth:`edit` many times; calls from several threads are serialised (one
-    edit at a time per session), so engine buffers are never shared between two edits.
+    edit at a time per session), so engine buffers are never shared between two edits. On a
+    GPU every engine and every torch operation of an edit runs on one stream of the session's,
+    and ONNX Runtime sessions share one copy of the UNet weights.
 
     Args:
         engine_dir: a folder written by ``adapedit build``.
         ort: override the ONNX Runtime options recorded at build time (providers, threads).
         model_hash / precision: refuse a folder of another model or precision.
+        form: ``auto`` (fused where available), ``fused`` or ``segmented``.
     """
 
     def __init__(
@@ -40,9 +51,22 @@ class EditSession(EditPipeline):
         ort: OrtOptions | None = None,
         model_hash: str | None = None,
         precision: str | None = None,
+        form: str = "auto",
     ) -> None:
         folder = Path(engine_dir)
         manifest, config = load_engine_folder(folder, model_hash=model_hash, precision=precision)
+        has = {"fused": manifest.has_fused, "segmented": manifest.has_segments}
+        if form not in ("auto", *has) or not (
+            has.get(form) or (form == "auto" and any(has.values()))
+        ):
+            raise EngineError(
+                "the engine folder has no UNet of this form",
+                where=str(folder),
+                expected=" | ".join(["auto", *(k for k, v in has.items() if v)]),
+                got=form,
+                field="form",
+            )
+        self.form = form
         self.folder, self.manifest, self.config = folder, manifest, config
         self.name = f"{manifest.model} ({folder})"
         self.tokenizer = load_tokenizer(folder / "tokenizer")
@@ -53,25 +77,80 @@ class EditSession(EditPipeline):
         self.latent_channels = manifest.latent_channels
         self.dtype = torch.float32  # latents and scheduler in fp32; engines take their dtype
         self.engine_dtype = ENGINE_DTYPES[manifest.precision]
+        self.ort = ort
         options = ort or config.ort
         self.device = options.device if config.backend == "ort" else torch.device("cuda")
-        self.text_encoder = make_runner(folder, config, manifest.graphs["text_encoder"], ort)
-        self.vae_decoder = make_runner(folder, config, manifest.graphs["vae_decoder"], ort)
-        if not manifest.segments:
-            raise EngineError(
-                "the engine folder has no segmented UNet",
-                where=str(folder),
-                expected="an export with --form segmented or both",
-                got="whole UNet only",
-            )
-        self.segmented = SegmentedUNet(
-            manifest, [make_runner(folder, config, s, ort) for s in manifest.segments]
+        self.stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
+        self.weights = (
+            WeightPool(folder, manifest.weights, self.device)
+            if config.backend == "ort" and manifest.weights
+            else None
         )
+        self.text_encoder = self._runner(manifest.graphs["text_encoder"])
+        self.vae_decoder = self._runner(manifest.graphs["vae_decoder"])
+        self._unets: dict[int | None, SegmentedUNet] = {}
+        self._fused: dict[int, FusedUNet] = {}
         self._lock = threading.RLock()
 
+    def _runner(self, spec: GraphSpec, *, cuda_graph: bool = False) -> Runner:
+        return make_runner(
+            self.folder,
+            self.config,
+            spec,
+            self.ort,
+            stream=self.stream,
+            weights=self.weights,
+            cuda_graph=cuda_graph,
+        )
+
+    def fused(self, batch: int) -> FusedUNet | None:
+        """The fused UNet that runs ``batch`` samples, if the folder has one (runner created on
+        first use, a CUDA graph on the GPU)."""
+        graphs = self.manifest.unet_graphs(batch)
+        if graphs.fused is None or self.form == "segmented":
+            return None
+        unet = self._fused.get(batch)
+        if unet is None:
+            runner = self._runner(graphs.fused, cuda_graph=True)
+            unet = self._fused[batch] = FusedUNet(self.manifest, graphs, runner, self.device)
+        return unet
+
+    def segmented(self, batch: int) -> SegmentedUNet:
+        """The segmented UNet that runs ``batch`` samples (runners created on first use).
+
+        Raises:
+            EngineError: a static folder built for other batch sizes.
+        """
+        graphs = self.manifest.unet_graphs(batch)
+        if not graphs.segments:
+            raise EngineError(
+                "the engine folder has no segmented UNet for this batch",
+                where=str(self.folder),
+                expected="an export with --form segmented",
+                got=f"forms of batch {batch}: fused only",
+            )
+        unet = self._unets.get(graphs.batch)
+        if unet is None:
+            runners = [self._runner(s) for s in graphs.segments]
+            unet = self._unets[graphs.batch] = SegmentedUNet(self.manifest, graphs, runners)
+        return unet
+
     @property
-    def runners(self):
-        return [self.text_encoder, self.vae_decoder, *self.segmented.runners]
+    def runners(self) -> list[Runner]:
+        return [
+            self.text_encoder,
+            self.vae_decoder,
+            *(r for u in self._unets.values() for r in u.runners),
+            *(u.runner for u in self._fused.values()),
+        ]
+
+    def controller_seconds(self) -> float:
+        """Time spent in the controller between segments since the last :meth:`reset_clocks`."""
+        return sum(u.clock.seconds() for u in self._unets.values())
+
+    def reset_clocks(self) -> None:
+        for u in self._unets.values():
+            u.clock.reset()
 
     def close(self) -> None:
         """Release every engine (the session can be used again; engines reload lazily)."""
@@ -85,14 +164,40 @@ class EditSession(EditPipeline):
         self.close()
 
     # -- backend hooks -----------------------------------------------------------------------
-    def prepare(self, edit: EditConfig, latent_hw: tuple[int, int]) -> None:
+    def prepare(
+        self, edit: EditConfig, latent_hw: tuple[int, int], batches: tuple[int, ...]
+    ) -> None:
         h, w = (x * self.vae_scale_factor for x in latent_hw)
-        self.config.profile.check(4, h, w, where=f"engine folder {self.folder}")
+        where = f"engine folder {self.folder}"
+        for b in batches:
+            self.manifest.unet_graphs(b)  # a static folder has each batch, or says which it has
+            self.config.profile.check(b, h, w, where=where)
+        wanted = {
+            x
+            for x, q in self.manifest.attention.items()
+            if is_controlled_by_rule(is_cross_layer(x), q, edit.self_max_queries)
+        }
+        if wanted != set(self.manifest.controlled):
+            raise EngineError(
+                "the engines control another set of attention layers",
+                where=where,
+                expected=f"self_max_queries {self.manifest.self_max_queries} (the export's)",
+                got=f"self_max_queries {edit.self_max_queries}",
+                field="self_max_queries",
+            )
 
     def encode(self, prompts: list[str]) -> torch.Tensor:
-        ids = self.tokens(prompts).to(self.device)
-        out = self.text_encoder.infer({"input_ids": ids})["text_embeddings"]
-        return out.to(self.dtype).clone()
+        ids = self.tokens(prompts).to(self.device)  # [n, 77]
+        n = self.text_encoder.spec.inputs[0].shape[0]  # a static graph's batch, or a symbol
+        chunks = ids.split(n) if isinstance(n, int) else [ids]
+        return torch.cat(
+            [
+                self.text_encoder.infer({"input_ids": c})["text_embeddings"].to(
+                    self.dtype, copy=True
+                )
+                for c in chunks
+            ]
+        )
 
     def unet(
         self,
@@ -100,16 +205,32 @@ class EditSession(EditPipeline):
         t: torch.Tensor,
         embeddings: torch.Tensor,
         controller: Controller | None,
+        step: int,
     ) -> torch.Tensor:
         timestep = torch.tensor([float(t)], dtype=torch.float32, device=self.device)
-        eps = self.segmented(
-            x.to(self.engine_dtype), timestep, embeddings.to(self.engine_dtype), controller
+        fused = self.fused(x.shape[0])
+        use_fused = fused is not None and (
+            self.form == "fused" or fused.accepts(controller) or not self._has_segments(x.shape[0])
+        )
+        eps = (fused if use_fused else self.segmented(x.shape[0]))(
+            x.to(self.engine_dtype),
+            timestep,
+            embeddings.to(self.engine_dtype),
+            controller,
+            step,
         )
         return eps.to(self.dtype)
+
+    def _has_segments(self, batch: int) -> bool:
+        return bool(self.manifest.unet_graphs(batch).segments)
 
     def decode_one(self, latent: torch.Tensor) -> torch.Tensor:
         out = self.vae_decoder.infer({"latent": latent.to(self.engine_dtype)})["image"]
         return out[0].clone()
+
+    def on_stream(self):
+        """The session's stream as the current one (a no-op on the CPU)."""
+        return torch.cuda.stream(self.stream) if self.stream is not None else nullcontext()
 
     # -- thread-safe public API --------------------------------------------------------------
     def plan(self, source: str, target: str, edit: EditConfig = EditConfig()):
@@ -127,12 +248,12 @@ class EditSession(EditPipeline):
         **kwargs,
     ) -> EditResult:
         """Edit ``source`` into ``target`` (see :meth:`EditPipeline.edit`); serialised."""
-        with self._lock:
+        with self._lock, self.on_stream():
             return super().edit(source, target, edit, sampler, **kwargs)
 
     def generate(
         self, prompt: str, sampler: SamplerConfig = SamplerConfig(), **kwargs
     ) -> GenerationResult:
         """Plain generation of ``prompt``; serialised."""
-        with self._lock:
+        with self._lock, self.on_stream():
             return super().generate(prompt, sampler, **kwargs)

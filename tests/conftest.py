@@ -47,7 +47,7 @@ def tiny_export(tiny_components, tmp_path_factory):
     from adapedit.export.api import export_model
 
     out = tmp_path_factory.mktemp("exports") / "tiny-fp32"
-    manifest = export_model(tiny_components, out, precision="fp32", form="both", progress=False)
+    manifest = export_model(tiny_components, out, progress=False)
     return out, manifest
 
 
@@ -66,3 +66,46 @@ def tiny_session(tiny_engines):
     from adapedit.runtime.session import EditSession
 
     return EditSession(tiny_engines)
+
+
+@pytest.fixture(scope="session")
+def tiny_static_export(tiny_components, tmp_path_factory):
+    """The tiny model exported static (fp32, 128×128, UNet batches 2 and 4, both forms)."""
+    from adapedit.export.api import ExportOptions, export_model
+
+    out = tmp_path_factory.mktemp("exports") / "tiny-static"
+    manifest = export_model(tiny_components, out, ExportOptions(shapes="static"), progress=False)
+    return out, manifest
+
+
+@pytest.fixture(scope="session")
+def tiny_static_session(tiny_static_export, tmp_path_factory):
+    """A session on ONNX Runtime (CPU) engines of the static tiny export."""
+    from adapedit.engines.folder import build_engines
+    from adapedit.runtime.session import EditSession
+
+    out = tmp_path_factory.mktemp("engines") / "tiny-static-ort"
+    build_engines(tiny_static_export[0], out, backend="ort", progress=False)
+    return EditSession(out)
+
+
+@pytest.fixture(scope="session")
+def tiny_fused_engines(tiny_components, tmp_path_factory):
+    """ONNX Runtime (CPU) engines of the tiny model's static export with the fused UNet and
+    the segmented one (batches 2 and 4, 128×128)."""
+    from adapedit.engines.folder import build_engines
+    from adapedit.export.api import ExportOptions, export_model
+
+    export = tmp_path_factory.mktemp("exports") / "tiny-fused"
+    options = ExportOptions(shapes="static", forms=("fused", "segmented"))
+    export_model(tiny_components, export, options, progress=False)
+    out = tmp_path_factory.mktemp("engines") / "tiny-fused-ort"
+    build_engines(export, out, backend="ort", progress=False)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_fused_session(tiny_fused_engines):
+    from adapedit.runtime.session import EditSession
+
+    return EditSession(tiny_fused_engines)

@@ -145,7 +145,7 @@ def test_refine_map_on_raw_ids_pads_with_identity():
     # the edit prompt (length 4) and map to themselves with alpha 1.
     src, edt = fake((100, 7, 101), 6), fake((100, 7, 7, 101), 6)
     tm = refine_map(src, edt)
-    assert tm.matrix is None
+    assert tm.index is not None  # one-hot columns
     assert tm.alphas.tolist() == [1.0, 1.0, 0.0, 1.0, 1.0, 1.0]
     assert [tm.index[j].item() for j in (0, 1, 3, 4, 5)] == [0, 1, 2, 4, 5]
 
@@ -189,7 +189,7 @@ def test_refine_substitution_is_insertion_plus_drop(tokenizer):
 def test_refine_carry_selects_source_columns(tokenizer):
     tm = refine_map(tokenize(tokenizer, "a big dog"), tokenize(tokenizer, "a dog"))
     src = torch.arange(77, dtype=torch.float32).reshape(1, 1, 77)  # value = column index
-    carried = tm.carry(src)
+    carried = src @ tm.matrix
     # edit columns 0..3 take source columns 0, 1, 3, 4; column 10 takes column 10.
     assert carried[0, 0, :4].tolist() == [0.0, 1.0, 3.0, 4.0]
     assert carried[0, 0, 10].item() == 10.0
@@ -202,8 +202,8 @@ def test_replace_same_token_count_is_identity(tokenizer):
     src, edt = tokenize(tokenizer, SRC), tokenize(tokenizer, "A cat standing on the grass")
     assert swapped_words(src, edt) == [1]
     tm = replace_map(src, edt)
-    assert tm.index is None
     torch.testing.assert_close(tm.matrix, torch.eye(77))
+    assert torch.equal(tm.index, torch.arange(77))  # one-hot: it reads as an index too
     torch.testing.assert_close(tm.alphas, torch.ones(77))
 
 
@@ -221,7 +221,7 @@ def test_replace_word_split_into_two_target_tokens(tokenizer):
     torch.testing.assert_close(tm.matrix, expected)
     # carry: M @ matrix
     src_probs = torch.arange(1, 78, dtype=torch.float32).reshape(1, 1, 77)  # column i → i+1
-    carried = tm.carry(src_probs)[0, 0]
+    carried = (src_probs @ tm.matrix)[0, 0]
     # target 2 and 3: 0.5 · 3 = 1.5 (source "cat" has value 3); target 4 ("on"): source 3 → 4
     assert carried[:5].tolist() == [1.0, 2.0, 1.5, 1.5, 4.0]
 

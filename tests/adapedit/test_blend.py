@@ -82,17 +82,15 @@ def test_all_zero_maps_give_empty_mask_without_nan():
 def test_apply_local_blend():
     src = torch.tensor([[[1.0, 2.0], [3.0, 4.0]], [[5.0, 6.0], [7.0, 8.0]]])  # [C=2, 2, 2]
     edt = torch.tensor([[[10.0, 20.0], [30.0, 40.0]], [[50.0, 60.0], [70.0, 80.0]]])
-    latents = torch.stack([src, edt])  # [2, 2, 2, 2]
     mask = torch.tensor([[[[1.0, 0.0], [0.0, 1.0]]]])  # [1, 1, 2, 2]
-    out = apply_local_blend(latents, mask)
-    torch.testing.assert_close(out[0], src)  # the source never changes
-    # edit: the edit latent where mask = 1, the source latent elsewhere (both channels)
+    out = apply_local_blend(src, edt, mask)
+    # the edit latent where mask = 1, the source latent elsewhere (both channels)
     expected = torch.tensor([[[10.0, 2.0], [3.0, 40.0]], [[50.0, 6.0], [7.0, 80.0]]])
-    torch.testing.assert_close(out[1], expected)
+    torch.testing.assert_close(out, expected)
 
 
 def test_apply_local_blend_fractional_mask():
-    latents = torch.tensor([[[[2.0]]], [[[10.0]]]])  # [2, 1, 1, 1]
+    src, edt = torch.tensor([[[2.0]]]), torch.tensor([[[10.0]]])  # [1, 1, 1]
     # x_src + 0.25·(x_edt − x_src) = 2 + 0.25·8 = 4
-    out = apply_local_blend(latents, torch.full((1, 1, 1, 1), 0.25))
-    torch.testing.assert_close(out, torch.tensor([[[[2.0]]], [[[4.0]]]]))
+    out = apply_local_blend(src, edt, torch.full((1, 1, 1, 1), 0.25))
+    torch.testing.assert_close(out, torch.tensor([[[4.0]]]))

@@ -77,6 +77,23 @@ def test_bad_input_is_a_clear_error_with_no_output(tmp_path, capsys, args, messa
     assert not out.exists()
 
 
+@pytest.mark.parametrize("where", ["before", "after"])
+def test_an_internal_error_is_exit_1_with_its_traceback_under_debug(
+    tmp_path, capsys, monkeypatch, tiny_pipeline, where
+):
+    def boom(*a, **k):
+        raise ValueError("not an input problem")  # a bug, not bad input
+
+    monkeypatch.setattr(tiny_pipeline, "edit", boom)
+    args = ["edit", SRC, TGT, "--quiet", "--out", str(tmp_path / "o")]
+    assert main(args) == 1
+    err = capsys.readouterr().err
+    assert "internal error: ValueError: not an input problem" in err and "--debug" in err
+    assert "Traceback" not in err
+    assert main(["--debug", *args] if where == "before" else [*args, "--debug"]) == 1
+    assert "Traceback" in capsys.readouterr().err
+
+
 def test_bad_reweight_syntax_is_rejected_by_the_parser(capsys):
     with pytest.raises(SystemExit):
         main(["edit", SRC, SRC, "--edit-type", "reweight", "--reweight", "grass"])

@@ -16,11 +16,30 @@ F64 = torch.float64
 
 SRC = torch.tensor([[[0.1, 0.2, 0.3, 0.4], [0.5, 0.6, 0.7, 0.8]]], dtype=F64)  # [1, 2, 4]
 EDT = torch.tensor([[[0.9, 0.15, 0.25, 0.35], [0.05, 0.45, 0.55, 0.65]]], dtype=F64)
-REFINE = TokenMap(alphas=torch.tensor([1.0, 0.0, 1.0, 1.0]), index=torch.tensor([0, 1, 1, 3]))
+# column j of the matrix: the source token edit token j takes (index [0, 1, 1, 3])
+REFINE = TokenMap(
+    alphas=torch.tensor([1.0, 0.0, 1.0, 1.0]),
+    matrix=torch.eye(4)[:, [0, 1, 1, 3]],
+)
 S = torch.tensor([0.5, 0.25], dtype=F64)
 LAMBDA_S = 0.8
 ALL_IN = torch.ones(4)
 ALL_OUT = torch.zeros(4)
+
+
+def cross(src, edt, tm, gate, s=None, lambda_s=LAMBDA_S, equalizer=None):
+    """``edit_cross_attention`` with float64 controls; ``s=None``: DPS off (switch 0)."""
+    return edit_cross_attention(
+        src,
+        edt,
+        tm.matrix.to(F64),
+        tm.alphas.to(F64),
+        gate.to(F64),
+        s=torch.zeros(src.shape[1], dtype=F64) if s is None else s,
+        lambda_s=torch.tensor(lambda_s, dtype=F64),
+        dps_on=torch.tensor(0.0 if s is None else 1.0, dtype=F64),
+        equalizer=torch.ones(4, dtype=F64) if equalizer is None else equalizer.to(F64),
+    )
 
 
 def col(x: torch.Tensor, j: int) -> torch.Tensor:
@@ -32,19 +51,19 @@ def t(*v: float) -> torch.Tensor:
 
 
 def test_injected_aligned_tokens_take_carried_source_map():
-    out = edit_cross_attention(SRC, EDT, REFINE, ALL_IN, s=S, lambda_s=LAMBDA_S)
+    out = cross(SRC, EDT, REFINE, ALL_IN, s=S, lambda_s=LAMBDA_S)
     torch.testing.assert_close(col(out, 0), t(0.1, 0.5))  # source column 0
     torch.testing.assert_close(col(out, 2), t(0.2, 0.6))  # source column 1 (carried)
     torch.testing.assert_close(col(out, 3), t(0.4, 0.8))  # source column 3
 
 
 def test_injected_inserted_token_takes_edit_map():
-    out = edit_cross_attention(SRC, EDT, REFINE, ALL_IN, s=S, lambda_s=LAMBDA_S)
+    out = cross(SRC, EDT, REFINE, ALL_IN, s=S, lambda_s=LAMBDA_S)
     torch.testing.assert_close(col(out, 1), t(0.15, 0.45))  # a = 0 → M_edt
 
 
 def test_after_tau_aligned_tokens_with_dps_follow_eq8():
-    out = edit_cross_attention(SRC, EDT, REFINE, ALL_OUT, s=S, lambda_s=LAMBDA_S)
+    out = cross(SRC, EDT, REFINE, ALL_OUT, s=S, lambda_s=LAMBDA_S)
     # C = 0.8·[S·Mc* + (1−S)·Mc] + 0.2·Mc
     # token 0: Mc = [0.1, 0.5], Mc* = [0.9, 0.05]
     #   p0: 0.8·(0.45 + 0.05) + 0.02 = 0.42;  p1: 0.8·(0.0125 + 0.375) + 0.1 = 0.41
@@ -58,18 +77,18 @@ def test_after_tau_aligned_tokens_with_dps_follow_eq8():
 
 
 def test_after_tau_inserted_token_takes_edit_map_even_with_dps():
-    out = edit_cross_attention(SRC, EDT, REFINE, ALL_OUT, s=S, lambda_s=LAMBDA_S)
+    out = cross(SRC, EDT, REFINE, ALL_OUT, s=S, lambda_s=LAMBDA_S)
     torch.testing.assert_close(col(out, 1), t(0.15, 0.45))
 
 
 def test_after_tau_without_dps_is_edit_map():
-    out = edit_cross_attention(SRC, EDT, REFINE, ALL_OUT, s=None, lambda_s=LAMBDA_S)
+    out = cross(SRC, EDT, REFINE, ALL_OUT, s=None, lambda_s=LAMBDA_S)
     torch.testing.assert_close(out, EDT)
 
 
 def test_gates_apply_per_token():
     gate = torch.tensor([1.0, 0.0, 0.0, 1.0])
-    out = edit_cross_attention(SRC, EDT, REFINE, gate, s=S, lambda_s=LAMBDA_S)
+    out = cross(SRC, EDT, REFINE, gate, s=S, lambda_s=LAMBDA_S)
     expected = torch.tensor([[[0.1, 0.15, 0.22, 0.4], [0.5, 0.45, 0.59, 0.8]]], dtype=F64)
     torch.testing.assert_close(out, expected)  # no renormalisation either
 
@@ -78,7 +97,7 @@ def test_heads_are_edited_alike():
     # DPS and injection are linear in the maps: a second head at 2× gives 2× the result
     src2, edt2 = torch.cat([SRC, 2 * SRC]), torch.cat([EDT, 2 * EDT])
     gate = torch.tensor([1.0, 0.0, 0.0, 1.0])
-    out = edit_cross_attention(src2, edt2, REFINE, gate, s=S, lambda_s=LAMBDA_S)
+    out = cross(src2, edt2, REFINE, gate, s=S, lambda_s=LAMBDA_S)
     expected = torch.tensor([[0.1, 0.15, 0.22, 0.4], [0.5, 0.45, 0.59, 0.8]], dtype=F64)
     torch.testing.assert_close(out[0], expected)
     torch.testing.assert_close(out[1], 2 * expected)
@@ -94,14 +113,14 @@ REPLACE = TokenMap(
 
 
 def test_replace_injected_goes_through_matrix():
-    out = edit_cross_attention(SRC, EDT, REPLACE, ALL_IN, s=S, lambda_s=LAMBDA_S)
+    out = cross(SRC, EDT, REPLACE, ALL_IN, s=S, lambda_s=LAMBDA_S)
     # M @ matrix: t0 = src0 = [0.1, 0.5]; t1 = t2 = ½·src1 = [0.1, 0.3]; t3 = src2 = [0.3, 0.7]
     expected = torch.tensor([[[0.1, 0.1, 0.1, 0.3], [0.5, 0.3, 0.3, 0.7]]], dtype=F64)
     torch.testing.assert_close(out, expected)
 
 
 def test_replace_after_tau_blends_carried_map_by_dps():
-    out = edit_cross_attention(SRC, EDT, REPLACE, ALL_OUT, s=S, lambda_s=LAMBDA_S)
+    out = cross(SRC, EDT, REPLACE, ALL_OUT, s=S, lambda_s=LAMBDA_S)
     # token 1: Mc = [0.1, 0.3], Mc* = [0.15, 0.45]
     #   p0: 0.8·(0.075 + 0.05) + 0.02 = 0.12;  p1: 0.8·(0.1125 + 0.225) + 0.06 = 0.33
     torch.testing.assert_close(col(out, 1), t(0.12, 0.33))
@@ -115,7 +134,7 @@ EQ = torch.tensor([1.0, 2.0, 3.0, 0.5])
 
 def test_equalizer_applies_inside_injection_window_only():
     gate = torch.tensor([1.0, 1.0, 0.0, 0.0])
-    out = edit_cross_attention(SRC, EDT, REFINE, gate, s=None, equalizer=EQ)
+    out = cross(SRC, EDT, REFINE, gate, s=None, equalizer=EQ)
     # t0: 1·src0; t1 (inserted, injected): 2·edt1 = [0.3, 0.9];
     # t2, t3 after τ: edit map unscaled (factors 3 and 0.5 not applied)
     expected = torch.tensor([[[0.1, 0.3, 0.25, 0.35], [0.5, 0.9, 0.55, 0.65]]], dtype=F64)
@@ -123,14 +142,14 @@ def test_equalizer_applies_inside_injection_window_only():
 
 
 def test_equalizer_scales_every_injected_token():
-    out = edit_cross_attention(SRC, EDT, REFINE, ALL_IN, s=None, equalizer=EQ)
+    out = cross(SRC, EDT, REFINE, ALL_IN, s=None, equalizer=EQ)
     # t2: 3·src1 = [0.6, 1.8]; t3: 0.5·src3 = [0.2, 0.4]
     expected = torch.tensor([[[0.1, 0.3, 0.6, 0.2], [0.5, 0.9, 1.8, 0.4]]], dtype=F64)
     torch.testing.assert_close(out, expected)
 
 
 def test_equalizer_not_applied_after_tau_with_dps():
-    with_eq = edit_cross_attention(SRC, EDT, REFINE, ALL_OUT, s=S, lambda_s=LAMBDA_S, equalizer=EQ)
+    with_eq = cross(SRC, EDT, REFINE, ALL_OUT, s=S, lambda_s=LAMBDA_S, equalizer=EQ)
     expected = torch.tensor([[[0.42, 0.15, 0.22, 0.38], [0.41, 0.45, 0.59, 0.77]]], dtype=F64)
     torch.testing.assert_close(with_eq, expected)
 
@@ -138,5 +157,6 @@ def test_equalizer_not_applied_after_tau_with_dps():
 def test_edit_self_attention():
     src = torch.full((1, 3, 3), 1 / 3, dtype=F64)
     edt = torch.eye(3, dtype=F64)[None]
-    torch.testing.assert_close(edit_self_attention(src, edt, True), src)
-    torch.testing.assert_close(edit_self_attention(src, edt, False), edt)
+    on, off = torch.tensor(1.0, dtype=F64), torch.tensor(0.0, dtype=F64)
+    assert torch.equal(edit_self_attention(src, edt, on), src)
+    assert torch.equal(edit_self_attention(src, edt, off), edt)

@@ -71,14 +71,19 @@ def test_sd14_random_edit_runs_through_every_controlled_layer():
     assert sum(p.numel() for p in pipe.components.unet.parameters()) == 859_520_964
     seen: dict[str, set[str]] = {}
 
-    def spy(controller):
-        def call(layer_id, is_cross, probs, hidden):
-            seen.setdefault(type(controller).__name__, set()).add(layer_id)
-            return controller(layer_id, is_cross, probs, hidden)
+    class Spy:
+        def __init__(self, controller):
+            self.inner, self.layout = controller, controller.layout
 
-        call.end_step = controller.end_step
-        call.after_scheduler_step = controller.after_scheduler_step
-        return call
+        def __call__(self, layer_id, is_cross, probs, hidden, step):
+            seen.setdefault(type(self.inner).__name__, set()).add(layer_id)
+            return self.inner(layer_id, is_cross, probs, hidden, step)
+
+        def after_step(self, step, latents):
+            return self.inner.after_step(step, latents)
+
+    def spy(controller):
+        return Spy(controller)
 
     original = pipe.denoise
     pipe.denoise = lambda lat, emb, s, ctrl=None, **kw: original(lat, emb, s, spy(ctrl), **kw)

@@ -1,5 +1,5 @@
-"""The PyTorch reference pipeline on the tiny model: the P2P oracle, the source invariant,
-determinism, edit types and LocalBlend."""
+"""The PyTorch reference pipeline on the tiny model: the source invariant, determinism, edit
+types and LocalBlend (the P2P and AdapEdit oracles are in test_oracles.py)."""
 
 from __future__ import annotations
 
@@ -15,66 +15,9 @@ SRC, TGT = "a dog standing on the grass", "a dog sitting on the grass"
 FAST = SamplerConfig(steps=6, seed=3)
 
 
-class P2PRefine:
-    """Prompt-to-Prompt's ``AttentionRefine`` (with ``AttentionControlEdit``), written from
-    P2P's code independently of ``adapedit.edit``: the oracle of the edit pass."""
-
-    def __init__(self, mapper, alphas, num_steps, cross_replace_steps, self_replace_steps):
-        self.mapper, self.alphas = mapper, alphas.reshape(1, 1, 1, -1)
-        self.cross_replace_alpha = torch.zeros(num_steps + 1, 77)
-        self.cross_replace_alpha[: int(cross_replace_steps * (num_steps + 1))] = 1
-        self.num_self_replace = (0, int(num_steps * self_replace_steps))
-        self.cur_step = 0
-
-    def __call__(self, layer_id, is_cross, attn, hidden):
-        h = attn.shape[0]
-        cond = attn[h // 2 :]
-        heads = cond.shape[0] // 2
-        cond = cond.reshape(2, heads, *cond.shape[1:])
-        attn_base, attn_replace = cond[0], cond[1:]
-        if is_cross:
-            alpha_words = self.cross_replace_alpha[self.cur_step].reshape(1, 1, 1, -1)
-            base_replace = attn_base[:, :, self.mapper.reshape(1, -1)].permute(2, 0, 1, 3)
-            replaced = base_replace * self.alphas + attn_replace * (1 - self.alphas)
-            cond[1:] = replaced * alpha_words + (1 - alpha_words) * attn_replace
-        elif (
-            self.num_self_replace[0] <= self.cur_step < self.num_self_replace[1]
-            and attn_replace.shape[2] <= 16**2
-        ):
-            cond[1:] = attn_base.unsqueeze(0).expand(attn_replace.shape[0], *attn_base.shape)
-        attn[h // 2 :] = cond.reshape(-1, *cond.shape[2:])
-        return attn
-
-    def end_step(self):
-        self.cur_step += 1
-
-    def after_scheduler_step(self, latents):
-        return latents
-
-
 def _edit_embeddings(pipe, src, tgt):
     u, c_src, c_edt = pipe.encode(["", src, tgt]).split(1)
     return torch.cat([u, u, c_src, c_edt])
-
-
-@pytest.mark.parametrize("scheduler", ["ddim", "pndm"])
-def test_all_switches_off_is_exactly_p2p_refine(tiny_pipeline, scheduler):
-    pipe = tiny_pipeline
-    sampler = SamplerConfig(steps=6, seed=1, scheduler=scheduler)
-    cfg = EditConfig(use_fwt=False, use_dps=False, tau_fixed=0.6, tau_self_fixed=0.4)
-    ours = pipe.edit(SRC, TGT, cfg, sampler, record_latents=True)
-
-    plan = pipe.plan(SRC, TGT, cfg)
-    n = pipe.num_steps(sampler)
-    p2p = P2PRefine(plan.token_map.index, plan.token_map.alphas, n, 0.6, 0.4)
-    x0 = pipe.initial_latent(sampler)
-    theirs: list[torch.Tensor] = []
-    pipe.denoise(torch.cat([x0, x0]), _edit_embeddings(pipe, SRC, TGT), sampler, p2p, record=theirs)
-    assert len(ours.latents) == len(theirs) == n
-    for a, b in zip(ours.latents, theirs, strict=True):
-        assert torch.equal(a, b)
-    # the edit did something: the branches differ
-    assert not torch.equal(theirs[-1][0], theirs[-1][1])
 
 
 def test_fwt_and_dps_change_the_edit(tiny_pipeline):

@@ -106,3 +106,21 @@ def test_profile_checks_and_validates():
     with pytest.raises(EngineError, match="invalid profile"):
         Profile(batch=(4, 1, 8))
     assert p.symbols(2, 8, 8) == {"batch": 4, "lh": 8, "lw": 8}
+
+
+def test_feeds_are_checked_when_their_shapes_change_not_on_every_call(decoder, monkeypatch):
+    checks = []
+    original = decoder.check_feeds
+    monkeypatch.setattr(
+        decoder, "check_feeds", lambda *a, **k: checks.append(1) or original(*a, **k)
+    )
+    z = torch.randn(1, 4, 16, 16)
+    out = decoder.infer({"latent": z})["image"]
+    decoder.infer({"latent": torch.randn(1, 4, 16, 16)})
+    assert len(checks) == 1  # same shapes: the plan is reused, and so is the output buffer
+    assert decoder.infer({"latent": z})["image"].data_ptr() == out.data_ptr()
+    decoder.infer({"latent": torch.randn(1, 4, 16, 24)})
+    decoder.infer({"latent": z}, check=True)
+    assert len(checks) == 3
+    with pytest.raises(EngineError, match="wrong dtype"):  # a new dtype is checked again
+        decoder.infer({"latent": z.double()})

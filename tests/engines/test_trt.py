@@ -71,12 +71,12 @@ def test_profile_shapes_of_every_segment(tiny_export):
     _, m = tiny_export
     p = Profile(batch=(1, 2, 4), height=(128, 128, 256), width=(128, 192, 256))
     unet_multiple = m.size_multiple // m.vae_scale_factor
-    first = profile_shapes(m.segments[0], p, m.vae_scale_factor, unet_multiple)
+    first = profile_shapes(m.unet[0].segments[0], p, m.vae_scale_factor, unet_multiple)
     assert first["sample"] == ((1, 4, 16, 16), (2, 4, 16, 24), (4, 4, 32, 32))
     b = m.boundaries[0]  # down_blocks.0 attn1: probs [B*H, P, P]
-    nxt = profile_shapes(m.segments[1], p, m.vae_scale_factor, unet_multiple)
+    nxt = profile_shapes(m.unet[0].segments[1], p, m.vae_scale_factor, unet_multiple)
     assert nxt[b.probs] == ((2, 256, 256), (4, 384, 384), (8, 1024, 1024))
-    for seg in m.segments:  # every input of every segment evaluates
+    for seg in m.unet[0].segments:  # every input of every segment evaluates
         shapes = profile_shapes(seg, p, m.vae_scale_factor, unet_multiple)
         assert set(shapes) == {t.name for t in seg.inputs}
 

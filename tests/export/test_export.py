@@ -12,10 +12,10 @@ import torch
 from adapedit.config import EditConfig
 from adapedit.controller import EditController
 from adapedit.errors import ConfigError, ExportError, ManifestError, ModelError
-from adapedit.export.api import export_model
-from adapedit.export.manifest import Manifest
+from adapedit.export.api import ExportOptions, export_model
 from adapedit.fwt import fixed_tau
 from adapedit.processors import controlled_layers
+from adapedit.spec import Manifest
 
 SRC, TGT = "a dog standing on the grass", "a dog sitting on the grass"
 
@@ -25,8 +25,9 @@ def sessions(tiny_export):
     folder, manifest = tiny_export
     so = ort.SessionOptions()
     so.log_severity_level = 3
-    segs = [ort.InferenceSession(str(folder / s.file), so) for s in manifest.segments]
-    whole = ort.InferenceSession(str(folder / manifest.graphs["unet"].file), so)
+    (unet,) = manifest.unet  # dynamic: one variant for any batch
+    segs = [ort.InferenceSession(str(folder / s.file), so) for s in unet.segments]
+    whole = ort.InferenceSession(str(folder / unet.whole.file), so)
     return segs, whole
 
 
@@ -35,13 +36,15 @@ def _chain(manifest, segs, feeds, controller=None):
     to ``controller`` and feed back what it returns."""
     env = dict(feeds)
     by_segment = {b.segment: b for b in manifest.boundaries}
-    for k, (spec, sess) in enumerate(zip(manifest.segments, segs, strict=True)):
+    for k, (spec, sess) in enumerate(zip(manifest.unet[0].segments, segs, strict=True)):
         outs = sess.run(None, {t.name: env[t.name] for t in spec.inputs})
         env.update(zip([t.name for t in spec.outputs], outs, strict=True))
         b = by_segment.get(k)
         if b is not None and controller is not None:
             hidden = torch.from_numpy(env[b.hidden]) if b.hidden else None
-            probs = controller(b.layer, b.kind == "cross", torch.from_numpy(env[b.probs]), hidden)
+            probs = controller(
+                b.layer, b.kind == "cross", torch.from_numpy(env[b.probs]), hidden, 0
+            )
             env[b.probs] = probs.numpy()
     return env
 
@@ -56,7 +59,7 @@ def _feeds(batch, latent_hw, seed=0):
 
 
 def _torch_unet(pipe, feeds, controller=None):
-    pipe.slot.controller = controller
+    pipe.slot.controller, pipe.slot.step = controller, 0  # the chain's step too
     try:
         with torch.no_grad():
             return pipe.components.unet(
@@ -95,8 +98,8 @@ def test_boundaries_carry_the_reference_probabilities(tiny_pipeline, tiny_export
     feeds = _feeds(2, (16, 16), seed=1)
     seen: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
 
-    def record(layer, is_cross, probs, hidden):
-        seen[layer] = (probs.clone(), hidden.clone())
+    def record(layer, is_cross, probs, hidden, step):
+        seen[layer] = (probs.clone(), hidden.clone() if is_cross else None)
         return probs
 
     _torch_unet(tiny_pipeline, feeds, record)
@@ -148,7 +151,7 @@ def test_manifest_lists_exactly_the_reference_controlled_layers(tiny_pipeline, t
     assert len(cross) == 10 and all(b.hidden and b.keys == 77 for b in cross)
     assert all(b.hidden is None for b in manifest.boundaries if b.kind == "self")
     assert [b.segment for b in manifest.boundaries] == list(range(len(manifest.boundaries)))
-    assert len(manifest.segments) == len(manifest.boundaries) + 1
+    assert len(manifest.unet[0].segments) == len(manifest.boundaries) + 1
     mid = next(b for b in manifest.boundaries if b.layer.startswith("mid_block"))
     assert (mid.resolution, mid.downscale, mid.heads, mid.head_dim) == ((2, 2), 8, 2, 32)
     # the mid block runs between the down and the up blocks
@@ -158,8 +161,9 @@ def test_manifest_lists_exactly_the_reference_controlled_layers(tiny_pipeline, t
         folder, model_hash=tiny_pipeline.components.config_hash(), precision="fp32"
     )
     assert loaded == manifest
-    for name in ("text_encoder", "vae_decoder", "vae_encoder", "unet"):
+    for name in ("text_encoder", "vae_decoder", "vae_encoder"):
         assert (folder / manifest.graphs[name].file).is_file()
+    assert all((folder / g.file).is_file() for g in manifest.unet[0].specs)
     assert (folder / "tokenizer").is_dir() and (folder / "scheduler_config.json").is_file()
 
 
@@ -183,7 +187,7 @@ def test_bad_input_fails_cleanly(tiny_components, tiny_export, tmp_path):
     with pytest.raises(ExportError, match="output folder exists"):
         export_model(tiny_components, folder, progress=False)
     with pytest.raises(ExportError, match="unsupported ONNX opset"):
-        export_model(tiny_components, tmp_path / "a", opset=11, progress=False)
+        export_model(tiny_components, tmp_path / "a", ExportOptions(opset=11), progress=False)
     with pytest.raises(ConfigError, match="multiple of 64"):
         export_model(tiny_components, tmp_path / "b", height=96, progress=False)
     no_unet = tmp_path / "model"

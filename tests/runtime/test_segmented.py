@@ -9,14 +9,17 @@ def test_controller_sees_every_boundary_in_order(tiny_session):
     m = tiny_session.manifest
     seen = []
 
-    def spy(layer, is_cross, probs, hidden):
+    def spy(layer, is_cross, probs, hidden, step):
+        assert step == 7
         seen.append(
             (layer, is_cross, tuple(probs.shape), None if hidden is None else tuple(hidden.shape))
         )
         return probs
 
     x = torch.randn(2, 4, 16, 16)
-    out = tiny_session.segmented(x, torch.tensor([10.0]), torch.randn(2, 77, 32), spy)
+    tiny_session.reset_clocks()
+    unet = tiny_session.segmented(2)
+    out = unet(x, torch.tensor([10.0]), torch.randn(2, 77, 32), spy, step=7)
     assert out.shape == (2, 4, 16, 16)
     assert [s[0] for s in seen] == [b.layer for b in m.boundaries]
     for (_, is_cross, probs, hidden), b in zip(seen, m.boundaries, strict=True):
@@ -25,4 +28,4 @@ def test_controller_sees_every_boundary_in_order(tiny_session):
         assert (hidden is None) == (b.kind == "self")
         if hidden:
             assert hidden == (2, b.queries, b.heads * b.head_dim)
-    assert tiny_session.segmented.controller_s > 0
+    assert unet.clock.seconds() > 0 and tiny_session.controller_seconds() > 0

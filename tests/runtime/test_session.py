@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import shutil
-import threading
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import torch
@@ -79,17 +79,14 @@ def test_concurrent_callers_are_serialised(tiny_session):
     cfg = EditConfig(alpha_m=0.0)
     jobs = [(SRC, TGT, 1), ("a cat on a mat", "a black cat on a mat", 2)]
     alone = [tiny_session.edit(s, t, cfg, SamplerConfig(steps=4, seed=k)) for s, t, k in jobs]
-    results: dict[int, object] = {}
-
-    def call(i, s, t, k):
-        results[i] = tiny_session.edit(s, t, cfg, SamplerConfig(steps=4, seed=k))
-
-    threads = [threading.Thread(target=call, args=(i, *job)) for i, job in enumerate(jobs * 2)]
-    for th in threads:
-        th.start()
-    for th in threads:
-        th.join()
-    for i, r in results.items():
+    with ThreadPoolExecutor(4) as pool:
+        futures = [
+            pool.submit(tiny_session.edit, s, t, cfg, SamplerConfig(steps=4, seed=k))
+            for s, t, k in jobs * 2
+        ]
+        results = [f.result() for f in futures]  # re-raises what a thread raised
+    assert len(results) == 4
+    for i, r in enumerate(results):
         assert (r.edited_image == alone[i % 2].edited_image).all()
 
 
@@ -122,3 +119,14 @@ def test_resolution_outside_the_profile_is_refused(tiny_session):
     # inside the profile (128 down to 2 × 64 px): runs
     r = tiny_session.edit(SRC, TGT, EditConfig(), SamplerConfig(steps=2, height=128, width=128))
     assert r.edited_image.shape == (128, 128, 3)
+
+
+@pytest.mark.parametrize("case", ["adapedit", "replace"])
+def test_static_runtime_matches_the_reference(tiny_pipeline, tiny_static_session, case):
+    _, src, tgt, cfg = CASES[case]
+    ref = tiny_pipeline.edit(src, tgt, cfg, SAMPLER, record_latents=True)
+    run = tiny_static_session.edit(src, tgt, cfg, SAMPLER, record_latents=True)
+    p = compare_edits(ref, run)
+    assert p["latents_max_abs"] <= 1e-4, p["per_step"]
+    assert p["tau_max_abs"] <= 1e-5 and p["tau_self_abs"] <= 1e-5
+    assert p["psnr_source_db"] >= 50 and p["psnr_edited_db"] >= 50

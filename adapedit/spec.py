@@ -1,5 +1,7 @@
-"""``manifest.json``: what an export folder holds — the model, the precision, the graphs and,
-for the segmented UNet, the segments in order and the attention boundaries between them.
+"""The contract between the exporter, the engines and the runtime: the I/O names of the
+exported graphs and ``manifest.json`` — what an export folder holds: the model, the precision,
+the graphs and, for the segmented UNet, the segments in order and the attention boundaries
+between them. Plain data, no ONNX: the runtime reads it without loading the exporter.
 
 A manifest is validated when loaded: format, files present, and (when the caller says what it
 expects) model and precision. Every mismatch is a :class:`~adapedit.errors.ManifestError`.
@@ -12,10 +14,14 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from adapedit.errors import ManifestError
+from adapedit.errors import EngineError, ManifestError
 
-FORMAT = "adapedit-export/1"
+FORMAT = "adapedit-export/2"
 MANIFEST = "manifest.json"
+#: Inputs of every UNet graph, in order.
+UNET_INPUTS = ("sample", "timestep", "encoder_hidden_states")
+#: The UNet's noise prediction output.
+NOISE = "noise_pred"
 
 
 @dataclass(frozen=True)
@@ -60,8 +66,33 @@ class Boundary:
 
 
 @dataclass(frozen=True)
+class UNetGraphs:
+    """The UNet graphs of one batch size: ``batch`` None in a dynamic export (any batch), the
+    batch the graphs are specialised to in a static one. ``whole``: the UNet alone (no edit);
+    ``segments``: the UNet cut at the boundaries, in order; ``fused``: the UNet with the edit
+    of the batch's pass inside (``adapedit.fused``; static exports only)."""
+
+    batch: int | None
+    whole: GraphSpec | None = None
+    segments: tuple[GraphSpec, ...] = ()
+    fused: GraphSpec | None = None
+
+    @property
+    def specs(self) -> list[GraphSpec]:
+        return [g for g in (self.whole, *self.segments, self.fused) if g is not None]
+
+
+@dataclass(frozen=True)
 class Manifest:
-    """The contents of an export folder."""
+    """The contents of an export folder.
+
+    ``shapes`` is ``dynamic`` (any batch, any resolution that is a multiple of
+    ``size_multiple``) or ``static`` (every graph specialised to ``height`` × ``width``; the
+    UNet to the batches in :attr:`batches`, the text encoder and the VAE to batch 1).
+    ``attention``: every attention layer (module path → queries at the export resolution);
+    ``controlled``: those controlled with ``self_max_queries``. ``weights`` is the index of the
+    UNet graphs' shared weights file, relative to the folder.
+    """
 
     model: str
     config_hash: str
@@ -73,14 +104,57 @@ class Manifest:
     text_hidden: int
     vae_scale_factor: int
     size_multiple: int
+    shapes: str = "dynamic"
+    attention: dict[str, int] = field(default_factory=dict)
+    controlled: tuple[str, ...] = ()
+    self_max_queries: int = 256
     graphs: dict[str, GraphSpec] = field(default_factory=dict)
-    segments: tuple[GraphSpec, ...] = ()
+    unet: tuple[UNetGraphs, ...] = ()
     boundaries: tuple[Boundary, ...] = ()
+    weights: str | None = None
     format: str = FORMAT
 
     @property
     def controlled_layers(self) -> list[str]:
         return [b.layer for b in self.boundaries]
+
+    @property
+    def static(self) -> bool:
+        return self.shapes == "static"
+
+    @property
+    def batches(self) -> tuple[int, ...]:
+        """The UNet batch sizes of a static export (empty for a dynamic one)."""
+        return tuple(u.batch for u in self.unet if u.batch is not None)
+
+    @property
+    def has_segments(self) -> bool:
+        return any(u.segments for u in self.unet)
+
+    @property
+    def has_fused(self) -> bool:
+        return any(u.fused for u in self.unet)
+
+    def unet_graphs(self, batch: int) -> UNetGraphs:
+        """The UNet graphs that run a batch of ``batch`` samples.
+
+        Raises:
+            EngineError: a static export built for other batch sizes.
+        """
+        for u in self.unet:
+            if u.batch is None or u.batch == batch:
+                return u
+        raise EngineError(
+            "the engines are static and were not built for this batch size",
+            where=f"{self.model} export ({self.height}×{self.width}, static)",
+            expected=f"batch {' or '.join(map(str, self.batches))}",
+            got=f"batch {batch}",
+            field="batch",
+        )
+
+    def all_graphs(self) -> list[GraphSpec]:
+        """Every graph the folder holds."""
+        return [*self.graphs.values(), *(g for u in self.unet for g in u.specs)]
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -92,7 +166,9 @@ class Manifest:
 
     @classmethod
     def from_json(cls, doc: dict[str, Any]) -> Manifest:
-        def spec(d: dict) -> GraphSpec:
+        def spec(d: dict | None) -> GraphSpec | None:
+            if d is None:
+                return None
             return GraphSpec(
                 d["file"],
                 tuple(TensorSpec(t["name"], t["dtype"], tuple(t["shape"])) for t in d["inputs"]),
@@ -101,7 +177,16 @@ class Manifest:
 
         d = dict(doc)
         d["graphs"] = {k: spec(v) for k, v in d.get("graphs", {}).items()}
-        d["segments"] = tuple(spec(s) for s in d.get("segments", ()))
+        d["unet"] = tuple(
+            UNetGraphs(
+                u["batch"],
+                spec(u["whole"]),
+                tuple(spec(s) for s in u["segments"]),
+                spec(u.get("fused")),
+            )
+            for u in d.get("unet", ())
+        )
+        d["controlled"] = tuple(d.get("controlled", ()))
         d["boundaries"] = tuple(
             Boundary(**{**b, "resolution": tuple(b["resolution"])}) for b in d.get("boundaries", ())
         )
@@ -140,7 +225,7 @@ class Manifest:
             raise ManifestError(
                 "unreadable manifest", where=str(path), expected=f"a {FORMAT} manifest", got=repr(e)
             ) from None
-        for g in [*m.graphs.values(), *m.segments]:
+        for g in m.all_graphs():
             if not (folder / g.file).is_file():
                 raise ManifestError(
                     "a file listed in the manifest is missing",
