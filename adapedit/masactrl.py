@@ -1,8 +1,9 @@
 """MasaCtrl — mutual self-attention control (Cao et al. 2023; ALGORITHM.md §12) on the PyTorch
 reference pipeline, a baseline for non-rigid edits.
 
-The source and the edit prompt are denoised together from the same seed (batch
-``[u_src, u_edt, c_src, c_edt]``). From denoising step ``S`` on, and in the decoder's
+The source and the edit prompt are denoised together from the same seed (the edit batch
+:data:`~adapedit.layout.EDIT`, ``[u_src, u_edt, c_src, c_edt]``). From denoising step ``S`` on,
+and in the decoder's
 self-attention layers from transformer layer ``L`` on (layers counted in call order: down, mid,
 up), the edit branch's self-attention takes its own queries with the **source branch's keys and
 values**, per classifier-free-guidance half (uncond edit ← uncond source, cond edit ← cond
@@ -22,7 +23,10 @@ number of UNet calls of the pass, ``L`` to the UNet's count of transformer layer
 level — ``tiny``, ``shapes`` — is again the first layer of the decoder's second level).
 
 MasaCtrl runs on :class:`~adapedit.pipeline.ReferencePipeline` only: its processors wrap the
-UNet's for the duration of a run and are removed afterwards.
+UNet's for the duration of a run and are removed afterwards. They read the step index the
+sampling loop passes (the pipeline's :class:`~adapedit.processors.ControlSlot`) and act only
+while their :class:`MasaCtrlSchedule` is the slot's controller; every batch index comes from the
+schedule's :class:`~adapedit.layout.BatchLayout`.
 """
 
 from __future__ import annotations
@@ -36,20 +40,9 @@ import torch
 
 from adapedit.alignment import tokenize
 from adapedit.config import EditConfig, SamplerConfig
-from adapedit.errors import ConfigError
-from adapedit.layout import EDIT
-from adapedit.processors import attention_layers, is_cross_layer
-
-#: The branches of the edit batch in the order the sampling loop stacks the latents; with its
-#: CFG halves (uncond, then cond) the rows are ``[u_src, u_edt, c_src, c_edt]``. This is the
-#: one place this module depends on batch positions.
-BRANCHES = ("source", "edit")
-HALVES = ("uncond", "cond")
-ROWS = tuple((half, branch) for half in HALVES for branch in BRANCHES)
-#: The edit rows, and for each the source row of the same CFG half that lends its keys and
-#: values.
-EDIT_ROWS = tuple(i for i, (_, branch) in enumerate(ROWS) if branch == "edit")
-KV_ROWS = tuple(ROWS.index((ROWS[i][0], "source")) for i in EDIT_ROWS)
+from adapedit.errors import ConfigError, ModelError
+from adapedit.layout import EDIT, BatchLayout
+from adapedit.processors import ControlSlot, attention_layers, is_cross_layer
 
 #: The paper's schedule on SD v1.4: from step 4 of 50, from transformer layer 10 of 16.
 PAPER_START_STEP, PAPER_STEPS = 4, 50
@@ -100,13 +93,25 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -
     return probs @ v
 
 
+def edit_rows(layout: BatchLayout = EDIT) -> list[int]:
+    """The batch indices of the edit branch, one per CFG half (``[1, 3]`` in
+    :data:`~adapedit.layout.EDIT`)."""
+    return [layout.index("edit", h) for h in layout.halves]
+
+
+def lender_rows(layout: BatchLayout = EDIT) -> list[int]:
+    """For each of :func:`edit_rows`, the source branch of the same CFG half, which lends its
+    keys and values (``[0, 2]`` in :data:`~adapedit.layout.EDIT`)."""
+    return [layout.index("source", h) for h in layout.halves]
+
+
 def mutual_self_attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, layout: BatchLayout = EDIT
 ) -> torch.Tensor:
     """The edit rows' mutual self-attention: each edit row's queries over the keys and values
-    of the source row of its CFG half. q, k, v: [B, H, P, d] in the batch layout ``ROWS``
-    (B = 4) → [len(EDIT_ROWS), H, P, d], in the order of ``EDIT_ROWS``."""
-    edit, lend = list(EDIT_ROWS), list(KV_ROWS)
+    of the source row of its CFG half. q, k, v: [B, H, P, d] in ``layout`` (B = its size) →
+    [halves, H, P, d], in the order of :func:`edit_rows`."""
+    edit, lend = edit_rows(layout), lender_rows(layout)
     return attention(q[edit], k[lend], v[lend], scale)  # [2, H, P, d]
 
 
@@ -120,39 +125,44 @@ def transformer_layers(unet) -> list[str]:
 
 @dataclass
 class MasaCtrlSchedule:
-    """Where and when the mutual self-attention is on, and the pass's step counter. Passed to
-    the sampling loop as its controller: it returns the controlled layers' probabilities
-    unchanged and counts the steps (``end_step``)."""
+    """Where and when the mutual self-attention is on. Passed to the sampling loop as its
+    :class:`~adapedit.controller.Controller` (layout :data:`~adapedit.layout.EDIT`): it leaves
+    the controlled layers' probabilities and the latents as they are — the work happens in
+    :class:`MutualSelfAttnProcessor`, which asks :meth:`active` with the step the loop passed."""
 
     start_step: int
     start_layer: int
     #: the decoder's self-attention layers by module path → their index in call order
     layer_index: dict[str, int] = field(default_factory=dict)
-    step: int = 0
+    layout: BatchLayout = EDIT
 
-    def active(self, layer_id: str) -> bool:
+    def active(self, layer_id: str, step: int) -> bool:
+        """Whether layer ``layer_id`` mixes at UNet call ``step`` of the pass."""
         index = self.layer_index.get(layer_id)
-        return index is not None and index >= self.start_layer and self.step >= self.start_step
+        return index is not None and index >= self.start_layer and step >= self.start_step
 
     def __call__(
-        self, layer_id: str, is_cross: bool, probs: torch.Tensor, hidden: torch.Tensor | None
+        self,
+        layer_id: str,
+        is_cross: bool,
+        probs: torch.Tensor,
+        hidden: torch.Tensor | None,
+        step: int,
     ) -> torch.Tensor:
         return probs
 
-    def end_step(self) -> None:
-        self.step += 1
-
-    def after_scheduler_step(self, latents: torch.Tensor) -> torch.Tensor:
+    def after_step(self, step: int, latents: torch.Tensor) -> torch.Tensor:
         return latents
 
 
 class MutualSelfAttnProcessor:
     """Wraps a self-attention layer's processor: the whole batch goes through it as before (so
-    the source rows are exactly what they would be), then, where the schedule is active, the
-    edit rows are replaced by their mutual self-attention."""
+    the source rows are exactly what they would be), then, while ``schedule`` is the slot's
+    controller and active at the slot's step, the edit rows are replaced by their mutual
+    self-attention."""
 
-    def __init__(self, inner, layer_id: str, schedule: MasaCtrlSchedule) -> None:
-        self.inner, self.layer_id, self.schedule = inner, layer_id, schedule
+    def __init__(self, inner, layer_id: str, schedule: MasaCtrlSchedule, slot: ControlSlot) -> None:
+        self.inner, self.layer_id, self.schedule, self.slot = inner, layer_id, schedule, slot
 
     def __call__(
         self,
@@ -164,28 +174,43 @@ class MutualSelfAttnProcessor:
         **kwargs,
     ) -> torch.Tensor:
         out = self.inner(attn, hidden_states, encoder_hidden_states, attention_mask, temb, **kwargs)
-        if not self.schedule.active(self.layer_id):
+        if self.slot.controller is not self.schedule or not self.schedule.active(
+            self.layer_id, self.slot.step
+        ):
             return out
-        # hidden_states: [4, P, C] in the layout ROWS
+        layout = self.schedule.layout
+        # hidden_states: [B, P, C] in the schedule's layout
         batch, queries, _ = hidden_states.shape
+        if batch != layout.size:
+            raise ModelError(
+                "MasaCtrl's batch does not fit its layout",
+                where=f"MutualSelfAttnProcessor({self.layer_id})",
+                expected=f"{layout.size} samples {layout.branches}",
+                got=f"{batch} samples",
+            )
         heads = attn.heads
         q, k, v = (
             x.view(batch, queries, heads, -1).transpose(1, 2)
             for x in (attn.to_q(hidden_states), attn.to_k(hidden_states), attn.to_v(hidden_states))
         )  # [4, H, P, d]
-        mixed = mutual_self_attention(q, k, v, attn.scale)  # [2, H, P, d]
-        mixed = mixed.transpose(1, 2).reshape(len(EDIT_ROWS), queries, -1)  # [2, P, H*d]
+        rows = edit_rows(layout)
+        mixed = mutual_self_attention(q, k, v, attn.scale, layout)  # [2, H, P, d]
+        mixed = mixed.transpose(1, 2).reshape(len(rows), queries, -1)  # [2, P, H*d]
         mixed = attn.to_out[1](attn.to_out[0](mixed))
         if attn.residual_connection:
-            mixed = mixed + hidden_states[list(EDIT_ROWS)]
-        out[list(EDIT_ROWS)] = mixed / attn.rescale_output_factor
-        return out
+            mixed = mixed + hidden_states[rows]
+        index = torch.tensor(rows, device=out.device)
+        return out.index_copy(0, index, (mixed / attn.rescale_output_factor).to(out.dtype))
 
 
 @contextmanager
-def mutual_self_attention_installed(unet, schedule: MasaCtrlSchedule) -> Iterator[None]:
-    """Wrap the processors of the decoder's self-attention layers for the block; restore the
-    previous processors afterwards (also on error). Fills ``schedule.layer_index``."""
+def mutual_self_attention_installed(
+    unet, schedule: MasaCtrlSchedule, slot: ControlSlot
+) -> Iterator[None]:
+    """Wrap the processors of the decoder's self-attention layers for the block (reading the
+    step and the current controller from ``slot``, the one the UNet's processors share);
+    restore the previous processors afterwards (also on error). Fills
+    ``schedule.layer_index``."""
     order = transformer_layers(unet)
     modules = dict(attention_layers(unet))
     decoder = [name for name in order if name.startswith("up_blocks.")]
@@ -193,7 +218,9 @@ def mutual_self_attention_installed(unet, schedule: MasaCtrlSchedule) -> Iterato
     previous = {name: modules[name].processor for name in decoder}
     try:
         for name in decoder:
-            modules[name].set_processor(MutualSelfAttnProcessor(previous[name], name, schedule))
+            modules[name].set_processor(
+                MutualSelfAttnProcessor(previous[name], name, schedule, slot)
+            )
         yield
     finally:
         for name, processor in previous.items():
@@ -233,14 +260,13 @@ def masactrl_edit(
         pipe.num_steps(sampler), len(transformer_layers(unet))
     )
     schedule = MasaCtrlSchedule(start_step, start_layer)
-    prompts = {"source": source, "edit": target}
-    uncond, *conds = pipe.encode(["", *(prompts[b] for b in BRANCHES)]).split(1)
-    cond = dict(zip(BRANCHES, conds, strict=True))
-    embeddings = torch.cat([uncond if h == "uncond" else cond[b] for h, b in ROWS])  # [4, 77, D]
+    layout = schedule.layout
+    uncond, c_src, c_edt = pipe.encode(["", source, target]).split(1)
+    embeddings = layout.stack(uncond, {"source": c_src, "edit": c_edt})  # [4, 77, D]
     record: list[torch.Tensor] | None = [] if record_latents else None
-    with mutual_self_attention_installed(unet, schedule):
+    with mutual_self_attention_installed(unet, schedule, pipe.slot):
         latents = pipe.denoise(
-            torch.cat([x0] * len(BRANCHES)),
+            torch.cat([x0] * len(layout.prompts)),  # [2, 4, h, w] (source, edit)
             embeddings,
             sampler,
             schedule,
@@ -248,5 +274,11 @@ def masactrl_edit(
             progress=progress,
             record=record,
         )
-    images = dict(zip(BRANCHES, pipe.decode(latents), strict=True))
-    return MasaCtrlResult(images["source"], images["edit"], start_step, start_layer, record or [])
+    images = pipe.decode(latents)
+    return MasaCtrlResult(
+        images[layout.latent_index("source")],
+        images[layout.latent_index("edit")],
+        start_step,
+        start_layer,
+        record or [],
+    )

@@ -10,29 +10,42 @@ import pytest
 import torch
 
 from adapedit.config import SamplerConfig
-from adapedit.errors import ConfigError
+from adapedit.controller import Controller
+from adapedit.errors import ConfigError, ModelError
+from adapedit.layout import EDIT, BatchLayout
 from adapedit.masactrl import (
-    EDIT_ROWS,
-    KV_ROWS,
     MasaCtrlConfig,
     MasaCtrlSchedule,
     MutualSelfAttnProcessor,
     attention,
     default_start_layer,
     default_start_step,
+    edit_rows,
+    lender_rows,
     masactrl_edit,
     mutual_self_attention,
     mutual_self_attention_installed,
     transformer_layers,
 )
-from adapedit.processors import attention_layers
+from adapedit.processors import ControlSlot, attention_layers
 
 F64 = torch.float64
 
 
 def test_rows_follow_the_edit_batch_layout():
     # [u_src, u_edt, c_src, c_edt]: uncond edit ← uncond source, cond edit ← cond source
-    assert EDIT_ROWS == (1, 3) and KV_ROWS == (0, 2)
+    assert edit_rows(EDIT) == [1, 3] and lender_rows(EDIT) == [0, 2]
+    # the rows come from the layout, not from positions: conditional only → [c_src, c_edt]
+    cond_only = BatchLayout(("source", "edit"), guided=False)
+    assert edit_rows(cond_only) == [1] and lender_rows(cond_only) == [0]
+
+
+def test_the_schedule_is_a_controller_that_changes_nothing():
+    s = MasaCtrlSchedule(0, 0)
+    assert isinstance(s, Controller) and s.layout == EDIT
+    probs, latents = torch.rand(8, 4, 4), torch.rand(2, 4, 2, 2)
+    assert s("x", False, probs, None, 3) is probs
+    assert s.after_step(3, latents) is latents
 
 
 def test_attention_by_hand():
@@ -100,10 +113,10 @@ def test_layers_are_counted_in_call_order(tiny_components):
 
 def test_schedule_switches_on_by_step_and_layer():
     s = MasaCtrlSchedule(start_step=2, start_layer=6, layer_index={"a": 5, "b": 6, "c": 9})
-    assert not any(s.active(x) for x in "abc")  # step 0
-    s.end_step()
-    s.end_step()
-    assert [s.active(x) for x in "abcd"] == [False, True, True, False]  # d: not decoder
+    assert not any(s.active(x, step) for x in "abc" for step in (0, 1))
+    for step in (2, 7):  # the step is the one passed, nothing is counted
+        assert [s.active(x, step) for x in "abcd"] == [False, True, True, False]  # d: not decoder
+    assert not s.active("b", 1)
 
 
 def test_processor_replaces_only_the_edit_rows():
@@ -114,26 +127,38 @@ def test_processor_replaces_only_the_edit_rows():
     hidden = torch.randn(4, 5, 8, dtype=F64)  # [B, P, C]
     plain = AttnProcessor()
     schedule = MasaCtrlSchedule(start_step=0, start_layer=0, layer_index={"x": 0})
-    out = MutualSelfAttnProcessor(plain, "x", schedule)(attn, hidden)
+    slot = ControlSlot(controller=schedule, step=0)
+    hidden_before = hidden.clone()
+    out = MutualSelfAttnProcessor(plain, "x", schedule, slot)(attn, hidden)
+    assert torch.equal(hidden, hidden_before)  # its input is left as it was
     before = plain(attn, hidden)
     torch.testing.assert_close(out[[0, 2]], before[[0, 2]])  # source rows as they were
     # edit rows: own queries, the source rows' keys and values, then the output projection
-    for e, s in zip(EDIT_ROWS, KV_ROWS, strict=True):
+    for e, s in zip([1, 3], [0, 2], strict=True):
         q = attn.to_q(hidden[e]).view(5, 2, 4).transpose(0, 1)  # [H, P, d]
         k = attn.to_k(hidden[s]).view(5, 2, 4).transpose(0, 1)
         v = attn.to_v(hidden[s]).view(5, 2, 4).transpose(0, 1)
         o = torch.softmax(q @ k.transpose(1, 2) / 2.0, dim=-1) @ v  # scale 1/√4
         want = attn.to_out[0](o.transpose(0, 1).reshape(5, 8))
         torch.testing.assert_close(out[e], want)
-    schedule.step, schedule.start_step = 0, 1  # not active yet → the inner processor alone
-    torch.testing.assert_close(MutualSelfAttnProcessor(plain, "x", schedule)(attn, hidden), before)
+    processor = MutualSelfAttnProcessor(plain, "x", schedule, slot)
+    schedule.start_step = 1  # not active yet at step 0 → the inner processor alone
+    torch.testing.assert_close(processor(attn, hidden), before)
+    slot.step = 1
+    torch.testing.assert_close(processor(attn, hidden), out)
+    slot.controller = None  # another pass (no MasaCtrl controller) → the inner processor alone
+    torch.testing.assert_close(processor(attn, hidden), before)
+    slot.controller = schedule
+    with pytest.raises(ModelError, match="does not fit its layout"):
+        processor(attn, hidden[:2])
 
 
 def test_processors_are_restored(tiny_pipeline):
     unet = tiny_pipeline.components.unet
     before = {name: m.processor for name, m in attention_layers(unet)}
     schedule = MasaCtrlSchedule(0, 0)
-    with pytest.raises(RuntimeError), mutual_self_attention_installed(unet, schedule):
+    slot = tiny_pipeline.slot
+    with pytest.raises(RuntimeError), mutual_self_attention_installed(unet, schedule, slot):
         wrapped = [m.processor for _, m in attention_layers(unet)]
         assert sum(isinstance(p, MutualSelfAttnProcessor) for p in wrapped) == 6
         raise RuntimeError("interrupted")
