@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import sys
 import traceback
 from collections.abc import Sequence
@@ -170,7 +171,7 @@ def cmd_edit(a: argparse.Namespace) -> int:
             )
         from adapedit.runtime.session import EditSession
 
-        pipe = EditSession(a.engine_dir, ort=_engine_options(a))
+        pipe = EditSession(a.engine_dir, ort=_engine_options(a), form=a.form)
         model = pipe.manifest.model
     else:
         from adapedit.pipeline import ReferencePipeline
@@ -276,21 +277,48 @@ def cmd_export(a: argparse.Namespace) -> int:
     return 0
 
 
+#: ``adapedit serve`` options that deploy on Ray Serve (fields of ``ScaleOut``), with --ray-address
+SCALE_OPTIONS = ("replicas", "min_replicas", "max_replicas", "gpus_per_replica", "cpus_per_replica")
+
+
 def cmd_serve(a: argparse.Namespace) -> int:
     import logging
 
-    from adapedit.runtime.server import serve
-
     if not a.quiet:
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    serve(
+    from adapedit.runtime.server import HttpOptions
+
+    options = HttpOptions(queue_size=a.queue, timeout=a.timeout)
+    scale = {k: v for k in SCALE_OPTIONS if (v := getattr(a, k)) is not None}
+    if not scale and a.ray_address is None:
+        from adapedit.runtime.server import serve
+
+        serve(
+            a.engine_dir,
+            host=a.host,
+            port=a.port,
+            options=options,
+            ort=_engine_options(a),
+            access_log=not a.quiet,
+        )
+        return 0
+    if importlib.util.find_spec("ray") is None:
+        raise ConfigError(
+            "Ray Serve is not installed",
+            where="adapedit serve --replicas/--ray-address",
+            expected="pip install 'adapedit[serve]'",
+            got="no module named 'ray'",
+        )
+    from adapedit.runtime.rayserve import ScaleOut, serve_ray
+
+    config = ScaleOut(
         a.engine_dir,
-        host=a.host,
-        port=a.port,
-        queue_size=a.queue,
-        timeout=a.timeout,
+        queue_size=options.queue_size,
+        timeout=options.timeout,
         ort=_engine_options(a),
+        **scale,
     )
+    serve_ray(config, address=a.ray_address, host=a.host, port=a.port, quiet=a.quiet)
     return 0
 
 
@@ -328,6 +356,12 @@ def build_parser() -> argparse.ArgumentParser:
         "when --engine-dir is given)",
     )
     _add_engine_args(p)
+    p.add_argument(
+        "--form",
+        choices=("auto", "fused", "segmented"),
+        default="auto",
+        help="UNet form of the engine folder to run (default: fused where it has one)",
+    )
     p.add_argument("--out", default="out", metavar="DIR")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     _add_sampler_args(p)
@@ -368,9 +402,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--form",
         nargs="+",
-        choices=("segmented", "whole"),
+        choices=("segmented", "whole", "fused"),
         default=["segmented", "whole"],
-        help="UNet forms (default: segmented whole)",
+        help="UNet forms (default: segmented whole; fused: the edit inside one graph per pass, "
+        "static exports only)",
     )
     p.add_argument(
         "--shapes",
@@ -402,13 +437,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser(
-        "serve", parents=[common], help="serve edits over HTTP from an engine folder"
+        "serve",
+        parents=[common],
+        help="serve edits over HTTP from an engine folder (uvicorn; Ray Serve with --replicas)",
     )
     p.add_argument("--engine-dir", required=True, metavar="DIR", help="from 'adapedit build'")
     p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=8000, help="0: any free port (default: 8000)")
     p.add_argument(
-        "--queue", type=int, default=8, help="edits that may wait; one more gets 503 (default: 8)"
+        "--port", type=int, default=8000, help="0: any free port (not with Ray) (default: 8000)"
+    )
+    p.add_argument(
+        "--queue",
+        type=int,
+        default=8,
+        help="edits that may wait for an engine; one more gets 503 (default: 8)",
     )
     p.add_argument(
         "--timeout",
@@ -416,6 +458,27 @@ def build_parser() -> argparse.ArgumentParser:
         default=120.0,
         help="seconds from a request's arrival to its answer; later: 504 (default: 120)",
     )
+    g = p.add_argument_group(
+        "Ray Serve (any of these deploys on Ray; pip install 'adapedit[serve]')"
+    )
+    g.add_argument("--replicas", type=int, default=None, help="replicas, one session each")
+    g.add_argument(
+        "--ray-address",
+        default=None,
+        metavar="ADDR",
+        help="a running Ray cluster (default: start a local one)",
+    )
+    g.add_argument(
+        "--min-replicas", type=int, default=None, help="autoscaling: at least (with --max-replicas)"
+    )
+    g.add_argument("--max-replicas", type=int, default=None, help="autoscaling: at most")
+    g.add_argument(
+        "--gpus-per-replica",
+        type=float,
+        default=None,
+        help="default: 1 when the cluster has GPUs, else 0",
+    )
+    g.add_argument("--cpus-per-replica", type=float, default=None, help="default: 1")
     _add_engine_args(p)
     p.add_argument("--quiet", action="store_true", help="no access log")
     p.set_defaults(func=cmd_serve)

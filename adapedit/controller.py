@@ -101,12 +101,13 @@ class CalibrationRecorder:
         """One cross-attention layer at one step: its conditional head-mean map ``cond_map``
         [P, T] (float32) and conditional input hidden states ``cond_hidden`` [P, C]."""
         final = step == self.num_steps - 1
-        if final:
-            self.final_maps[layer_id] = cond_map
+        if final:  # copies: on engines the inputs are output buffers reused by the next call
+            self.final_maps[layer_id] = cond_map.float().clone()  # [P, T]
             self.final_hidden[layer_id] = cond_hidden.float().clone()  # [P, C]
         f = layer_downscale(self.latent_hw, cond_map.shape[0])
         if f == self.config.calibration_downscale and (self.config.calibration == "mean" or final):
-            self.map_sum = cond_map if self.map_sum is None else self.map_sum + cond_map
+            cond_map = cond_map.float()
+            self.map_sum = cond_map.clone() if self.map_sum is None else self.map_sum + cond_map
             self.map_count += 1
             self.last_calib_layer = layer_id
 
@@ -146,48 +147,38 @@ class CalibrationRecorder:
         return tau, keys
 
 
+_CONTROL_TENSORS = ("carry", "alphas", "equalizer", "lambda_s", "lambda_sv", "dps_on")
+
+
 @dataclass(frozen=True, eq=False)
 class EditControls:
-    """Everything the per-layer edit of one edit needs, as tensors: the arguments of
-    :func:`~adapedit.edit.edit_probs` for every layer and step (the fused graph's control
-    inputs).
+    """What the per-layer edit of one edit needs besides the step's gates, as tensors: the
+    arguments of :func:`~adapedit.edit.edit_probs` (the fused graph's per-edit inputs).
 
     Attributes:
         carry: [T, T] the token map's matrix; alphas: [T]; equalizer: [T] (ones unless
             reweighting).
-        cross_gates: [N, T] per step and token; self_gates: [N] per step.
-        lambda_s, lambda_sv, dps_on: [] (``dps_on`` 1.0 when DPS runs).
+        lambda_s, lambda_sv, dps_on: [] or [1] (``dps_on`` 1.0 when DPS runs).
         keys: per cross-attention layer, ``E_k`` [C]; empty without DPS.
     """
 
     carry: torch.Tensor
     alphas: torch.Tensor
     equalizer: torch.Tensor
-    cross_gates: torch.Tensor
-    self_gates: torch.Tensor
     lambda_s: torch.Tensor
     lambda_sv: torch.Tensor
     dps_on: torch.Tensor
     keys: dict[str, torch.Tensor]
 
     @classmethod
-    def build(
-        cls,
-        plan: EditPlan,
-        tau: TauPlan,
-        keys: dict[str, torch.Tensor] | None,
-        num_steps: int,
-    ) -> EditControls:
+    def build(cls, plan: EditPlan, keys: dict[str, torch.Tensor] | None) -> EditControls:
         cfg = plan.config
         n_tokens = plan.target.max_length
         eq = plan.equalizer if plan.equalizer is not None else torch.ones(n_tokens)
-        n_self = self_steps(tau.tau_self, num_steps)
         return cls(
             carry=plan.token_map.matrix,
             alphas=plan.token_map.alphas,
             equalizer=eq,
-            cross_gates=cross_gates(tau.token_tau, num_steps),
-            self_gates=(torch.arange(num_steps) < n_self).float(),
             lambda_s=torch.tensor(cfg.lambda_s),
             lambda_sv=torch.tensor(cfg.lambda_sv),
             dps_on=torch.tensor(float(keys is not None)),
@@ -201,25 +192,63 @@ class EditControls:
             return x.to(device=like.device, dtype=like.dtype)
 
         return EditControls(
-            **{
-                name: cast(getattr(self, name))
-                for name in (
-                    "carry",
-                    "alphas",
-                    "equalizer",
-                    "cross_gates",
-                    "self_gates",
-                    "lambda_s",
-                    "lambda_sv",
-                    "dps_on",
-                )
-            },
+            **{name: cast(getattr(self, name)) for name in _CONTROL_TENSORS},
             keys={k: cast(v) for k, v in self.keys.items()},
         )
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """The per-edit tensors by field name (keys apart)."""
+        return {name: getattr(self, name) for name in _CONTROL_TENSORS}
 
     def key(self, layer_id: str, width: int, like: torch.Tensor) -> torch.Tensor:
         """The layer's ``E_k`` [C], or zeros when DPS does not run (``dps_on`` = 0 ignores it)."""
         return self.keys.get(layer_id, torch.zeros(width, device=like.device, dtype=like.dtype))
+
+
+@dataclass(frozen=True, eq=False)
+class EditSchedule:
+    """The gates of every step of an edit pass: ``cross`` [N, T] (1 where token ``j`` is
+    injected at step ``s``, ``s < ⌊τ_j · (N + 1)⌋``) and ``self`` [N] (``s < ⌊τ_self · N⌋``)."""
+
+    cross: torch.Tensor
+    self: torch.Tensor
+
+    @classmethod
+    def build(cls, tau: TauPlan, num_steps: int) -> EditSchedule:
+        n_self = self_steps(tau.tau_self, num_steps)
+        return cls(
+            cross_gates(tau.token_tau, num_steps), (torch.arange(num_steps) < n_self).float()
+        )
+
+
+def edit_layer(
+    layer_id: str,
+    is_cross: bool,
+    probs: torch.Tensor,
+    hidden: torch.Tensor | None,
+    layout: BatchLayout,
+    controls: EditControls,
+    cross_gate: torch.Tensor,
+    self_gate: torch.Tensor,
+) -> torch.Tensor:
+    """:func:`~adapedit.edit.edit_probs` for one controlled layer with an edit's controls and
+    the step's gates (the controller between segments and the fused graph both call this)."""
+    width = hidden.shape[-1] if hidden is not None else 0
+    return edit_probs(
+        probs,
+        hidden,
+        layout,
+        is_cross=is_cross,
+        carry=controls.carry,
+        alphas=controls.alphas,
+        equalizer=controls.equalizer,
+        cross_gate=cross_gate,
+        self_gate=self_gate,
+        e_k=controls.key(layer_id, width, probs),
+        lambda_s=controls.lambda_s,
+        lambda_sv=controls.lambda_sv,
+        dps_on=controls.dps_on,
+    )
 
 
 @dataclass
@@ -241,21 +270,25 @@ class EditController:
     layout: BatchLayout = EDIT
     trajectory: torch.Tensor | None = None
     controls: EditControls = field(init=False)
+    schedule: EditSchedule = field(init=False)
     blend_maps: torch.Tensor | None = None  # [2, h, w] accumulated over steps
     vis_sum: torch.Tensor | None = None  # [h*w, T] edit-branch maps after the edit
     vis_count: int = 0
-    _cast: dict[tuple[torch.device, torch.dtype], EditControls] = field(
+    _cast: dict[tuple[torch.device, torch.dtype], tuple[EditControls, EditSchedule]] = field(
         init=False, default_factory=dict
     )
 
     def __post_init__(self) -> None:
-        self.controls = EditControls.build(self.plan, self.tau, self.keys, self.num_steps)
+        self.controls = EditControls.build(self.plan, self.keys)
+        self.schedule = EditSchedule.build(self.tau, self.num_steps)
 
-    def controls_like(self, probs: torch.Tensor) -> EditControls:
-        """The controls on ``probs``'s device and dtype (cast once per device and dtype)."""
-        key = (probs.device, probs.dtype)
+    def controls_like(self, like: torch.Tensor) -> tuple[EditControls, EditSchedule]:
+        """The controls and the schedule on ``like``'s device and dtype (cast once each)."""
+        key = (like.device, like.dtype)
         if key not in self._cast:
-            self._cast[key] = self.controls.to(probs)
+            cast = {"device": like.device, "dtype": like.dtype}
+            s = EditSchedule(self.schedule.cross.to(**cast), self.schedule.self.to(**cast))
+            self._cast[key] = (self.controls.to(like), s)
         return self._cast[key]
 
     def __call__(
@@ -266,22 +299,9 @@ class EditController:
         hidden: torch.Tensor | None,
         step: int,
     ) -> torch.Tensor:
-        c = self.controls_like(probs)
-        width = hidden.shape[-1] if hidden is not None else 0
-        out = edit_probs(
-            probs,
-            hidden,
-            self.layout,
-            is_cross=is_cross,
-            carry=c.carry,
-            alphas=c.alphas,
-            equalizer=c.equalizer,
-            cross_gate=c.cross_gates[step],
-            self_gate=c.self_gates[step],
-            e_k=c.key(layer_id, width, probs),
-            lambda_s=c.lambda_s,
-            lambda_sv=c.lambda_sv,
-            dps_on=c.dps_on,
+        c, s = self.controls_like(probs)
+        out = edit_layer(
+            layer_id, is_cross, probs, hidden, self.layout, c, s.cross[step], s.self[step]
         )
         if is_cross and layer_downscale(self.latent_hw, probs.shape[1]) == BLEND_DOWNSCALE:
             self.record_maps(
@@ -293,7 +313,8 @@ class EditController:
         """Maps of the LocalBlend-resolution layers at one step: the source branch's and the
         edited branch's conditional head-mean maps [P, T], summed over ``layers`` layers."""
         hw = layer_hw(self.latent_hw, src_map.shape[0])
-        self.vis_sum = edt_map if self.vis_sum is None else self.vis_sum + edt_map
+        src_map, edt_map = src_map.float(), edt_map.float()  # [P, T]
+        self.vis_sum = edt_map.clone() if self.vis_sum is None else self.vis_sum + edt_map
         self.vis_count += layers
         if not self.plan.config.local_blend:
             return

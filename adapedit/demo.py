@@ -42,8 +42,8 @@ def run_demo(
     times: dict[str, float] = {}
     with tempfile.TemporaryDirectory(prefix="adapedit-demo-") as work:
         t = time.perf_counter()
-        # only what the runtime runs: the segmented UNet (no whole graph)
-        options = ExportOptions(forms=("segmented",))
+        # only what the runtime runs: the fused UNet, static at the model's size
+        options = ExportOptions(shapes="static", forms=("fused",))
         export_model(components, Path(work) / "export", options, progress=progress)
         times["export_s"] = time.perf_counter() - t
         t = time.perf_counter()
@@ -55,7 +55,6 @@ def run_demo(
             run = session.edit(
                 source, target, edit, sampler, record_latents=True, progress=progress
             )
-            controller_s = session.controller_seconds()
     ref = reference.edit(source, target, edit, sampler, record_latents=True, progress=progress)
     parity = compare_edits(ref, run)
     write_edit_outputs(run, out / "runtime", model)
@@ -74,10 +73,9 @@ def run_demo(
         "target": target,
         "steps": steps,
         "seed": seed,
-        "backend": "onnxruntime CPU (segmented UNet)",
+        "backend": "onnxruntime CPU (fused UNet, static)",
         **times,
         "timings_s": {"runtime": run.timings, "reference": ref.timings},
-        "runtime_controller_s": controller_s,
         "parity": {k: v for k, v in parity.items() if k != "per_step"},
         "tau": {w.word: w.tau for w in run.tau.words},
         "read_back": reads,
@@ -91,9 +89,8 @@ def run_demo(
         f"# adapedit demo ({model}, {steps} steps, seed {seed})\n\n"
         f"`{source}` → `{target}`\n\n"
         f"Export {times['export_s']:.1f} s, ONNX Runtime build {times['build_s']:.1f} s.\n\n"
-        "| stage | reference (PyTorch) s | runtime (ONNX Runtime, segmented) s |\n"
+        "| stage | reference (PyTorch) s | runtime (ONNX Runtime, fused UNet) s |\n"
         f"|---|---|---|\n{rows}\n\n"
-        f"Runtime controller time (between segments): {controller_s:.3f} s.\n\n"
         f"Parity: latents max abs {parity['latents_max_abs']:.2e} over {len(run.latents)} "
         f"steps, τ max abs {parity['tau_max_abs']:.2e}, PSNR source "
         f"{parity['psnr_source_db']:.1f} dB / edited {parity['psnr_edited_db']:.1f} dB, max "

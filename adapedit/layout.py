@@ -20,12 +20,25 @@ PROMPTS = ("source", "edit")
 HALVES = ("uncond", "cond")
 
 
+def numbered_edit(k: int) -> str:
+    """The name of the ``k``-th of several edit prompts of one pass (``edit:0``, ``edit:1``, …),
+    as in a sweep of many edit configurations of one source."""
+    return f"edit:{k}"
+
+
+def is_prompt(name: str) -> bool:
+    """A known prompt name: ``source``, ``edit`` or a :func:`numbered_edit`."""
+    head, _, number = name.partition(":")
+    return name in PROMPTS or (head == "edit" and number.isdigit())
+
+
 @dataclass(frozen=True)
 class BatchLayout:
     """The branches of one UNet call.
 
     Attributes:
-        prompts: the prompts of the latents, in order (``source``, ``edit``).
+        prompts: the prompts of the latents, in order (``source``, ``edit``, or numbered edits
+            ``edit:k`` when one pass carries several).
         guided: with classifier-free guidance (an unconditional and a conditional half) or
             conditional only (guidance 1, e.g. DDIM inversion).
     """
@@ -34,11 +47,11 @@ class BatchLayout:
     guided: bool = True
 
     def __post_init__(self) -> None:
-        if not self.prompts or any(p not in PROMPTS for p in self.prompts):
+        if not self.prompts or not all(isinstance(p, str) and is_prompt(p) for p in self.prompts):
             raise AdapEditError(
                 "a batch layout needs known prompts",
                 where="BatchLayout",
-                expected=f"a non-empty tuple of {PROMPTS}",
+                expected=f"a non-empty tuple of {PROMPTS} or 'edit:k'",
                 got=self.prompts,
             )
         if len(set(self.prompts)) != len(self.prompts):

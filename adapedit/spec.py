@@ -69,15 +69,17 @@ class Boundary:
 class UNetGraphs:
     """The UNet graphs of one batch size: ``batch`` None in a dynamic export (any batch), the
     batch the graphs are specialised to in a static one. ``whole``: the UNet alone (no edit);
-    ``segments``: the UNet cut at the boundaries, in order."""
+    ``segments``: the UNet cut at the boundaries, in order; ``fused``: the UNet with the edit
+    of the batch's pass inside (``adapedit.fused``; static exports only)."""
 
     batch: int | None
     whole: GraphSpec | None = None
     segments: tuple[GraphSpec, ...] = ()
+    fused: GraphSpec | None = None
 
     @property
     def specs(self) -> list[GraphSpec]:
-        return [*([self.whole] if self.whole else []), *self.segments]
+        return [g for g in (self.whole, *self.segments, self.fused) if g is not None]
 
 
 @dataclass(frozen=True)
@@ -86,8 +88,10 @@ class Manifest:
 
     ``shapes`` is ``dynamic`` (any batch, any resolution that is a multiple of
     ``size_multiple``) or ``static`` (every graph specialised to ``height`` × ``width``; the
-    UNet to the batches in :attr:`batches`, the text encoder and the VAE to batch 1). ``weights``
-    is the index of the UNet graphs' shared weights file, relative to the folder.
+    UNet to the batches in :attr:`batches`, the text encoder and the VAE to batch 1).
+    ``attention``: every attention layer (module path → queries at the export resolution);
+    ``controlled``: those controlled with ``self_max_queries``. ``weights`` is the index of the
+    UNet graphs' shared weights file, relative to the folder.
     """
 
     model: str
@@ -101,6 +105,9 @@ class Manifest:
     vae_scale_factor: int
     size_multiple: int
     shapes: str = "dynamic"
+    attention: dict[str, int] = field(default_factory=dict)
+    controlled: tuple[str, ...] = ()
+    self_max_queries: int = 256
     graphs: dict[str, GraphSpec] = field(default_factory=dict)
     unet: tuple[UNetGraphs, ...] = ()
     boundaries: tuple[Boundary, ...] = ()
@@ -123,6 +130,10 @@ class Manifest:
     @property
     def has_segments(self) -> bool:
         return any(u.segments for u in self.unet)
+
+    @property
+    def has_fused(self) -> bool:
+        return any(u.fused for u in self.unet)
 
     def unet_graphs(self, batch: int) -> UNetGraphs:
         """The UNet graphs that run a batch of ``batch`` samples.
@@ -167,9 +178,15 @@ class Manifest:
         d = dict(doc)
         d["graphs"] = {k: spec(v) for k, v in d.get("graphs", {}).items()}
         d["unet"] = tuple(
-            UNetGraphs(u["batch"], spec(u["whole"]), tuple(spec(s) for s in u["segments"]))
+            UNetGraphs(
+                u["batch"],
+                spec(u["whole"]),
+                tuple(spec(s) for s in u["segments"]),
+                spec(u.get("fused")),
+            )
             for u in d.get("unet", ())
         )
+        d["controlled"] = tuple(d.get("controlled", ()))
         d["boundaries"] = tuple(
             Boundary(**{**b, "resolution": tuple(b["resolution"])}) for b in d.get("boundaries", ())
         )

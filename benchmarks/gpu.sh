@@ -9,20 +9,24 @@
 #   install   the project into $ADAPEDIT_SITE without touching the machine's torch
 #             (benchmarks/gpu/env.sh; wheels in .whl/, onnxruntime-gpu parts in .ortgpu/)
 #   backends  versions and the execution providers found → backends.txt
-#   export    `adapedit export --shapes static` (batches 2 and 4, segmented + whole)
+#   export    `adapedit export --shapes static` (batches 2 and 4; segmented, whole, fused)
 #   graphs    ONNX Runtime's optimised graphs on the provider: Memcpy nodes, integer inputs
-#   latency   UNet call (reference eager/SDPA, ORT whole, ORT segmented), the edit end to end
-#             (reference vs runtime), controller time, GPU memory of the shared UNet weights
+#   latency   UNet call (reference eager/SDPA, ORT whole, segmented, fused + CUDA graph), the
+#             edit end to end (reference vs each form), controller time, GPU memory of the
+#             shared UNet weights
 #   parity    the runtime against the PyTorch reference in the same precision
-# Budget on a GPU: about 8 minutes on an H100 (export ≈ 3, latency ≈ 3, parity ≈ 1.5).
+#   peer      the PyTorch UNet with the edit inside: eager, CUDA graph, torch.compile
+# Budget on a GPU: about 10 minutes on an H100 (export ≈ 3, latency ≈ 3, parity ≈ 1.5,
+# peer ≈ 2.5 with compilation); each step has its own limit, so a slow one loses only itself.
 set -uo pipefail
 if [ "${GPU_DRY_RUN:-0}" = 1 ]; then
   MODEL=${MODEL:-tiny} SIZE=${SIZE:-128} STEPS=${STEPS:-3} PRECISION=fp32 DEVICE=cpu
-  PROVIDER=cpu WARMUP=0 REPEATS=1 JOBS=1 PARITY_STEPS=${STEPS:-3}
+  PROVIDER=cpu WARMUP=0 REPEATS=1 JOBS=1 PARITY_STEPS=${STEPS:-3} COMPILE=""
   OUT_DIR=${OUT_DIR:-$(mktemp -d -t adapedit-gpu-dry-XXXX)}
 else
   MODEL=${MODEL:-sd14-random} SIZE=${SIZE:-512} STEPS=${STEPS:-50} PRECISION=fp16 DEVICE=cuda
-  PROVIDER=cuda WARMUP=1 REPEATS=3 JOBS=${JOBS:-2} PARITY_STEPS=${PARITY_STEPS:-20}
+  PROVIDER=cuda WARMUP=1 REPEATS=3 JOBS=${JOBS:-3} PARITY_STEPS=${PARITY_STEPS:-20}
+  COMPILE=--compile
   OUT_DIR=${OUT_DIR:-benchmarks/results/gpu}
 fi
 WORK=${WORK:-$(mktemp -d -t adapedit-gpu-work-XXXX)}
@@ -59,7 +63,7 @@ except ImportError as e:
 cp "$OUT_DIR/backends.log" "$OUT_DIR/backends.txt"
 step export "${EXPORT_TIMEOUT:-300}" python3 -m adapedit.cli export --model "$MODEL" \
   --out "$WORK/export" --precision "$PRECISION" --shapes static --batches 2 4 \
-  --height "$SIZE" --width "$SIZE" --form segmented whole --jobs "$JOBS" --quiet
+  --height "$SIZE" --width "$SIZE" --form segmented whole fused --jobs "$JOBS" --quiet
 step graphs 120 python3 -m benchmarks.graph_check --export-dir "$WORK/export" \
   --providers "$PROVIDER" --results "$OUT_DIR" --tag graph_check
 step latency "${LATENCY_TIMEOUT:-240}" python3 -m benchmarks.latency --export-dir "$WORK/export" \
@@ -68,6 +72,9 @@ step latency "${LATENCY_TIMEOUT:-240}" python3 -m benchmarks.latency --export-di
 step parity "${PARITY_TIMEOUT:-120}" python3 -m benchmarks.parity --export-dir "$WORK/export" \
   --device "$DEVICE" --reference-precision "$PRECISION" --steps "$PARITY_STEPS" --seeds 0 \
   --pairs 1 --results "$OUT_DIR" --tag parity
+step peer "${PEER_TIMEOUT:-240}" python3 -m benchmarks.peer --model "$MODEL" --height "$SIZE" \
+  --precision "$PRECISION" --warmup "$WARMUP" --repeats "$((REPEATS * 3))" $COMPILE \
+  --results "$OUT_DIR" --tag peer
 rm -rf "$WORK"
 echo "results in $OUT_DIR"
 if [ ${#failed[@]} -gt 0 ]; then

@@ -1,16 +1,25 @@
-"""Load test of ``adapedit serve`` on loopback: N concurrent clients, M requests in all.
+"""Load test of ``adapedit serve`` on loopback: N concurrent clients, M requests in all; with
+``--replicas``, on Ray Serve, optionally killing one replica's process mid-load.
 
 Starts ``adapedit serve`` on an engine folder (``--engine-dir``, or the tiny model exported and
-built into a temporary folder) on 127.0.0.1 with a free port, or uses a server already running
-on loopback (``--url``). First sends each distinct request alone (the single-request results,
-and the warm-up), then M requests from N client threads, cycling through the same inputs, and
-checks that every answer equals the single-request answer for its inputs (both images pixel for
-pixel, τ, τ_self, keywords). Records throughput, p50/p99 latency, status counts and mismatches
-in ``benchmarks/results/<stem>.json`` and ``.md``. Bounded: at most ``--max-seconds`` (no request
-is started after it), at most 1000 requests and 64 clients; the server it started is stopped at
-the end. Exits 1 if any answer is not 200 or differs from the single-request one.
+built into a temporary folder) on 127.0.0.1 (uvicorn, any free port; with ``--replicas N``, Ray
+Serve on a local cluster with N replicas), or uses a server already running on loopback
+(``--url``). First sends each distinct request alone (the single-request results, and the
+warm-up), then M requests from N client threads, cycling through the same inputs, and checks that
+every 200 equals the single-request answer for its inputs (both images pixel for pixel, τ,
+τ_self, keywords). With ``--kill-after S`` (a server started here with ``--replicas`` ≥ 2), S
+seconds into the concurrent phase the process of the replica that answered last is killed
+(SIGKILL); then the run checks that a new replica answers. Records throughput, p50/p99 latency,
+status counts, requests lost (no HTTP status: a dropped connection or a client timeout) and
+mismatches in ``benchmarks/results/<stem>.json`` and ``.md``. Bounded: at most ``--max-seconds``
+(no request is started after it), at most 1000 requests and 64 clients; the server it started is
+stopped at the end. Exits 1 if an answer differs from the single-request one, or if any answer is
+not 200 (with ``--kill-after``: if a request is lost, answered other than 200/503/504, or no new
+replica answered).
 
     python -m benchmarks.loadtest --clients 4 --requests 24 --steps 4
+    python -m benchmarks.loadtest --replicas 2 --threads 1 --kill-after 5 --requests 60 \\
+        --timeout 60 --stem loadtest_tiny_ray_fault
 """
 
 from __future__ import annotations
@@ -21,7 +30,11 @@ import http.client
 import io
 import json
 import math
+import os
+import re
 import select
+import signal
+import socket
 import statistics
 import subprocess
 import sys
@@ -29,6 +42,7 @@ import tempfile
 import threading
 import time
 from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -50,6 +64,8 @@ JOBS = (
     },
 )
 COMPARED = ("tau", "tau_self", "keywords")
+FAULT_OK = {"200", "503", "504"}  # what a request may get while a replica is killed
+REPLACEMENT_S = 180.0  # how long a new replica may take to answer after the kill
 
 
 def post_edit(url: str, body: dict[str, Any], timeout: float) -> tuple[int, dict[str, Any], float]:
@@ -106,36 +122,77 @@ def tiny_engines(folder: Path) -> Path:
     return folder / "engines"
 
 
-def start_server(engine_dir: Path, queue: int, timeout: float) -> tuple[subprocess.Popen, str]:
-    """``adapedit serve`` on 127.0.0.1, any free port; (process, URL) once it listens."""
-    proc = subprocess.Popen(
-        [
-            *(sys.executable, "-m", "adapedit.cli", "serve", "--engine-dir", str(engine_dir)),
-            *("--port", "0", "--queue", str(queue), "--timeout", str(timeout), "--quiet"),
-        ],
-        stdout=subprocess.PIPE,
-        text=True,
-    )
-    ready, _, _ = select.select([proc.stdout], [], [], 120)
-    line = proc.stdout.readline() if ready else ""
-    if not line.startswith("serving http://"):
-        proc.kill()
-        raise SystemExit(f"the server did not start: {line!r}")
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def start_server(
+    engine_dir: Path, queue: int, timeout: float, replicas: int | None, threads: int | None
+) -> tuple[subprocess.Popen, str]:
+    """``adapedit serve`` on 127.0.0.1 (uvicorn, any free port; with ``replicas``, Ray Serve on a
+    local cluster and a free port picked here); (process, URL) once it serves."""
+    cmd = [
+        *(sys.executable, "-m", "adapedit.cli", "serve", "--engine-dir", str(engine_dir)),
+        *("--port", str(free_port() if replicas else 0), "--queue", str(queue)),
+        *("--timeout", str(timeout), "--quiet"),
+        *(("--replicas", str(replicas)) if replicas else ()),
+        *(("--threads", str(threads)) if threads else ()),
+    ]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
+    end, line = time.monotonic() + 300, ""
+    while not line.startswith("serving http://"):
+        ready, _, _ = select.select([proc.stdout], [], [], max(0.0, end - time.monotonic()))
+        line = proc.stdout.readline() if ready else ""
+        if not line and (not ready or proc.poll() is not None):
+            proc.kill()
+            raise SystemExit(f"the server did not start: {' '.join(cmd)}")
     return proc, line.split()[1]
 
 
+def kill_replica(worker: str) -> None:
+    """SIGKILL the process ``host:pid`` of a replica on this machine."""
+    host, _, pid = worker.rpartition(":")
+    if host != socket.gethostname():
+        raise SystemExit(f"the replica to kill, {worker}, is not on this machine")
+    os.kill(int(pid), signal.SIGKILL)
+
+
+def await_replacement(
+    url: str, jobs: list[dict[str, Any]], known: set[str], timeout: float, end: float
+) -> str | None:
+    """Pairs of concurrent requests until a replica not in ``known`` answers (or ``end``)."""
+    while time.monotonic() < end:
+        with ThreadPoolExecutor(2) as pool:
+            answers = list(pool.map(lambda job: post_edit(url, job, timeout), jobs[:2]))
+        new = {doc["server"]["worker"] for status, doc, _ in answers if status == 200} - known
+        if new:
+            return min(new)
+        time.sleep(1.0)
+    return None
+
+
 def load(
-    url: str, clients: int, requests: int, steps: int, timeout: float, deadline: float
+    url: str,
+    clients: int,
+    requests: int,
+    steps: int,
+    timeout: float,
+    deadline: float,
+    kill_after: float | None = None,
 ) -> dict[str, Any]:
-    """Single-request answers first, then the concurrent phase; the record."""
+    """Single-request answers first, then the concurrent phase (killing a replica
+    ``kill_after`` seconds into it, if given); the record. Clients wait ``timeout`` + 30 s."""
     jobs = [{**job, "steps": steps} for job in JOBS]
-    reference, alone_s = [], []
+    reference, alone_s, known = [], [], set()
     for job in jobs:
-        status, doc, seconds = post_edit(url, job, timeout)
+        status, doc, seconds = post_edit(url, job, timeout + 30)
         if status != 200:
             raise SystemExit(f"single request failed with {status}: {doc}")
         reference.append(decoded(doc))
         alone_s.append(seconds)
+        known.add(doc["server"]["worker"])
 
     lock = threading.Lock()
     issued = 0
@@ -150,7 +207,7 @@ def load(
                 i, issued = issued, issued + 1
             k = i % len(jobs)
             try:
-                status, doc, seconds = post_edit(url, jobs[k], timeout)
+                status, doc, seconds = post_edit(url, jobs[k], timeout + 30)
             except (OSError, http.client.HTTPException) as e:
                 status, doc, seconds = 0, {"error": repr(e)}, float("nan")
             row = {"index": i, "job": k, "status": status, "latency_s": seconds}
@@ -158,16 +215,42 @@ def load(
                 row["equal"] = same(decoded(doc), reference[k])
                 row["server_edit_s"] = doc["timings_s"]["total"]
                 row["server_queue_s"] = doc["server"]["queue_s"]
+                row["worker"] = doc["server"]["worker"]
+            row["done_s"] = time.perf_counter() - t
             with lock:
                 results.append(row)
 
+    fault: dict[str, Any] = {}
+
+    def killer() -> None:
+        time.sleep(kill_after)
+        with lock:
+            answered = [r["worker"] for r in results if "worker" in r]
+            known.update(answered)
+            fault["killed"] = (answered or sorted(known))[-1]
+            fault["killed_at_s"] = time.perf_counter() - t
+            fault["replicas_before"] = sorted(known)
+        kill_replica(fault["killed"])
+
     t = time.perf_counter()
     threads = [threading.Thread(target=client) for _ in range(clients)]
+    if kill_after is not None:
+        threads.append(threading.Thread(target=killer))
     for th in threads:
         th.start()
     for th in threads:
         th.join()
     wall = time.perf_counter() - t
+    if fault:
+        after = [r for r in results if r.get("worker", fault["killed"]) not in known]
+        new = min(after, key=lambda r: r["done_s"]) if after else None
+        fault["replacement"] = new["worker"] if new else None
+        fault["replacement_answered_s"] = new["done_s"] - fault["killed_at_s"] if new else None
+        if new is None:
+            end = time.monotonic() + REPLACEMENT_S
+            fault["replacement"] = await_replacement(url, jobs, known, timeout + 30, end)
+            if fault["replacement"] is not None:
+                fault["replacement_answered_s"] = time.perf_counter() - t - fault["killed_at_s"]
 
     ok = [r for r in results if r["status"] == 200]
     latencies = [r["latency_s"] for r in ok]
@@ -192,8 +275,11 @@ def load(
         "status_counts": {
             str(k): v for k, v in sorted(Counter(r["status"] for r in results).items())
         },
+        "lost": sum(r["status"] == 0 for r in results),
         "equal_to_single_request": sum(r.get("equal", False) for r in ok),
         "mismatches": sum(not r["equal"] for r in ok),
+        "workers": sorted({r["worker"] for r in ok}),
+        "fault": fault or None,
         "requests": sorted(results, key=lambda r: r["index"]),
     }
 
@@ -202,20 +288,49 @@ def _ms(seconds: float | None) -> str:
     return "–" if seconds is None else f"{seconds * 1000:.0f} ms"
 
 
+def _fault_rows(r: dict[str, Any]) -> str:
+    f = r["fault"]
+    if f is None:
+        return ""
+    killed = f"`{f['killed']}`, {f['killed_at_s']:.1f} s into the load"
+    new = "**none answered**"
+    if f["replacement"]:
+        new = (
+            f"`{f['replacement']}`, first answer {f['replacement_answered_s']:.1f} s after the kill"
+        )
+    return f"""| replica killed (SIGKILL) | {killed} |
+| replicas before the kill | {", ".join(f"`{w}`" for w in f["replicas_before"])} |
+| edits sent again to another replica (`adapedit_edits_resent_total`) | {f["resent"]} |
+| new replica | {new} |
+"""
+
+
 def markdown(record: dict[str, Any]) -> str:
     r, lat, ms = record["load"], record["load"]["latency_s"], _ms
     alone = ", ".join(ms(s) for s in r["single_request_s"])
-    server = (
-        f"`adapedit serve` started here on ONNX Runtime CPU engines of the `{record['model']}` "
-        f"model, one worker, queue {record['queue']}, timeout "
-        f"{record['timeout_s']:g} s"
-        if record["server_started_here"]
-        else f"{record['url']} (model `{record['model']}`, queue {record['queue']})"
-    )
+    if not record["server_started_here"]:
+        server = f"{record['url']} (model `{record['model']}`, queue {record['queue']})"
+    else:
+        where = (
+            f"Ray Serve on a local cluster, {record['replicas']} editor replicas (one process, "
+            "one session and one edit at a time each)"
+            if record["replicas"]
+            else "uvicorn, one worker thread"
+        )
+        threads = f", ONNX Runtime threads {record['threads']}" if record["threads"] else ""
+        if record["omp_num_threads"]:
+            threads += f", OMP_NUM_THREADS={record['omp_num_threads']}"
+        server = (
+            f"`adapedit serve` started here on ONNX Runtime CPU engines of the "
+            f"`{record['model']}` model: {where}; queue {record['queue']}, timeout "
+            f"{record['timeout_s']:g} s{threads}"
+        )
+    load_avg = ", ".join(f"{x:.1f}" for x in record["load_average"])
+    n_ok = r["status_counts"].get("200", 0)
     return f"""# Load test: `adapedit serve`, {record["model"]} model
 
 Measured {record["date"]} on {record["machine"]["description"]} (CPU only); server and clients
-on the same machine, over loopback.
+on the same machine, over loopback. Load average (1, 5, 15 min) when it started: {load_avg}.
 
 - Server: {server}.
 - Edits: {"×".join(map(str, r["image_hw"]))} px, DDIM, {r["steps"]} steps, FWT + DPS (calibration
@@ -225,18 +340,32 @@ on the same machine, over loopback.
 
 | | |
 |---|---|
-| throughput | {r["throughput_rps"]:.2f} requests/s |
+| throughput (200s) | {r["throughput_rps"]:.2f} requests/s |
 | latency p50 / p99 / max (client, 200s) | {ms(lat["p50"])} / {ms(lat["p99"])} / {ms(lat["max"])} |
 | server edit time, median | {ms(r["server_edit_s_median"])} |
 | server queue wait, median | {ms(r["server_queue_s_median"])} |
 | single request alone (each input, first is warm-up) | {alone} |
 | status counts | {", ".join(f"{k}: {v}" for k, v in r["status_counts"].items())} |
-| answers equal to the single-request one | {r["equal_to_single_request"]} of {r["requests_done"]} |
-
+| lost (no HTTP status) | {r["lost"]} |
+| 200s equal to the single-request answer | {r["equal_to_single_request"]} of {n_ok} |
+| processes that answered | {", ".join(f"`{w}`" for w in r["workers"])} |
+{_fault_rows(r)}
 p99 is nearest-rank (the {math.ceil(0.99 * r["requests_done"])}th of {r["requests_done"]} latencies
-in order). The worker runs one edit at a time, so throughput is about 1 / edit time and latency
-grows with the clients waiting in the queue.
+in order). Each session runs one edit at a time, so throughput is about replicas / edit time and
+latency grows with the clients waiting in the queue.
 """
+
+
+def passed(r: dict[str, Any]) -> bool:
+    """Every 200 equal to the single-request answer, and every request answered 200 (with a
+    fault: none lost, only 200/503/504, and a new replica answered)."""
+    if r["mismatches"]:
+        return False
+    if r["fault"] is None:
+        return r["status_counts"] == {"200": r["requests_done"]}
+    return (
+        r["lost"] == 0 and set(r["status_counts"]) <= FAULT_OK and bool(r["fault"]["replacement"])
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -248,7 +377,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--requests", type=int, default=24, help="in all, over every client")
     p.add_argument("--steps", type=int, default=4)
     p.add_argument("--queue", type=int, default=8, help="queue of the server started here")
-    p.add_argument("--timeout", type=float, default=300.0, help="per request, server and client")
+    p.add_argument("--timeout", type=float, default=300.0, help="per request (clients: + 30 s)")
+    p.add_argument("--replicas", type=int, default=None, help="serve on Ray Serve, N replicas")
+    p.add_argument("--threads", type=int, default=None, help="ONNX Runtime threads per session")
+    p.add_argument(
+        "--kill-after", type=float, default=None, help="seconds into the load; kill a replica"
+    )
     p.add_argument("--max-seconds", type=float, default=900.0, help="no request starts after")
     p.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     p.add_argument("--stem", default="loadtest_tiny")
@@ -257,6 +391,8 @@ def main(argv: list[str] | None = None) -> int:
         p.error("needs 1 ≤ clients ≤ 64, 1 ≤ requests ≤ 1000, max-seconds > 0")
     if a.url and urlsplit(a.url).hostname not in LOOPBACK:
         p.error(f"--url must be on loopback ({', '.join(LOOPBACK)}), got {a.url}")
+    if a.kill_after is not None and (a.url or (a.replicas or 0) < 2):
+        p.error("--kill-after needs a server started here with --replicas 2 or more")
 
     deadline = time.monotonic() + a.max_seconds
     with tempfile.TemporaryDirectory(prefix="adapedit-loadtest-") as tmp:
@@ -264,27 +400,35 @@ def main(argv: list[str] | None = None) -> int:
         url = a.url
         if url is None:
             engines = a.engine_dir or tiny_engines(Path(tmp))
-            proc, url = start_server(engines, a.queue, a.timeout)
+            proc, url = start_server(engines, a.queue, a.timeout, a.replicas, a.threads)
         try:
             health = json.loads(get_text(url, "/healthz"))
             record = {
                 "date": time.strftime("%Y-%m-%d"),
                 "machine": machine_info(),
+                "load_average": os.getloadavg(),
                 "url": url,
                 "model": health["model"],
                 "queue": health["queue_size"],
                 "timeout_s": a.timeout,
                 "server_started_here": proc is not None,
-                "load": load(url, a.clients, a.requests, a.steps, a.timeout, deadline),
+                "replicas": a.replicas,
+                "threads": a.threads,
+                "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
+                "load": load(
+                    url, a.clients, a.requests, a.steps, a.timeout, deadline, a.kill_after
+                ),
                 "metrics": get_text(url, "/metrics"),
             }
+            if fault := record["load"]["fault"]:
+                resent = re.search(r"^adapedit_edits_resent_total (\S+)$", record["metrics"], re.M)
+                fault["resent"] = int(float(resent.group(1))) if resent else None
         finally:
             if proc is not None:
                 proc.terminate()
                 proc.wait(60)
     write_results(a.out, a.stem, record, markdown(record))
-    r = record["load"]
-    return 0 if r["mismatches"] == 0 and r["status_counts"] == {"200": r["requests_done"]} else 1
+    return 0 if passed(record["load"]) else 1
 
 
 if __name__ == "__main__":

@@ -72,9 +72,9 @@ def default_profile(m: Manifest) -> Profile:
 
 
 def session_graphs(m: Manifest) -> Manifest:
-    """The manifest of what a session loads: the text encoder, the VAE and the segmented UNet
-    of every batch variant (not the whole UNet, which only benchmarks run)."""
-    return replace(m, unet=tuple(replace(u, whole=None) for u in m.unet if u.segments))
+    """The manifest of what a session loads: the text encoder, the VAE and the fused and
+    segmented UNets of every batch variant (not the whole UNet, which only benchmarks run)."""
+    return replace(m, unet=tuple(replace(u, whole=None) for u in m.unet if u.segments or u.fused))
 
 
 def _place(src: Path, dest: Path) -> None:
@@ -131,11 +131,11 @@ def build_engines(
             got="an existing path",
         )
     manifest = Manifest.load(export_dir)
-    if not manifest.has_segments:
+    if not (manifest.has_segments or manifest.has_fused):
         raise EngineError(
-            "the export has no segmented UNet",
+            "the export has no UNet a session can run",
             where=str(export_dir),
-            expected="an export with the segmented form ('adapedit export --form segmented')",
+            expected="the segmented or fused form ('adapedit export --form segmented|fused')",
             got="whole UNet only",
         )
     own = default_profile(manifest)
@@ -237,13 +237,23 @@ def make_runner(
     *,
     stream: torch.cuda.Stream | None = None,
     weights: WeightPool | None = None,
+    cuda_graph: bool = False,
 ) -> Runner:
-    """The runner of one graph of an engine folder, on ``stream`` (GPU backends) and, for ONNX
-    Runtime, with the folder's shared weights."""
+    """The runner of one graph of an engine folder, on ``stream`` (GPU backends), replayed as a
+    CUDA graph with ``cuda_graph`` (on a GPU) and, for ONNX Runtime, with the folder's shared
+    weights."""
     if config.backend == "trt":
         from adapedit.engines.trt import TrtRunner
 
-        return TrtRunner(folder / config.plans[spec.file], spec, name=spec.file, stream=stream)
+        return TrtRunner(
+            folder / config.plans[spec.file],
+            spec,
+            name=spec.file,
+            stream=stream,
+            cuda_graph=cuda_graph,
+        )
+    if cuda_graph and (ort or config.ort).device.type == "cuda":
+        ort = replace(ort or config.ort, cuda_graph=True)
     return OrtRunner(
         folder / spec.file, spec, ort or config.ort, name=spec.file, stream=stream, weights=weights
     )

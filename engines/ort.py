@@ -29,7 +29,9 @@ class OrtOptions:
     by default: between UNet segments the controller runs torch code, and spinning ORT threads
     would take the cores from it. ``profile_prefix`` turns on ONNX Runtime's profiler (JSON
     traces written under that prefix); ``optimized_model_prefix`` saves each graph as ONNX
-    Runtime optimised it for its providers (to check, e.g., that no Memcpy node is left)."""
+    Runtime optimised it for its providers (to check, e.g., that no Memcpy node is left);
+    ``cuda_graph`` captures the graph's kernels as a CUDA graph on the first runs and replays it
+    (CUDA provider; every input and output bound at a fixed address, as the fused UNet does)."""
 
     providers: tuple[str, ...] = ("cpu",)
     threads: int = 0
@@ -37,6 +39,7 @@ class OrtOptions:
     spinning: bool = False
     profile_prefix: str | None = None
     optimized_model_prefix: str | None = None
+    cuda_graph: bool = False
 
     def __post_init__(self) -> None:
         unknown = [p for p in self.providers if p not in PROVIDERS]
@@ -163,6 +166,8 @@ class OrtRunner(Runner):
         gpu = {"device_id": str(device.index or torch.cuda.current_device())}
         if self.stream is not None:
             gpu["user_compute_stream"] = str(self.stream.cuda_stream)
+        if self.options.cuda_graph:
+            gpu["enable_cuda_graph"] = "1"
         return [(p, gpu) if p != PROVIDERS["cpu"] else p for p in wanted]
 
     def _deactivate(self) -> None:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import multiprocessing
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,18 +25,20 @@ from adapedit.export.onnx_export import (
     PRECISIONS,
     LayerExport,
     check_opset,
+    export_fused,
     export_text_encoder,
     export_unet,
     export_vae_decoder,
     export_vae_encoder,
 )
-from adapedit.export.segment import load_graph, prune, split
+from adapedit.export.segment import fold, load_graph, prune, split
 from adapedit.export.weights import WeightStore, merge_stores
 from adapedit.io import atomic_folder
 from adapedit.models import Components, load_model
+from adapedit.processors import attention_geometry, controlled_layers
 from adapedit.spec import NOISE, Boundary, GraphSpec, Manifest, TensorSpec, UNetGraphs
 
-FORMS = ("segmented", "whole")
+FORMS = ("segmented", "whole", "fused")
 SHAPES = ("dynamic", "static")
 #: The UNet batches of an edit: 2 for the calibration pass and plain generation, 4 for the edit.
 DEFAULT_BATCHES = (2, 4)
@@ -83,7 +86,7 @@ class ExportOptions:
     resolution (pixels; it also fixes which self-attention layers are controlled), opset."""
 
     precision: str = "fp32"
-    forms: tuple[str, ...] = FORMS
+    forms: tuple[str, ...] = ("segmented", "whole")
     shapes: str = "dynamic"
     batches: tuple[int, ...] = DEFAULT_BATCHES
     opset: int = DEFAULT_OPSET
@@ -116,6 +119,14 @@ class ExportOptions:
                 expected=" | ".join(SHAPES),
                 got=self.shapes,
                 field="shapes",
+            )
+        if "fused" in self.forms and self.shapes != "static":
+            raise ConfigError(
+                "the fused UNet is exported static only",
+                where=w,
+                expected="shapes 'static' (one resolution, the batches of an edit)",
+                got=self.shapes,
+                field="forms",
             )
         object.__setattr__(self, "batches", tuple(sorted(set(self.batches))))
         if not self.batches or any(
@@ -171,12 +182,15 @@ def export_model(
     h, w = height or c.default_size, width or c.default_size
     latent_hw = c.latent_hw(h, w)
     with atomic_folder(out) as tmp:
-        return _export_into(tmp, c, options, latent_hw, (h, w), jobs, progress)
+        # processes load a named model themselves rather than receive a pickled copy
+        source = model if isinstance(model, str) else c
+        return _export_into(tmp, c, source, options, latent_hw, (h, w), jobs, progress)
 
 
 def _export_into(
     tmp: Path,
     c: Components,
+    source: str | Components,
     o: ExportOptions,
     latent_hw: tuple[int, int],
     size: tuple[int, int],
@@ -199,11 +213,13 @@ def _export_into(
         bar.update(1)
 
     bar.set_postfix_str("UNet")
-    args = [(c, o, latent_hw, batch, tmp) for batch in variants]
-    if jobs > 1 and len(variants) > 1:
-        with multiprocessing.get_context("spawn").Pool(min(jobs, len(variants))) as pool:
+    parallel = jobs > 1 and len(variants) > 1
+    args = [(source if parallel else c, o, latent_hw, batch, tmp) for batch in variants]
+    if parallel:
+        spawn = multiprocessing.get_context("spawn")
+        with ProcessPoolExecutor(min(jobs, len(variants)), mp_context=spawn) as pool:
             results = []
-            for r in pool.imap(_unet_variant_star, args):
+            for r in pool.map(_unet_variant_star, args):
                 results.append(r)
                 bar.update(1)
     else:
@@ -228,6 +244,9 @@ def _export_into(
         vae_scale_factor=c.vae_scale_factor,
         size_multiple=c.size_multiple,
         shapes=o.shapes,
+        attention={name: q for name, _, q in attention_geometry(c.unet, latent_hw)},
+        controlled=tuple(controlled_layers(c.unet, latent_hw, o.self_max_queries)),
+        self_max_queries=o.self_max_queries,
         graphs=graphs,
         unet=unets,
         boundaries=_boundaries(unets, results[0][1]),
@@ -242,13 +261,12 @@ def _unet_variant_star(args):
 
 
 def _unet_variant(
-    c: Components, o: ExportOptions, latent_hw: tuple[int, int], batch: int | None, tmp: Path
+    c: str | Components, o: ExportOptions, latent_hw: tuple[int, int], batch: int | None, tmp: Path
 ) -> tuple[UNetGraphs, list[LayerExport], dict]:
     """Trace one UNet variant and write its forms into ``tmp/unet`` (graphs and a weight store
-    of its own); returns its manifest entry, its layers and its store's index."""
-    model, layers = export_unet(c, o.precision, o.opset, latent_hw, o.self_max_queries, batch)
-    graph = load_graph(model)
-    del model
+    of its own); returns its manifest entry, its layers (for the boundaries of the segmented
+    form) and its store's index."""
+    c = load_model(c) if isinstance(c, str) else c
     tag = f"b{batch}" if batch else "dynamic"
     store = WeightStore(tmp / "unet", tag)
     prefix = f"unet/b{batch}_" if batch else "unet/"
@@ -258,17 +276,28 @@ def _unet_variant(
         store.save(m, tmp / spec.file, spec.file)
         return spec
 
-    whole = save(prune(graph, [NOISE]), "whole") if "whole" in o.forms else None
+    whole, fused = None, None
     segments: list[GraphSpec] = []
-    if "segmented" in o.forms:
-        for k, part in enumerate(split(graph, [layer.probs for layer in layers])):
-            segments.append(save(part, f"segment_{k:02d}"))
-    return UNetGraphs(batch, whole, tuple(segments)), layers, store.close()
+    layers: list[LayerExport] = []
+    if {"whole", "segmented"} & set(o.forms):
+        model, layers = export_unet(c, o.precision, o.opset, latent_hw, o.self_max_queries, batch)
+        graph = load_graph(model)
+        del model
+        if "whole" in o.forms:
+            whole = save(prune(graph, [NOISE]), "whole")
+        if "segmented" in o.forms:
+            for k, part in enumerate(split(graph, [layer.probs for layer in layers])):
+                segments.append(save(part, f"segment_{k:02d}"))
+        del graph
+    if "fused" in o.forms:
+        model = export_fused(c, o.precision, o.opset, latent_hw, o.self_max_queries, batch)
+        fused = save(fold(model), "fused")
+    return UNetGraphs(batch, whole, tuple(segments), fused), layers, store.close()
 
 
 def _boundaries(unets: tuple[UNetGraphs, ...], layers: list[LayerExport]) -> tuple[Boundary, ...]:
     """The boundaries of the segmented form (the same segment indices in every variant)."""
-    if not unets[0].segments:
+    if not layers or not unets[0].segments:
         return ()
     names = {n for layer in layers for n in (layer.probs, layer.hidden) if n}
     produced = [

@@ -335,3 +335,48 @@ def export_unet(
             )
         )
     return model, layers
+
+
+def export_fused(
+    c: Components,
+    precision: str,
+    opset: int,
+    latent_hw: tuple[int, int],
+    self_max_queries: int,
+    batch: int,
+) -> onnx.ModelProto:
+    """The fused UNet (:mod:`adapedit.fused`) of ``batch``'s mode, static at ``batch`` ×
+    ``latent_hw``: the edit inside the graph (batch 4), the calibration pass's maps (batch 2),
+    or the plain UNet (batch 1).
+
+    Raises:
+        ExportError: a batch with no fused mode.
+    """
+    from adapedit.fused import MODES, FusedUNet, example_controls, input_names, output_names
+
+    if batch not in MODES:
+        raise ExportError(
+            "no fused UNet for this batch size",
+            where="fused export",
+            expected=f"one of {sorted(MODES)} ({', '.join(MODES.values())})",
+            got=batch,
+            field="batches",
+        )
+    mode = MODES[batch]
+    layers = controlled_layers(c.unet, latent_hw, self_max_queries)
+    module = FusedUNet(_copy_as(c.unet, precision), layers, mode, latent_hw).eval()
+    dtype = PRECISIONS[precision]
+    args = [
+        torch.randn(batch, c.unet.config.in_channels, *latent_hw, dtype=dtype),
+        torch.tensor([500.0]),
+        torch.randn(batch, 77, c.unet.config.cross_attention_dim, dtype=dtype),
+    ]
+    args += example_controls(module, dtype)
+    return _to_onnx(
+        module,
+        tuple(args),
+        input_names=input_names(mode, layers),
+        output_names=output_names(mode, layers),
+        dynamic_shapes=None,
+        opset=opset,
+    )

@@ -43,6 +43,12 @@ def load_graph(model: onnx.ModelProto):
     return graph
 
 
+def fold(model: onnx.ModelProto) -> onnx.ModelProto:
+    """``model`` with constants lowered and folded as :func:`load_graph` does, uncut."""
+    graph = load_graph(model)
+    return _export(graph, graph.name)
+
+
 def _export(graph, name: str) -> onnx.ModelProto:
     import onnx_graphsurgeon as gs
 

@@ -2,7 +2,8 @@
 
 The UNet graphs of an export (whole, segments; every batch variant of a static export) hold the
 same weights. A :class:`WeightStore` moves each graph's large floating-point initializers into
-a weights file as ONNX external data, storing each distinct tensor once (by content hash), and
+a weights file as ONNX external data, storing each distinct tensor once (by a hash of its
+content, type and shape), and
 records which stored tensor every graph's initializer is. Variants exported in separate
 processes each write a store of their own; :func:`merge_stores` then points every graph at the
 first copy of each tensor, deletes the files no graph uses any more, and writes the index
@@ -47,7 +48,10 @@ class WeightStore:
         for init in model.graph.initializer:
             if init.data_type not in _FLOAT_TYPES or len(init.raw_data) < MIN_BYTES:
                 continue
-            key = hashlib.sha256(init.raw_data).hexdigest()[:32]
+            # content, type and shape: equal bytes under two shapes are two tensors
+            h = hashlib.sha256(init.raw_data)
+            h.update(f"{init.data_type}:{list(init.dims)}".encode())
+            key = h.hexdigest()[:32]
             if key not in self.tensors:
                 self.tensors[key] = {
                     "file": self.file,

@@ -1,4 +1,6 @@
-"""Serving edits over HTTP (``adapedit serve``): standard library only.
+"""Serving edits over HTTP: one ASGI application (Starlette, metrics by ``prometheus_client``),
+run by uvicorn on one machine (``adapedit serve``, :func:`serve`) or by Ray Serve across replicas
+and machines (``adapedit serve --replicas N``, :mod:`adapedit.runtime.rayserve`).
 
 Endpoints:
 
@@ -8,18 +10,21 @@ Endpoints:
   ``use_dps``, ``local_blend``, ``reweight``, …). Answers the ``result.json`` document of the
   edit (``tau`` as ``[{word, tokens, tau}]``, ``tau_self``, ``keywords``, ``config``,
   ``timings_s``, …) with ``source_png`` and ``edited_png`` (base64 PNG) and ``server``
-  (``queue_s``: waiting for the worker, ``total_s``: arrival to answer).
-- ``GET /healthz``: ``{"status": "ok", "model", "queue_depth", "queue_size", "running"}``.
-- ``GET /metrics``: Prometheus text format: ``adapedit_requests_total{path,code}``, the
-  ``adapedit_edit_request_seconds`` histogram (every ``POST /edit``, arrival to answer),
-  ``adapedit_queue_depth``, ``adapedit_queue_capacity``, ``adapedit_edits_running``.
+  (``queue_s``: from arrival until an engine started the edit, ``total_s``: arrival to answer,
+  ``worker``: ``host:pid`` of the process that ran it).
+- ``GET /healthz``: ``{"status": "ok", "model", …}`` plus the state of the queue (see
+  :class:`Editor`).
+- ``GET /metrics``: Prometheus exposition of ``adapedit_requests_total{path,code}``, the
+  ``adapedit_edit_request_seconds`` histogram (every ``POST /edit``, arrival to answer) and the
+  queue metrics of the :class:`Editor`.
 
-One worker thread runs the edits, one at a time, from a bounded queue; connection threads parse,
-validate (:class:`~adapedit.runtime.api.Validator`: a tokenizer of its own, so invalid requests
-are answered at once, even while an edit runs) and encode PNGs. Errors answer
+Requests are parsed and validated (:class:`~adapedit.runtime.api.Validator`: a tokenizer of its
+own) as they arrive, so invalid ones are answered at once, even while edits run; valid ones go to
+an :class:`Editor`, which runs one edit at a time per session. Errors answer
 ``{"error": {"status", "type", "message", "field"}}``:
 
-- 400 malformed JSON or not an object; 411 no ``Content-Length``; 413 a body over ``max_body``;
+- 400 malformed JSON or not an object; 411 no ``Content-Length``; 413 a body over ``max_body``
+  (answered without reading the body);
 - 422 invalid input (an unknown field, a wrong type, a value out of range, a prompt over 77
   tokens, a word in neither prompt, a resolution outside the engines' profile), ``field`` named;
 - 503 at once when the queue is full (with ``Retry-After``);
@@ -27,28 +32,39 @@ are answered at once, even while an edit runs) and encode PNGs. Errors answer
   is then dropped; one already running finishes and its result is discarded);
 - 500 an engine failure.
 
-A client that goes away (mid-body or before its answer) is counted as code 499 in the metrics;
-the server keeps serving after every one of these.
+A client that goes away (mid-body or before its answer) is counted as code 499 in the metrics,
+and its edit is dropped if it has not started; the server keeps serving after every one of these.
 """
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import json
 import logging
-import queue
+import math
+import os
 import signal
+import socket
 import threading
 import time
-from collections import Counter
-from concurrent.futures import Future
-from dataclasses import dataclass, field
+from collections.abc import Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
 from http import HTTPStatus
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple, Protocol
 
 from PIL import Image
+from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.exposition import choose_encoder
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
+from starlette.types import Receive
 
 from adapedit.config import EditConfig, SamplerConfig
 from adapedit.errors import AdapEditError, ConfigError, InputError
@@ -62,82 +78,57 @@ if TYPE_CHECKING:
 log = logging.getLogger("adapedit.server")
 
 MAX_BODY = 64 * 1024
-READ_TIMEOUT_S = 10.0  # a client that stalls mid-request frees its thread after this
-DRAIN_LIMIT = 1 << 20  # bytes of an unread body read and dropped before closing (no TCP RST)
 CLIENT_CLOSED = 499  # nginx's code for a client that went away; in the metrics only
 LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
 IMAGES = {"source_image": "source_png", "edited_image": "edited_png"}
-GET_PATHS = ("/healthz", "/metrics")
+PATHS = ("/edit", "/healthz", "/metrics")  # metric labels; any other path is "other"
+UNREAD_BODY = (411, 413)  # answered without reading the body: the connection is closed after
 
 
-class Metrics:
-    """Request counts by path and status code, the ``POST /edit`` latency histogram."""
+@dataclass(frozen=True)
+class HttpOptions:
+    """How the application answers.
 
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._requests: Counter[tuple[str, int]] = Counter()
-        self._buckets = [0] * len(LATENCY_BUCKETS)
-        self._count = 0
-        self._sum = 0.0
+    Args:
+        queue_size: edits that may wait for an engine; one more is answered 503 at once.
+        timeout: seconds from a request's arrival to its answer; later, 504.
+        max_body: the largest request body accepted, in bytes; larger, 413.
+    """
 
-    def observe(self, path: str, code: int, seconds: float | None = None) -> None:
-        """Count one answered request; ``seconds`` goes into the latency histogram."""
-        with self._lock:
-            self._requests[path, code] += 1
-            if seconds is not None:
-                self._count += 1
-                self._sum += seconds
-                for i, le in enumerate(LATENCY_BUCKETS):
-                    self._buckets[i] += seconds <= le
+    queue_size: int = 8
+    timeout: float = 120.0
+    max_body: int = MAX_BODY
 
-    def counts(self) -> dict[tuple[str, int], int]:
-        """A snapshot of the request counts by (path, status code)."""
-        with self._lock:
-            return dict(self._requests)
-
-    def render(self, queue_depth: int, queue_capacity: int, running: int) -> str:
-        """The Prometheus text exposition (format 0.0.4)."""
-        name = "adapedit_edit_request_seconds"
-        with self._lock:
-            lines = [
-                "# HELP adapedit_requests_total HTTP requests answered, by path and status code"
-                " (499: the client went away).",
-                "# TYPE adapedit_requests_total counter",
-                *(
-                    f'adapedit_requests_total{{path="{p}",code="{c}"}} {n}'
-                    for (p, c), n in sorted(self._requests.items())
-                ),
-                f"# HELP {name} POST /edit latency, arrival to answer, every status.",
-                f"# TYPE {name} histogram",
-                *(
-                    f'{name}_bucket{{le="{le}"}} {n}'
-                    for le, n in zip(LATENCY_BUCKETS, self._buckets, strict=True)
-                ),
-                f'{name}_bucket{{le="+Inf"}} {self._count}',
-                f"{name}_sum {self._sum:.6f}",
-                f"{name}_count {self._count}",
-            ]
-        for metric, value, help_ in (
-            ("adapedit_queue_depth", queue_depth, "Edits waiting for the worker."),
-            ("adapedit_queue_capacity", queue_capacity, "Edits that may wait; more get 503."),
-            ("adapedit_edits_running", running, "Edits the worker is running (0 or 1)."),
+    def __post_init__(self) -> None:
+        for name, value, ok in (
+            ("queue_size", self.queue_size, isinstance(self.queue_size, int)),
+            ("timeout", self.timeout, isinstance(self.timeout, (int, float))),
+            ("max_body", self.max_body, isinstance(self.max_body, int)),
         ):
-            lines += [f"# HELP {metric} {help_}", f"# TYPE {metric} gauge", f"{metric} {value}"]
-        return "\n".join(lines) + "\n"
+            if not ok or isinstance(value, bool) or not 0 < value < math.inf:
+                raise ConfigError(
+                    f"{name} must be positive", where="HttpOptions", expected="> 0", got=value
+                )
 
 
-@dataclass(eq=False)
-class _Job:
+@dataclass(frozen=True)
+class EditJob:
+    """One validated edit request."""
+
     source: str
     target: str
     edit: EditConfig
     sampler: SamplerConfig
-    future: Future = field(default_factory=Future)
-    started: float | None = None
 
 
-class _ClientGone(Exception):
-    """The client closed the connection or stalled while sending its request."""
+class Answer(NamedTuple):
+    """An :class:`Editor`'s answer to one job: HTTP status, JSON document, seconds the engine
+    spent on it, and the ``host:pid`` of the process that ran it (empty if none did)."""
+
+    status: int
+    doc: dict[str, Any]
+    busy_s: float = 0.0
+    worker: str = ""
 
 
 def _error(status: int, message: str, kind: str | None = None, name: str | None = None) -> dict:
@@ -155,279 +146,283 @@ def _error_of(status: int, e: AdapEditError) -> dict:
     return _error(status, str(e), type(e).__name__, e.field)
 
 
-class EditServer:
-    """An HTTP server of edits on one session (engines loaded once, by the caller).
+def queue_full(queue_size: int) -> Answer:
+    """The 503 answer of an :class:`Editor` whose queue is full."""
+    return Answer(503, _error(503, f"the queue is full ({queue_size} waiting); retry later"))
 
-    Args:
-        session: an :class:`~adapedit.runtime.session.EditSession` (anything with its ``edit``,
-            ``latent_hw``, ``prepare``, ``folder`` and ``manifest``).
-        host / port: where to listen; port 0 takes a free port (see :attr:`url`).
-        queue_size: edits that may wait while one runs; one more is answered 503.
-        timeout: seconds from a request's arrival to its answer; later, 504.
-        max_body: the largest request body accepted, in bytes; larger, 413.
 
-    Use :meth:`start` (serve from a background thread) or :meth:`serve_forever`, then
-    :meth:`close`; or ``with EditServer(...).start() as server``.
-    """
+def open_session(engine_dir: str | Path, ort: OrtOptions | None = None) -> EditSession:
+    """An :class:`~adapedit.runtime.session.EditSession` with every engine loaded now (not at the
+    first edit), for a server that should be ready when it says so."""
+    from adapedit.runtime.session import EditSession
 
-    def __init__(
-        self,
-        session: EditSession,
-        *,
-        host: str = "127.0.0.1",
-        port: int = 0,
-        queue_size: int = 8,
-        timeout: float = 120.0,
-        max_body: int = MAX_BODY,
-    ) -> None:
-        for name, value, ok in (
-            ("queue_size", queue_size, isinstance(queue_size, int) and queue_size >= 1),
-            ("timeout", timeout, isinstance(timeout, (int, float)) and timeout > 0),
-            ("max_body", max_body, isinstance(max_body, int) and max_body >= 1),
-        ):
-            if not ok:
-                raise ConfigError(
-                    f"{name} must be positive", where="EditServer", expected="> 0", got=value
-                )
-        self.session, self.model = session, session.manifest.model
-        self.validate = Validator(session)
-        self.queue_size, self.timeout, self.max_body = queue_size, float(timeout), max_body
-        self.metrics = Metrics()
-        self._jobs: queue.Queue[_Job | None] = queue.Queue(maxsize=queue_size)
-        self._running = 0
-        self._closed = False
-        self._httpd = ThreadingHTTPServer((host, port), _Handler)
-        self._httpd.app = self  # type: ignore[attr-defined]
-        self._served = False
-        self._serving: threading.Thread | None = None
-        self._worker = threading.Thread(target=self._work, name="adapedit-edit", daemon=True)
-        self._worker.start()
+    session = EditSession(engine_dir, ort=ort)
+    for runner in session.runners:
+        runner.activate()
+    return session
 
-    @property
-    def url(self) -> str:
-        """``http://host:port`` the server listens on."""
-        host, port = self._httpd.server_address[:2]
-        return f"http://{host}:{port}"
 
-    @property
-    def queue_depth(self) -> int:
-        """Edits waiting for the worker (not the one running)."""
-        return self._jobs.qsize()
-
-    def start(self) -> EditServer:
-        """Serve from a background thread; returns ``self``."""
-        self._served = True
-        self._serving = threading.Thread(
-            target=self.serve_forever, name="adapedit-http", daemon=True
-        )
-        self._serving.start()
-        return self
-
-    def serve_forever(self) -> None:
-        """Serve from this thread until :meth:`close` from another, or an exception here."""
-        self._served = True
-        self._httpd.serve_forever()
-
-    def close(self) -> None:
-        """Stop listening, drop the waiting edits, let the running one finish."""
-        self._closed = True
-        if self._served:  # (shutdown waits for a serving loop, which must have begun)
-            self._httpd.shutdown()
-        if self._serving is not None:
-            self._serving.join()
-        self._httpd.server_close()
-        while True:
-            try:
-                job = self._jobs.get_nowait()
-            except queue.Empty:
-                break
-            if job is not None:
-                job.future.cancel()
-        self._jobs.put(None)
-        self._worker.join(timeout=self.timeout)
-
-    def __enter__(self) -> EditServer:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-    def health(self) -> dict[str, Any]:
-        """The ``GET /healthz`` document."""
-        return {
-            "status": "ok",
-            "model": self.model,
-            "queue_depth": self.queue_depth,
-            "queue_size": self.queue_size,
-            "running": self._running,
-        }
-
-    def metrics_text(self) -> str:
-        """The ``GET /metrics`` document."""
-        return self.metrics.render(self.queue_depth, self.queue_size, self._running)
-
-    def _submit(self, job: _Job) -> bool:
-        if self._closed:
-            return False
-        try:
-            self._jobs.put_nowait(job)
-        except queue.Full:
-            return False
-        return True
-
-    def _work(self) -> None:
-        while (job := self._jobs.get()) is not None:
-            if not job.future.set_running_or_notify_cancel():
-                continue  # its client had its 504 already
-            job.started = time.monotonic()
-            self._running = 1
-            try:
-                job.future.set_result(
-                    self.session.edit(job.source, job.target, job.edit, job.sampler)
-                )
-            except Exception as e:
-                job.future.set_exception(e)
-            finally:
-                self._running = 0
-
-    def answer_edit(self, body: bytes, arrival: float) -> tuple[int, dict[str, Any]]:
-        """``(status, document)`` for the body of a ``POST /edit`` that arrived at ``arrival``
-        (``time.monotonic()``); waits for the worker."""
-        try:
-            request = json.loads(body)
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            return 400, _error(400, f"malformed JSON: {e}")
-        if not isinstance(request, dict):
-            return 400, _error(400, f"the body must be a JSON object, got {type(request).__name__}")
-        try:
-            source, target, edit, sampler = parse_request(request, where="POST /edit")
-            self.validate(source, target, edit, sampler)
-        except InputError as e:
-            return 422, _error_of(422, e)
-        job = _Job(source, target, edit, sampler)
-        if not self._submit(job):
-            return 503, _error(503, f"the queue is full ({self.queue_size} waiting); retry later")
-        try:
-            result = job.future.result(timeout=arrival + self.timeout - time.monotonic())
-        except TimeoutError:
-            job.future.cancel()
-            return 504, _error(504, f"no answer within the server's timeout of {self.timeout} s")
-        except InputError as e:
-            return 422, _error_of(422, e)
-        except AdapEditError as e:
-            return 500, _error_of(500, e)
-        except Exception as e:
-            log.exception("edit failed")
-            return 500, _error(500, f"internal error: {type(e).__name__}: {e}")
-        doc = to_plain(result, self.model)
+def run_edit(session: EditSession, job: EditJob) -> Answer:
+    """Run one job on ``session`` (blocking) and make its answer: 200 with the ``result.json``
+    document and both images as base64 PNG; 422 an input error the engines found; 500 an engine
+    failure. Never raises."""
+    start = time.perf_counter()
+    try:
+        result = session.edit(job.source, job.target, job.edit, job.sampler)
+        status, doc = 200, to_plain(result, session.manifest.model)
         for key, png_key in IMAGES.items():
             doc[png_key] = base64.b64encode(png_bytes(Image.fromarray(doc.pop(key)))).decode()
-        doc["server"] = {"queue_s": job.started - arrival, "total_s": time.monotonic() - arrival}
-        return 200, doc
+    except InputError as e:
+        status, doc = 422, _error_of(422, e)
+    except AdapEditError as e:
+        status, doc = 500, _error_of(500, e)
+    except Exception as e:
+        log.exception("edit failed")
+        status, doc = 500, _error(500, f"internal error: {type(e).__name__}: {e}")
+    return Answer(status, doc, time.perf_counter() - start, f"{socket.gethostname()}:{os.getpid()}")
 
 
-class _Handler(BaseHTTPRequestHandler):
-    server_version = "adapedit"
-    timeout = READ_TIMEOUT_S
+class Editor(Protocol):
+    """Where the application's edits run, one at a time per session, with at most
+    ``queue_size`` waiting. Cancelling :meth:`edit` drops a job that has not started."""
 
-    @property
-    def app(self) -> EditServer:
-        return self.server.app  # type: ignore[attr-defined]
+    queue_size: int
 
-    def log_message(self, format: str, *args: Any) -> None:
-        log.info("%s %s", self.address_string(), format % args)
+    async def edit(self, job: EditJob) -> Answer:
+        """The answer to ``job`` (:func:`queue_full` at once when the queue is full)."""
+        ...
 
-    def do_GET(self) -> None:
-        if self.path == "/healthz":
-            code = self._send_json(200, self.app.health())
-        elif self.path == "/metrics":
-            text = self.app.metrics_text().encode()
-            code = self._send(200, text, "text/plain; version=0.0.4; charset=utf-8")
-        else:
-            code = self._send_json(404, _error(404, f"no such path: GET {self.path}"))
-        self.app.metrics.observe(self.path if self.path in GET_PATHS else "other", code)
+    def health(self) -> dict[str, Any]:
+        """Fields of ``GET /healthz`` about the queue."""
+        ...
 
-    def do_POST(self) -> None:
-        arrival = time.monotonic()
-        self.body_read = False
-        path = "/edit" if self.path == "/edit" else "other"
-        if path == "other":
-            status, doc = 404, _error(404, f"no such path: POST {self.path}")
-        else:
-            try:
-                status, doc = self._post_edit(arrival)
-            except _ClientGone:
-                self.close_connection = True
-                self.app.metrics.observe(path, CLIENT_CLOSED, time.monotonic() - arrival)
-                return
-        code = self._send_json(status, doc)
-        if not self.body_read:
-            self._drain()
-        seconds = time.monotonic() - arrival if path == "/edit" else None
-        self.app.metrics.observe(path, code, seconds)
+    def collect(self) -> Iterable[Metric]:
+        """Prometheus metrics of the queue, read at each scrape (a ``prometheus_client``
+        collector)."""
+        ...
 
-    def _post_edit(self, arrival: float) -> tuple[int, dict[str, Any]]:
-        length = self.headers.get("Content-Length")
-        if length is None or self.headers.get("Transfer-Encoding"):
-            return 411, _error(411, "a JSON body with a Content-Length header is required")
+
+class LocalEditor:
+    """An :class:`Editor` on one session in this process: one worker thread, a bounded queue.
+
+    Call :meth:`close` when done (drops the waiting jobs; the running one finishes).
+    """
+
+    def __init__(self, session: EditSession, queue_size: int) -> None:
+        self.session, self.queue_size = session, queue_size
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="adapedit-edit")
+        self._lock = threading.Lock()
+        self.waiting = 0
+        self.running = 0
+
+    async def edit(self, job: EditJob) -> Answer:
+        with self._lock:
+            if self.waiting >= self.queue_size:
+                return queue_full(self.queue_size)
+            self.waiting += 1
+        future = self._pool.submit(self._run, job)
+        future.add_done_callback(self._dropped)
+        return await asyncio.wrap_future(future)  # cancelled: cancels the future if it waits
+
+    def _run(self, job: EditJob) -> Answer:
+        with self._lock:
+            self.waiting -= 1
+            self.running = 1
         try:
-            n = int(length)
-            if n < 0:
-                raise ValueError(length)
-        except ValueError:
-            return 400, _error(400, f"Content-Length is not a byte count: {length!r}")
-        if n > self.app.max_body:
+            return run_edit(self.session, job)
+        finally:
+            self.running = 0
+
+    def _dropped(self, future: Future) -> None:
+        if future.cancelled():  # never started: _run did not count it out
+            with self._lock:
+                self.waiting -= 1
+
+    def health(self) -> dict[str, Any]:
+        return {"queue_depth": self.waiting, "queue_size": self.queue_size, "running": self.running}
+
+    def collect(self) -> Iterator[Metric]:
+        yield GaugeMetricFamily(
+            "adapedit_queue_depth", "Edits waiting for the worker.", value=self.waiting
+        )
+        yield GaugeMetricFamily(
+            "adapedit_queue_capacity", "Edits that may wait; more get 503.", value=self.queue_size
+        )
+        yield GaugeMetricFamily(
+            "adapedit_edits_running", "Edits the worker is running (0 or 1).", value=self.running
+        )
+
+    def close(self) -> None:
+        """Drop the waiting jobs and stop the worker once the running one ends."""
+        self._pool.shutdown(wait=False, cancel_futures=True)
+
+
+class _Metrics:
+    """Request counts and the ``POST /edit`` latency histogram, in a registry of their own (one
+    per application), with the editor's metrics."""
+
+    def __init__(self, editor: Editor) -> None:
+        self.registry = CollectorRegistry()
+        self.requests = Counter(
+            "adapedit_requests",
+            "HTTP requests answered, by path and status code (499: the client went away).",
+            ("path", "code"),
+            registry=self.registry,
+        )
+        self.latency = Histogram(
+            "adapedit_edit_request_seconds",
+            "POST /edit latency, arrival to answer, every status.",
+            buckets=LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+        self.registry.register(editor)
+
+    def observe(self, path: str, code: int, seconds: float | None = None) -> None:
+        """Count one request; ``seconds`` goes into the latency histogram."""
+        self.requests.labels(path if path in PATHS else "other", str(code)).inc()
+        if seconds is not None:
+            self.latency.observe(seconds)
+
+    def count(self, path: str, code: int) -> int:
+        """Requests answered so far on ``path`` with ``code``."""
+        return int(
+            self.registry.get_sample_value(
+                "adapedit_requests_total", {"path": path, "code": str(code)}
+            )
+            or 0
+        )
+
+
+def _json(status: int, doc: dict[str, Any] | None) -> Response:
+    headers = {"Retry-After": "1"} if status == 503 else {}
+    if status in UNREAD_BODY:
+        headers["Connection"] = "close"
+    return Response(json.dumps(doc), status, headers, media_type="application/json")
+
+
+async def _client_gone(receive: Receive) -> None:
+    """Return once the client has disconnected (its request body read already)."""
+    while (await receive())["type"] != "http.disconnect":
+        pass
+
+
+class _App:
+    """The endpoints of :func:`create_app`."""
+
+    def __init__(self, session: EditSession, editor: Editor, options: HttpOptions) -> None:
+        self.model = session.manifest.model
+        self.validate = Validator(session)
+        self.editor, self.options = editor, options
+        self.metrics = _Metrics(editor)
+
+    async def healthz(self, request: Request) -> Response:
+        self.metrics.observe("/healthz", 200)
+        return _json(200, {"status": "ok", "model": self.model, **self.editor.health()})
+
+    async def metrics_text(self, request: Request) -> Response:
+        self.metrics.observe("/metrics", 200)
+        encode, content_type = choose_encoder(request.headers.get("accept", ""))
+        return Response(encode(self.metrics.registry), headers={"Content-Type": content_type})
+
+    async def no_route(self, request: Request, exc: HTTPException) -> Response:
+        status = exc.status_code
+        what = "no such path" if status == 404 else HTTPStatus(status).phrase.lower()
+        self.metrics.observe(request.url.path, status)
+        return _json(status, _error(status, f"{what}: {request.method} {request.url.path}"))
+
+    async def post_edit(self, request: Request) -> Response:
+        arrival = time.monotonic()
+        try:
+            status, doc = await self._answer(request, arrival)
+        except asyncio.CancelledError:  # Ray Serve cancels the request of a client that left
+            self.metrics.observe("/edit", CLIENT_CLOSED, time.monotonic() - arrival)
+            raise
+        self.metrics.observe("/edit", status, time.monotonic() - arrival)
+        return _json(status, doc)
+
+    async def _answer(self, request: Request, arrival: float) -> tuple[int, dict[str, Any] | None]:
+        length = request.headers.get("content-length")
+        if length is None or "transfer-encoding" in request.headers:
+            return 411, _error(411, "a JSON body with a Content-Length header is required")
+        if int(length) > self.options.max_body:
             too_large = InputError(
                 "request body too large",
                 where="POST /edit",
-                expected=f"at most {self.app.max_body} bytes",
-                got=f"{n} bytes",
+                expected=f"at most {self.options.max_body} bytes",
+                got=f"{length} bytes",
             )
             return 413, _error_of(413, too_large)
         try:
-            body = self.rfile.read(n)
-        except (ConnectionError, TimeoutError) as e:
-            raise _ClientGone from e
-        if len(body) < n:
-            raise _ClientGone
-        self.body_read = True
-        return self.app.answer_edit(body, arrival)
-
-    def _drain(self) -> None:
-        """Read and drop a body not read (up to DRAIN_LIMIT bytes, until a second passes without
-        data), then close: closing with unread data would reset the connection before the client
-        reads its answer."""
-        self.close_connection = True
+            body = await request.body()
+        except Exception:  # ClientDisconnect; under Ray Serve, its errors when its proxy lost it
+            return CLIENT_CLOSED, None
         try:
-            left = min(int(self.headers.get("Content-Length", 0)), DRAIN_LIMIT)
-            self.connection.settimeout(1.0)
-            while left > 0 and (chunk := self.rfile.read1(min(left, 65536))):
-                left -= len(chunk)
-        except (ValueError, ConnectionError, TimeoutError):
-            pass
-
-    def _send_json(self, status: int, doc: dict[str, Any]) -> int:
-        return self._send(status, json.dumps(doc).encode(), "application/json")
-
-    def _send(self, status: int, payload: bytes, content_type: str) -> int:
-        """Send one answer; returns its status, or CLIENT_CLOSED if the client went away."""
+            fields = json.loads(body)
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            return 400, _error(400, f"malformed JSON: {e}")
+        if not isinstance(fields, dict):
+            return 400, _error(400, f"the body must be a JSON object, got {type(fields).__name__}")
         try:
-            self.send_response(status)
-            self.send_header("Content-Type", content_type)
-            self.send_header("Content-Length", str(len(payload)))
-            if status == 503:
-                self.send_header("Retry-After", "1")
-            self.end_headers()
-            self.wfile.write(payload)
-            self.wfile.flush()
-        except (ConnectionError, TimeoutError):
-            self.close_connection = True
-            return CLIENT_CLOSED
-        return status
+            job = EditJob(*parse_request(fields, where="POST /edit"))
+            self.validate(job.source, job.target, job.edit, job.sampler)
+        except InputError as e:
+            return 422, _error_of(422, e)
+
+        timeout = self.options.timeout
+        work = asyncio.ensure_future(
+            asyncio.wait_for(self.editor.edit(job), arrival + timeout - time.monotonic())
+        )
+        gone = asyncio.ensure_future(_client_gone(request.receive))
+        try:
+            await asyncio.wait((work, gone), return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for task in (work, gone):
+                task.cancel()  # the one not done: a client gone drops its edit if it waits
+        if not work.done():
+            return CLIENT_CLOSED, None
+        try:
+            answer = work.result()
+        except TimeoutError:
+            return 504, _error(504, f"no answer within the server's timeout of {timeout:g} s")
+        except Exception as e:
+            log.exception("edit failed")
+            return 500, _error(500, f"internal error: {type(e).__name__}: {e}")
+        if answer.status == 200:
+            total = time.monotonic() - arrival
+            answer.doc["server"] = {
+                "queue_s": max(0.0, total - answer.busy_s),
+                "total_s": total,
+                "worker": answer.worker,
+            }
+        return answer.status, answer.doc
 
 
-def _exit_on_sigterm(signum: int, frame: object) -> None:
-    raise SystemExit(0)
+def create_app(
+    session: EditSession, editor: Editor, options: HttpOptions = HttpOptions()
+) -> Starlette:
+    """The HTTP application: requests validated against ``session`` (its tokenizer, model and
+    engine profile; no edit runs on it here), edits run by ``editor``. ``app.state.metrics``
+    holds its metrics (``count(path, code)``), ``app.state.editor`` the editor."""
+    endpoints = _App(session, editor, options)
+    app = Starlette(
+        routes=[
+            Route("/edit", endpoints.post_edit, methods=["POST"]),
+            Route("/healthz", endpoints.healthz, methods=["GET"]),
+            Route("/metrics", endpoints.metrics_text, methods=["GET"]),
+        ],
+        exception_handlers={404: endpoints.no_route, 405: endpoints.no_route},
+    )
+    app.state.metrics, app.state.editor = endpoints.metrics, editor
+    return app
+
+
+def exit_on_sigterm() -> None:
+    """Make SIGTERM exit cleanly (``SystemExit(0)``, through ``finally`` blocks) like Ctrl-C."""
+
+    def handler(signum: int, frame: object) -> None:
+        raise SystemExit(0)
+
+    signal.signal(signal.SIGTERM, handler)
 
 
 def serve(
@@ -435,25 +430,38 @@ def serve(
     *,
     host: str = "127.0.0.1",
     port: int = 8000,
-    queue_size: int = 8,
-    timeout: float = 120.0,
+    options: HttpOptions = HttpOptions(),
     ort: OrtOptions | None = None,
+    access_log: bool = True,
 ) -> None:
-    """Load the engine folder once and serve until interrupted (Ctrl-C or SIGTERM); prints the
-    URL (``serving http://HOST:PORT …``) on stdout once listening."""
-    from adapedit.runtime.session import EditSession
+    """Load the engine folder once and serve it with uvicorn until interrupted (Ctrl-C or
+    SIGTERM); prints the URL (``serving http://HOST:PORT …``) on stdout once listening. Port 0
+    takes a free port."""
+    import uvicorn
 
-    with EditSession(engine_dir, ort=ort) as session:
-        server = EditServer(session, host=host, port=port, queue_size=queue_size, timeout=timeout)
-        signal.signal(signal.SIGTERM, _exit_on_sigterm)
-        print(
-            f"serving {server.url} (model {server.model}, engines {engine_dir}, "
-            f"queue {queue_size}, timeout {timeout:g} s)",
-            flush=True,
-        )
-        try:
-            server.serve_forever()
-        except KeyboardInterrupt:
-            pass
-        finally:
-            server.close()
+    session = open_session(engine_dir, ort)
+    editor = LocalEditor(session, options.queue_size)
+    config = uvicorn.Config(
+        create_app(session, editor, options),
+        host=host,
+        port=port,
+        access_log=access_log,
+        log_level="info" if access_log else "warning",
+    )
+    server = uvicorn.Server(config)
+    sock = config.bind_socket()
+    sock.listen(config.backlog)  # connections wait from now on, before uvicorn accepts them
+    exit_on_sigterm()  # uvicorn stops gracefully on SIGTERM, then raises it again: exit 0
+    bound_host, bound_port = sock.getsockname()[:2]
+    print(
+        f"serving http://{bound_host}:{bound_port} (model {session.manifest.model}, engines "
+        f"{engine_dir}, queue {options.queue_size}, timeout {options.timeout:g} s)",
+        flush=True,
+    )
+    try:
+        server.run(sockets=[sock])
+    except KeyboardInterrupt:
+        pass
+    finally:
+        editor.close()
+        session.close()

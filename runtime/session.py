@@ -16,8 +16,10 @@ from adapedit.engines.folder import load_engine_folder, make_runner
 from adapedit.engines.ort import OrtOptions
 from adapedit.engines.weights import WeightPool
 from adapedit.errors import EngineError, ManifestError
+from adapedit.geometry import is_controlled_by_rule, is_cross_layer
 from adapedit.models import load_tokenizer
 from adapedit.pipeline import EditPipeline, EditResult, GenerationResult
+from adapedit.runtime.fused import FusedUNet
 from adapedit.runtime.segmented import SegmentedUNet
 from adapedit.spec import GraphSpec
 
@@ -25,10 +27,12 @@ ENGINE_DTYPES = {"fp32": torch.float32, "fp16": torch.float16}
 
 
 class EditSession(EditPipeline):
-    """AdapEdit from an engine folder: text encoder, segmented UNet and VAE decoder engines, the
-    controller from ``adapedit`` applied between UNet segments; the VAE encoder engine, created
-    by the first edit of a given image.
+    """AdapEdit from an engine folder: text encoder, UNet and VAE decoder engines; the VAE
+    encoder engine, created by the first edit of a given image.
 
+    The UNet runs fused (the edit inside the graph: one engine call per step, replayed as a
+    CUDA graph on the GPU) where the folder has the fused form, else segmented (the controller
+    from ``adapedit`` applied between engine segments; any Python controller works there).
     Build once, call :meth:`edit` many times; calls from several threads are serialised (one
     edit at a time per session), so engine buffers are never shared between two edits. On a
     GPU every engine and every torch operation of an edit runs on one stream of the session's,
@@ -38,6 +42,7 @@ class EditSession(EditPipeline):
         engine_dir: a folder written by ``adapedit build``.
         ort: override the ONNX Runtime options recorded at build time (providers, threads).
         model_hash / precision: refuse a folder of another model or precision.
+        form: ``auto`` (fused where available), ``fused`` or ``segmented``.
     """
 
     def __init__(
@@ -47,16 +52,22 @@ class EditSession(EditPipeline):
         ort: OrtOptions | None = None,
         model_hash: str | None = None,
         precision: str | None = None,
+        form: str = "auto",
     ) -> None:
         folder = Path(engine_dir)
         manifest, config = load_engine_folder(folder, model_hash=model_hash, precision=precision)
-        if not manifest.has_segments:
+        has = {"fused": manifest.has_fused, "segmented": manifest.has_segments}
+        if form not in ("auto", *has) or not (
+            has.get(form) or (form == "auto" and any(has.values()))
+        ):
             raise EngineError(
-                "the engine folder has no segmented UNet",
+                "the engine folder has no UNet of this form",
                 where=str(folder),
-                expected="an export with --form segmented",
-                got="whole UNet only",
+                expected=" | ".join(["auto", *(k for k, v in has.items() if v)]),
+                got=form,
+                field="form",
             )
+        self.form = form
         self.folder, self.manifest, self.config = folder, manifest, config
         self.name = f"{manifest.model} ({folder})"
         self.tokenizer = load_tokenizer(folder / "tokenizer")
@@ -80,12 +91,31 @@ class EditSession(EditPipeline):
         self.vae_decoder = self._runner(manifest.graphs["vae_decoder"])
         self.vae_encoder: Runner | None = None  # created by the first edit of an image
         self._unets: dict[int | None, SegmentedUNet] = {}
+        self._fused: dict[int, FusedUNet] = {}
         self._lock = threading.RLock()
 
-    def _runner(self, spec: GraphSpec) -> Runner:
+    def _runner(self, spec: GraphSpec, *, cuda_graph: bool = False) -> Runner:
         return make_runner(
-            self.folder, self.config, spec, self.ort, stream=self.stream, weights=self.weights
+            self.folder,
+            self.config,
+            spec,
+            self.ort,
+            stream=self.stream,
+            weights=self.weights,
+            cuda_graph=cuda_graph,
         )
+
+    def fused(self, batch: int) -> FusedUNet | None:
+        """The fused UNet that runs ``batch`` samples, if the folder has one (runner created on
+        first use, a CUDA graph on the GPU)."""
+        graphs = self.manifest.unet_graphs(batch)
+        if graphs.fused is None or self.form == "segmented":
+            return None
+        unet = self._fused.get(batch)
+        if unet is None:
+            runner = self._runner(graphs.fused, cuda_graph=True)
+            unet = self._fused[batch] = FusedUNet(self.manifest, graphs, runner, self.device)
+        return unet
 
     def segmented(self, batch: int) -> SegmentedUNet:
         """The segmented UNet that runs ``batch`` samples (runners created on first use).
@@ -94,6 +124,13 @@ class EditSession(EditPipeline):
             EngineError: a static folder built for other batch sizes.
         """
         graphs = self.manifest.unet_graphs(batch)
+        if not graphs.segments:
+            raise EngineError(
+                "the engine folder has no segmented UNet for this batch",
+                where=str(self.folder),
+                expected="an export with --form segmented",
+                got=f"forms of batch {batch}: fused only",
+            )
         unet = self._unets.get(graphs.batch)
         if unet is None:
             runners = [self._runner(s) for s in graphs.segments]
@@ -107,6 +144,7 @@ class EditSession(EditPipeline):
             self.vae_decoder,
             *([self.vae_encoder] if self.vae_encoder is not None else []),
             *(r for u in self._unets.values() for r in u.runners),
+            *(u.runner for u in self._fused.values()),
         ]
 
     def controller_seconds(self) -> float:
@@ -137,6 +175,19 @@ class EditSession(EditPipeline):
         for b in batches:
             self.manifest.unet_graphs(b)  # a static folder has each batch, or says which it has
             self.config.profile.check(b, h, w, where=where)
+        wanted = {
+            x
+            for x, q in self.manifest.attention.items()
+            if is_controlled_by_rule(is_cross_layer(x), q, edit.self_max_queries)
+        }
+        if wanted != set(self.manifest.controlled):
+            raise EngineError(
+                "the engines control another set of attention layers",
+                where=where,
+                expected=f"self_max_queries {self.manifest.self_max_queries} (the export's)",
+                got=f"self_max_queries {edit.self_max_queries}",
+                field="self_max_queries",
+            )
 
     def encode(self, prompts: list[str]) -> torch.Tensor:
         ids = self.tokens(prompts).to(self.device)  # [n, 77]
@@ -160,7 +211,11 @@ class EditSession(EditPipeline):
         step: int,
     ) -> torch.Tensor:
         timestep = torch.tensor([float(t)], dtype=torch.float32, device=self.device)
-        eps = self.segmented(x.shape[0])(
+        fused = self.fused(x.shape[0])
+        use_fused = fused is not None and (
+            self.form == "fused" or fused.accepts(controller) or not self._has_segments(x.shape[0])
+        )
+        eps = (fused if use_fused else self.segmented(x.shape[0]))(
             x.to(self.engine_dtype),
             timestep,
             embeddings.to(self.engine_dtype),
@@ -168,6 +223,9 @@ class EditSession(EditPipeline):
             step,
         )
         return eps.to(self.dtype)
+
+    def _has_segments(self, batch: int) -> bool:
+        return bool(self.manifest.unet_graphs(batch).segments)
 
     def decode_one(self, latent: torch.Tensor) -> torch.Tensor:
         out = self.vae_decoder.infer({"latent": latent.to(self.engine_dtype)})["image"]

@@ -90,6 +90,28 @@ def tiny_static_session(tiny_static_export, tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def tiny_fused_engines(tiny_components, tmp_path_factory):
+    """ONNX Runtime (CPU) engines of the tiny model's static export with the fused UNet and
+    the segmented one (batches 2 and 4, 128×128)."""
+    from adapedit.engines.folder import build_engines
+    from adapedit.export.api import ExportOptions, export_model
+
+    export = tmp_path_factory.mktemp("exports") / "tiny-fused"
+    options = ExportOptions(shapes="static", forms=("fused", "segmented"))
+    export_model(tiny_components, export, options, progress=False)
+    out = tmp_path_factory.mktemp("engines") / "tiny-fused-ort"
+    build_engines(export, out, backend="ort", progress=False)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_fused_session(tiny_fused_engines):
+    from adapedit.runtime.session import EditSession
+
+    return EditSession(tiny_fused_engines)
+
+
+@pytest.fixture(scope="session")
 def photo():
     """``photo(size)``: an image no model made, uint8 [size, size, 3] — a big red disc on the
     left of a light grey background (what "a big red circle on the left" says in the shapes

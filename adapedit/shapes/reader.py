@@ -5,16 +5,26 @@ differs from it clearly. Each 4-connected blob of object pixels is one object: i
 the palette colour nearest to the median of its core pixels, its shape comes from how much of
 its bounding box it fills (square ≈ 1, circle ≈ π/4, triangle ≈ 1/2) and how much of it lies in
 its top half, its size from its extent, its position from the anchor nearest its centroid.
+:meth:`Reading.attributes` names what was read under the keys of the scene the image should
+show (a pair's objects are matched to its two positions).
 """
 
 from __future__ import annotations
 
 from collections import Counter, deque
 from dataclasses import dataclass
+from itertools import permutations
 
 import numpy as np
 
-from adapedit.shapes.world import COLOURS, IMAGE_SIZE, POSITIONS, Mention, Scene
+from adapedit.shapes.world import (
+    COLOURS,
+    IMAGE_SIZE,
+    POSITIONS,
+    THING_ATTRIBUTES,
+    Mention,
+    Scene,
+)
 
 #: A pixel differs from the background by more than this (max over channels, 0–255).
 FOREGROUND_DIFF = 60
@@ -34,6 +44,7 @@ class ObjectReading:
     position: str
     area: int
     bbox: tuple[int, int, int, int]  # (y0, x0, y1, x1), exclusive ends
+    centre: tuple[float, float]  # (x, y) centroid as fractions of the image side
 
 
 @dataclass(frozen=True)
@@ -47,9 +58,17 @@ class Reading:
     def count(self) -> int:
         return len(self.objects)
 
-    def attributes(self) -> dict[str, str | int | None]:
-        """Scene-level attributes: the single object's, or the majority over a group (no
-        position for a group); all None but the count when nothing was found."""
+    def attributes(self, like: Scene | None = None) -> dict[str, str | int | None]:
+        """What was read, under the attribute keys of ``like`` (:meth:`Scene.attribute_keys`;
+        those of a single thing if not given).
+
+        For one thing: the single object's attributes, or the majority over a group (no
+        position for a group); all None but the count when nothing was found. For a pair:
+        the count, and per object of ``like`` the attributes of the read object assigned to
+        it — the two read objects nearest its two positions (least total squared distance),
+        None where fewer than two objects were read."""
+        if like is not None and like.is_pair:
+            return self._pair_attributes(like)
         if not self.objects:
             return {"shape": None, "colour": None, "size": None, "position": None, "count": 0}
 
@@ -63,6 +82,25 @@ class Reading:
             "position": self.objects[0].position if self.count == 1 else None,
             "count": self.count,
         }
+
+    def _pair_attributes(self, like: Scene) -> dict[str, str | int | None]:
+        anchors = [np.array(POSITIONS[t.position]) for t in like.things]  # [2] of (x, y)
+        options = [*self.objects, None, None]  # an unread object costs more than any distance
+
+        def cost(o: ObjectReading | None, anchor: np.ndarray) -> float:
+            return 4.0 if o is None else float(((np.array(o.centre) - anchor) ** 2).sum())
+
+        slots = min(
+            permutations(options, 2),
+            key=lambda pair: cost(pair[0], anchors[0]) + cost(pair[1], anchors[1]),
+        )
+        out: dict[str, str | int | None] = {
+            f"{a}.{i}": None if o is None else getattr(o, a)
+            for i, o in enumerate(slots)
+            for a in THING_ATTRIBUTES
+        }
+        out["count"] = self.count
+        return out
 
 
 def _blobs(mask: np.ndarray) -> list[np.ndarray]:
@@ -130,6 +168,7 @@ def read_image(image: np.ndarray) -> Reading:
                 position=position,
                 area=len(pixels),
                 bbox=bbox,
+                centre=(float(centre[0]), float(centre[1])),
             )
         )
     objects.sort(key=lambda o: -o.area)
@@ -137,7 +176,7 @@ def read_image(image: np.ndarray) -> Reading:
 
 
 def caption_matches(reading: Reading, scene: Scene, mention: Mention) -> dict[str, bool]:
-    """For each attribute the caption names: does the image show it?"""
-    got = reading.attributes()
+    """For each attribute key the caption names: does the image show it?"""
+    got = reading.attributes(scene)
     want = scene.attributes()
     return {a: got[a] == want[a] for a in mention.named(scene)}

@@ -1,20 +1,28 @@
-"""Train the built-in ``shapes`` model on the CPU: ``python -m adapedit.shapes.train``.
+"""Train the built-in ``shapes`` model: ``python -m adapedit.shapes.train`` (CPU by default,
+``--device cuda`` on a GPU; resumable).
 
 An SD v1.x model at toy scale — a 3-level ``AutoencoderKL`` (64 px ↔ 4×16×16), a small
 ``CLIPTextModel`` over the real CLIP tokenizer and a 4-level ``UNet2DConditionModel`` with
 cross-attention at three resolutions plus the mid block — trained on freshly rendered scenes of
 the shapes world. Stage 1 trains the VAE (L1 + L2 + a small KL term) and fixes the latent
-scaling factor; stage 2 trains the UNet and the text encoder together (ε-prediction on SD v1.4's
-noise schedule, min-SNR-5 weighting, 10 % empty captions for classifier-free guidance, EMA
-weights). Everything is seeded; the folder gets fp16 safetensors, ``training.json`` (config, wall
-times, loss curves, final losses) and a model card.
+scaling factor; stage 2 trains the UNet and the text encoder together: v-prediction on a noise
+schedule whose last step leaves almost no signal (SD's scaled-linear betas rescaled so that
+√ᾱ_T = ``terminal_signal``; sampled with trailing timesteps), a min-SNR-style weighting that
+keeps the noisiest steps, 10 % empty captions for classifier-free guidance and EMA weights, with
+the text fidelity of the EMA weights measured every ``eval_every`` steps. Everything is seeded;
+a checkpoint beside the output folder lets an interrupted run continue where it stopped; the
+folder gets fp16 safetensors, ``training.json`` (config, wall times, loss and fidelity curves)
+and a model card.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
+import io
 import json
 import math
+import os
 import platform
 import random
 import time
@@ -25,9 +33,10 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from adapedit.config import SamplerConfig
 from adapedit.errors import ConfigError
-from adapedit.io import atomic_folder
-from adapedit.models import SD_SCHEDULER_CONFIG, Components, load_folder, load_tokenizer
+from adapedit.io import atomic_folder, atomic_write_bytes
+from adapedit.models import SD_SCHEDULER_CONFIG, Components, load_tokenizer
 from adapedit.shapes.world import caption, render, sample_scene
 
 UNET_CONFIG = {
@@ -68,39 +77,120 @@ VAE_CONFIG = {
 }
 
 
+PREDICTIONS = ("v_prediction", "epsilon")
+#: The attributes of the card's fidelity table.
+FIDELITY_COLUMNS = ("shape", "colour", "size", "position", "count")
+
+
 @dataclass(frozen=True)
 class TrainConfig:
     """Everything that decides the trained weights (with the machine's float arithmetic)."""
 
     seed: int = 0
     vae_steps: int = 500
+    vae_batch: int = 32
     vae_lr: float = 1e-3
     vae_kl: float = 1e-5
-    steps: int = 4500
-    batch: int = 32
+    steps: int = 4000
+    batch: int = 16
     lr: float = 6e-4
     warmup: int = 100
     ema: float = 0.999
     uncond_fraction: float = 0.1
     min_snr: float = 5.0
-    threads: int = 2
-    #: the noise schedule's last β (scaled-linear from SD's 0.00085); stored with the model
+    #: what the UNet predicts: v = √ᾱ·ε − √(1−ᾱ)·x0, or ε
+    prediction: str = "v_prediction"
+    #: the base schedule: SD's scaled-linear betas from 0.00085 up to this
     beta_end: float = 0.012
-    #: a trained model folder to continue from (its VAE is kept; no VAE stage)
-    resume: str = ""
+    #: √ᾱ at the last timestep after rescaling the base schedule (SD v1.4's own: 0.068); 0 or
+    #: the base value keeps the base schedule
+    terminal_signal: float = 0.005
+    #: measure text fidelity (EMA weights) every this many steps (0: only at the end)
+    eval_every: int = 1000
+    eval_samples: int = 50
+    eval_steps: int = 20
+    #: write the resumable checkpoint every this many steps
+    checkpoint_every: int = 250
 
     def __post_init__(self) -> None:
-        for name in ("vae_steps", "steps", "batch", "threads"):
+        for name in ("vae_steps", "vae_batch", "steps", "batch", "eval_steps", "checkpoint_every"):
             if getattr(self, name) < 1:
                 raise ConfigError(
                     f"{name} must be ≥ 1", where="TrainConfig", got=getattr(self, name)
                 )
+        for name in ("eval_every", "eval_samples"):
+            if getattr(self, name) < 0:
+                raise ConfigError(
+                    f"{name} must be ≥ 0", where="TrainConfig", got=getattr(self, name)
+                )
+        if self.prediction not in PREDICTIONS:
+            raise ConfigError(
+                "unknown prediction",
+                where="TrainConfig",
+                expected=" | ".join(PREDICTIONS),
+                got=self.prediction,
+            )
+        if not 0 <= self.terminal_signal < 1:
+            raise ConfigError(
+                "terminal_signal out of range",
+                where="TrainConfig",
+                expected="0 ≤ terminal_signal < 1",
+                got=self.terminal_signal,
+            )
+
+
+def noise_schedule(cfg: TrainConfig) -> dict:
+    """The model's scheduler config: SD's scaled-linear betas (up to ``beta_end``) rescaled
+    (Lin et al. 2024, with a small floor instead of 0) so that √ᾱ falls to
+    ``terminal_signal`` at the last timestep while its first value stays, written out as
+    ``trained_betas`` so every diffusers scheduler (DDIM, PNDM, Euler, DPM-Solver++) samples
+    the schedule that was trained; trailing timesteps, so that sampling starts at that last
+    timestep."""
+    n = SD_SCHEDULER_CONFIG["num_train_timesteps"]
+    betas = (
+        torch.linspace(
+            SD_SCHEDULER_CONFIG["beta_start"] ** 0.5, cfg.beta_end**0.5, n, dtype=torch.float64
+        )
+        ** 2
+    )  # [1000]
+    root = torch.cumprod(1 - betas, 0).sqrt()  # √ᾱ_t
+    first, last = root[0].item(), root[-1].item()
+    if 0 < cfg.terminal_signal < last:
+        root = cfg.terminal_signal + (root - last) * (first - cfg.terminal_signal) / (first - last)
+        abar = root**2
+        betas = 1 - abar / torch.cat([torch.ones(1, dtype=abar.dtype), abar[:-1]])
+    return {
+        **SD_SCHEDULER_CONFIG,
+        "beta_end": cfg.beta_end,
+        "trained_betas": [float(b) for b in betas],
+        "prediction_type": cfg.prediction,
+        "timestep_spacing": "trailing",
+    }
+
+
+def loss_weights(abar: torch.Tensor, cfg: TrainConfig) -> torch.Tensor:
+    """Per-timestep loss weights [1000]. In terms of the error of the implied x0, min-SNR-γ
+    weights a step by min(SNR, γ), which vanishes at the noisy end — where only the caption
+    can say where an object goes. For ε-prediction that is the weight min(SNR, γ)/SNR (the
+    v1 model's); for v-prediction this uses (min(SNR, γ) + 1)/(SNR + 1), an x0 weight of
+    min(SNR, γ) + 1 that keeps the noisiest steps at 1."""
+    snr = abar / (1 - abar)
+    if cfg.prediction == "epsilon":
+        return snr.clamp(max=cfg.min_snr) / snr
+    return (snr.clamp(max=cfg.min_snr) + 1) / (snr + 1)
 
 
 def _images(scenes: list, rng: random.Random) -> torch.Tensor:
     """Render scenes to [B, 3, 64, 64] in [-1, 1]."""
     arr = np.stack([render(s, rng.randrange(2**31)) for s in scenes])  # [B, 64, 64, 3]
     return torch.from_numpy(arr).permute(0, 3, 1, 2).float() / 127.5 - 1
+
+
+def _posterior_sample(vae, x: torch.Tensor) -> torch.Tensor:
+    """A sample of the VAE posterior [B, 4, h, w], its noise drawn from the CPU generator (so
+    the CPU and CUDA runs draw the same numbers)."""
+    post = vae.encode(x).latent_dist
+    return post.mean + post.std * torch.randn(post.mean.shape).to(post.mean)
 
 
 def _lr(step: int, cfg: TrainConfig) -> float:
@@ -110,14 +200,15 @@ def _lr(step: int, cfg: TrainConfig) -> float:
     return cfg.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * p)))
 
 
-def train_vae(vae, cfg: TrainConfig, rng: random.Random, log: list) -> float:
+def train_vae(vae, cfg: TrainConfig, rng: random.Random, log: list, device) -> float:
     """Stage 1; returns the latent scaling factor (1 / std of the latents)."""
     opt = torch.optim.AdamW(vae.parameters(), lr=cfg.vae_lr)
     vae.train()
     for step in tqdm(range(cfg.vae_steps), desc="vae"):
-        x = _images([sample_scene(rng)[0] for _ in range(cfg.batch)], rng)
+        x = _images([sample_scene(rng)[0] for _ in range(cfg.vae_batch)], rng).to(device)
         post = vae.encode(x).latent_dist
-        rec = vae.decode(post.sample()).sample
+        z = post.mean + post.std * torch.randn(post.mean.shape).to(x)
+        rec = vae.decode(z).sample
         l1 = (rec - x).abs().mean()
         loss = l1 + (rec - x).pow(2).mean() + cfg.vae_kl * post.kl().mean()
         opt.zero_grad(set_to_none=True)
@@ -127,13 +218,50 @@ def train_vae(vae, cfg: TrainConfig, rng: random.Random, log: list) -> float:
             log.append({"step": step, "l1": round(l1.item(), 5), "loss": round(loss.item(), 5)})
     vae.eval().requires_grad_(False)
     with torch.no_grad():
-        x = _images([sample_scene(rng)[0] for _ in range(256)], rng)
-        z = vae.encode(x).latent_dist.sample()
+        x = _images([sample_scene(rng)[0] for _ in range(256)], rng).to(device)
+        z = _posterior_sample(vae, x)
     return float(1.0 / z.std())
 
 
-def train_denoiser(components: Components, cfg: TrainConfig, rng: random.Random, log: list):
-    """Stage 2: UNet + text encoder, with EMA weights copied in at the end."""
+def evaluate(components: Components, ema: list[torch.Tensor], cfg: TrainConfig) -> dict:
+    """Text fidelity of the EMA weights (on copies: the training modules stay as they are)."""
+    from adapedit.pipeline import ReferencePipeline
+    from adapedit.shapes.fidelity import text_fidelity
+
+    unet, text = copy.deepcopy(components.unet), copy.deepcopy(components.text_encoder)
+    with torch.no_grad():
+        params = [p for m in (unet, text) for p in m.parameters()]
+        for p, e in zip(params, ema, strict=True):
+            p.copy_(e)
+    for m in (unet, text):
+        m.eval().requires_grad_(False)
+    comps = Components(
+        components.name,
+        unet,
+        text,
+        components.vae,
+        components.tokenizer,
+        components.scheduler_config,
+    )
+    pipe = ReferencePipeline(comps, components.vae.device)
+    return text_fidelity(pipe, cfg.eval_samples, SamplerConfig(steps=cfg.eval_steps), 1)
+
+
+def _save_checkpoint(path: Path, state: dict) -> None:
+    buf = io.BytesIO()
+    torch.save(state, buf)
+    atomic_write_bytes(path, buf.getvalue())
+
+
+def train_denoiser(
+    components: Components,
+    cfg: TrainConfig,
+    rng: random.Random,
+    state: dict,
+    checkpoint: Path,
+) -> None:
+    """Stage 2: UNet + text encoder from ``state`` (a fresh one or a checkpoint's) to
+    ``cfg.steps``, with EMA weights copied in at the end; ``state`` collects the logs."""
     from diffusers import DDPMScheduler
 
     unet, text, vae, tok = (
@@ -142,34 +270,39 @@ def train_denoiser(components: Components, cfg: TrainConfig, rng: random.Random,
         components.vae,
         components.tokenizer,
     )
+    device = vae.device
     sched = DDPMScheduler.from_config(components.scheduler_config)
-    abar = sched.alphas_cumprod  # [1000]
-    snr = abar / (1 - abar)
-    weight = snr.clamp(max=cfg.min_snr) / snr  # min-SNR-γ for ε-prediction
+    weight = loss_weights(sched.alphas_cumprod, cfg).to(device)  # [1000]
     for m in (unet, text):
         m.requires_grad_(True)
     params = [p for m in (unet, text) for p in m.parameters()]
-    ema = [p.detach().clone() for p in params]
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.01)
+    if "opt" in state:
+        opt.load_state_dict(state["opt"])
+        ema = [e.to(device) for e in state["ema"]]
+    else:
+        ema = [p.detach().clone() for p in params]
     unet.train()
     text.train()
     sf = vae.config.scaling_factor
-    running = []
-    bar = tqdm(range(cfg.steps), desc="unet+text")
+    running: list[float] = []
+    t_start = time.perf_counter() - state["unet_text_s"]
+    bar = tqdm(range(state["step"], cfg.steps), desc="unet+text", initial=state["step"])
     for step in bar:
         for g in opt.param_groups:
             g["lr"] = _lr(step, cfg)
         drawn = [sample_scene(rng) for _ in range(cfg.batch)]
         with torch.no_grad():
-            z = vae.encode(_images([s for s, _ in drawn], rng)).latent_dist.sample() * sf
+            z = _posterior_sample(vae, _images([s for s, _ in drawn], rng).to(device)) * sf
         caps = ["" if rng.random() < cfg.uncond_fraction else caption(s, m) for s, m in drawn]
         ids = tok(caps, padding="max_length", max_length=77, return_tensors="pt").input_ids
-        emb = text(ids).last_hidden_state  # [B, 77, 64]
+        emb = text(ids.to(device)).last_hidden_state  # [B, 77, 64]
         t = torch.randint(0, 1000, (cfg.batch,))
-        noise = torch.randn_like(z)
-        pred = unet(sched.add_noise(z, noise, t), t, emb).sample
-        per = (pred - noise).pow(2).mean(dim=(1, 2, 3))  # [B]
-        loss = (weight[t] * per).mean()
+        noise = torch.randn(z.shape).to(z)
+        target = noise if cfg.prediction == "epsilon" else sched.get_velocity(z, noise, t)
+        pred = unet(sched.add_noise(z, noise, t), t.to(device), emb).sample
+        per = (pred - target).pow(2).mean(dim=(1, 2, 3))  # [B]
+        loss = (weight[t.to(device)] * per).mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -178,11 +311,29 @@ def train_denoiser(components: Components, cfg: TrainConfig, rng: random.Random,
         with torch.no_grad():
             torch._foreach_lerp_(ema, [p.detach() for p in params], 1 - decay)
         running.append(per.mean().item())
-        if step % 50 == 49 or step == cfg.steps - 1:
+        done = step + 1
+        if done % 50 == 0 or done == cfg.steps:
             mse = float(np.mean(running))
-            log.append({"step": step + 1, "mse": round(mse, 5), "lr": _lr(step, cfg)})
+            state["log"].append({"step": done, "mse": round(mse, 5), "lr": _lr(step, cfg)})
             bar.set_postfix(mse=f"{mse:.4f}")
             running = []
+        if (cfg.eval_every and done % cfg.eval_every == 0) or done == cfg.steps:
+            fid = evaluate(components, ema, cfg)
+            state["fidelity"].append({"step": done, **fid})
+            bar.write(f"step {done}: text fidelity {fid['all']:.3f} {fid['attributes']}")
+        if done % cfg.checkpoint_every == 0 and done < cfg.steps:
+            state.update(
+                step=done,
+                unet_text_s=time.perf_counter() - t_start,
+                unet=unet.state_dict(),
+                text=text.state_dict(),
+                ema=[e.cpu() for e in ema],
+                opt=opt.state_dict(),
+                rng=rng.getstate(),
+                torch_rng=torch.get_rng_state(),
+            )
+            _save_checkpoint(checkpoint, state)
+    state["unet_text_s"] = time.perf_counter() - t_start
     with torch.no_grad():
         for p, e in zip(params, ema, strict=True):
             p.copy_(e)
@@ -206,147 +357,246 @@ def build_untrained(seed: int) -> Components:
     )
 
 
-def train(out: str | Path, cfg: TrainConfig = TrainConfig()) -> dict:
-    """Train and write the model folder ``out`` (atomically); returns the training record."""
-    torch.set_num_threads(cfg.threads)
+def checkpoint_path(out: str | Path) -> Path:
+    """Where a run into ``out`` keeps its resumable checkpoint (beside the folder)."""
+    out = Path(out)
+    return out.with_name(out.name + ".ckpt.pt")
+
+
+def train(
+    out: str | Path, cfg: TrainConfig = TrainConfig(), device: str = "cpu", threads: int = 1
+) -> dict:
+    """Train and write the model folder ``out`` (atomically) with ``threads`` CPU threads;
+    returns the training record. A checkpoint left by an interrupted run with the same config
+    is continued (its RNG states restored, so the weights are those of an uninterrupted run
+    with the same thread counts, which the record keeps per stage) and removed at the end."""
+    if Path(out).exists():
+        raise ConfigError(
+            "the output folder exists",
+            where=str(out),
+            expected="a new folder (the run writes it whole at the end)",
+            got="an existing path",
+        )
+    torch.set_num_threads(threads)
+    checkpoint = checkpoint_path(out)
     rng = random.Random(cfg.seed)
-    vae_log: list = []
-    unet_log: list = []
-    previous = None
-    t0 = time.perf_counter()
-    if cfg.resume:
-        torch.manual_seed(cfg.seed)
-        comps = load_folder(cfg.resume, name="shapes")
-        previous = json.loads((Path(cfg.resume) / "training.json").read_text())
-        sf = comps.vae.config.scaling_factor
+    comps = build_untrained(cfg.seed).to(device)
+    comps.scheduler_config = noise_schedule(cfg)
+    if checkpoint.is_file():
+        state = torch.load(checkpoint, weights_only=False)
+        if state["config"] != asdict(cfg):
+            raise ConfigError(
+                "a checkpoint of another training config is in the way",
+                where=str(checkpoint),
+                expected=asdict(cfg),
+                got=state["config"],
+            )
+        comps.vae.load_state_dict(state["vae"])
+        comps.vae.register_to_config(scaling_factor=state["scaling_factor"])
+        comps.vae.eval().requires_grad_(False)
+        if "unet" in state:
+            comps.unet.load_state_dict(state["unet"])
+            comps.text_encoder.load_state_dict(state["text"])
+        rng.setstate(state["rng"])
+        torch.set_rng_state(state["torch_rng"])
+        print(f"continuing from {checkpoint} at step {state['step']}")
     else:
-        comps = build_untrained(cfg.seed)
-        sf = train_vae(comps.vae, cfg, rng, vae_log)
+        t0 = time.perf_counter()
+        vae_log: list = []
+        sf = train_vae(comps.vae, cfg, rng, vae_log, device)
         comps.vae.register_to_config(scaling_factor=sf)
-    comps.scheduler_config["beta_end"] = cfg.beta_end
-    t1 = time.perf_counter()
-    train_denoiser(comps, cfg, rng, unet_log)
-    t2 = time.perf_counter()
+        state = {
+            "config": asdict(cfg),
+            "vae": comps.vae.state_dict(),
+            "scaling_factor": sf,
+            "vae_log": vae_log,
+            "vae_s": time.perf_counter() - t0,
+            "vae_threads": threads,
+            "step": 0,
+            "unet_text_s": 0.0,
+            "log": [],
+            "fidelity": [],
+            "rng": rng.getstate(),
+            "torch_rng": torch.get_rng_state(),
+        }
+        _save_checkpoint(checkpoint, state)
+    train_denoiser(comps, cfg, rng, state, checkpoint)
     record = {
         "config": asdict(cfg),
         "machine": {
             "processor": platform.processor() or platform.machine(),
-            "threads": torch.get_num_threads(),
+            "threads": threads,
+            "vae_threads": state["vae_threads"],
+            "device": torch.cuda.get_device_name() if device == "cuda" else "cpu",
             "torch": torch.__version__,
         },
-        "vae_s": round(t1 - t0, 1),
-        "unet_text_s": round(t2 - t1, 1),
-        "scaling_factor": sf,
+        "vae_s": round(state["vae_s"], 1),
+        "unet_text_s": round(state["unet_text_s"], 1),
+        "scaling_factor": state["scaling_factor"],
         "final": {
-            "vae_l1": vae_log[-1]["l1"] if vae_log else previous["final"]["vae_l1"],
-            "diffusion_mse": unet_log[-1]["mse"],
+            "vae_l1": state["vae_log"][-1]["l1"],
+            "diffusion_mse": state["log"][-1]["mse"],
+            "fidelity": state["fidelity"][-1],
         },
-        "vae_log": vae_log,
-        "log": unet_log,
-        "previous": previous,
+        "vae_log": state["vae_log"],
+        "log": state["log"],
+        "fidelity": state["fidelity"],
     }
     comps.to("cpu", torch.float16)
     with atomic_folder(Path(out)) as tmp:
         comps.save(tmp)
         (tmp / "training.json").write_text(json.dumps(record, indent=1))
         write_card(tmp)
+    os.remove(checkpoint)
     return record
 
 
 def _command(c: dict) -> str:
     """The command line that reproduces a run with config ``c``."""
     default = asdict(TrainConfig())
-    args = [
-        f"--{k.replace('_', '-')} {'DIR' if k == 'resume' else v}"
-        for k, v in c.items()
-        if v != default[k]
-    ]
+    args = [f"--{k.replace('_', '-')} {v}" for k, v in c.items() if v != default[k]]
     return " ".join(["python -m adapedit.shapes.train --out DIR", *args])
 
 
-def _training_steps(r: dict) -> str:
-    """The card's account of a training record and the records it continued from."""
-    c, fin, m = r["config"], r["final"], r["machine"]
-    earlier = _training_steps(r["previous"]) + "\n\n" if r.get("previous") else ""
-    where = f"on {m['processor']} with {m['threads']} threads, torch {m['torch']}"
-    denoiser = (
-        f"{c['steps']} steps of batch {c['batch']}, AdamW lr {c['lr']} (warm-up {c['warmup']}, "
-        f"cosine to 10 %), min-SNR-{c['min_snr']:g} weighting, EMA {c['ema']}, noise schedule "
-        f"β up to {c['beta_end']} — {r['unet_text_s'] / 60:.1f} min; final ε-MSE "
-        f"{fin['diffusion_mse']:.4f} (mean over the last 50 steps)"
-    )
-    if c["resume"]:
-        return (
-            f"{earlier}Then, continuing from that model (UNet and text encoder; the VAE kept): "
-            f"`{_command(c)}` {where}: {denoiser}."
-        )
-    return (
-        f"`{_command(c)}` {where}:\n\n"
-        f"1. VAE: {c['vae_steps']} steps of batch {c['batch']}, AdamW lr {c['vae_lr']}, L1 + L2 + "
-        f"{c['vae_kl']}·KL — {r['vae_s'] / 60:.1f} min; final L1 {fin['vae_l1']:.4f} (pixels in "
-        f"[-1, 1]).\n2. UNet + text encoder together: {denoiser}."
-    )
+def _pct(v: float) -> str:
+    return f"{100 * v:.0f} %"
+
+
+#: What the card says about positions: what was changed from v1 and the control run that shows
+#: it mattered (both runs on the same machine, numbers from their ``training.json``).
+POSITIONS_NOTE = """\
+v1 ignored position words (18 % of position edits read back right): on SD v1.4's schedule the
+last timestep keeps √ᾱ = 0.068 of the image, and at 16×16 latents a 64-px object's blob is
+already visible in the initial noise, so the model learnt to put the object where the noise
+suggests it and not where the caption says. v2 changes three things so that the first step has
+nothing to go on but the text:
+
+- the schedule is rescaled so that √ᾱ at the last timestep is 0.005 (SNR 2.5·10⁻⁵ instead of
+  4.7·10⁻³);
+- the UNet predicts v instead of ε (at almost zero SNR an ε prediction says almost nothing
+  about the image, v says "the image");
+- sampling uses trailing timesteps, so it starts at that last timestep.
+
+A control run with everything else the same — `--prediction epsilon --terminal-signal 0.0`:
+ε-prediction with the min-SNR ε weight, SD's own schedule, trailing timesteps, 4000 steps of
+batch 16, 93.5 min of stage 2 on the same machine — reached 56 % overall and **40 %** on
+position at step 4000 (colour 55 %, shape 54 %, size 55 %, count 78 %), against 72 % and
+**92 %** here. The control changes the prediction, its loss weight and the schedule together,
+so it shows that the combination makes positions work, not which of the three does it."""
+
+#: The issue's text-fidelity goal (issue 15): overall and on every attribute.
+FIDELITY_GOAL = {"all": 0.90, "attribute": 0.75}
 
 
 def write_card(folder: str | Path) -> None:
     """The model card ``README.md`` of a trained folder, from its ``training.json``."""
     folder = Path(folder)
     r = json.loads((folder / "training.json").read_text())
+    c, fin, m = r["config"], r["final"], r["machine"]
     size = sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
     u, t, v = (
         json.loads((folder / part / "config.json").read_text())
         for part in ("unet", "text_encoder", "vae")
     )
-    sched = json.loads((folder / "scheduler" / "scheduler_config.json").read_text())
-    card = f"""# shapes — a small Stable Diffusion v1.x model of the shapes world
+    where = f"{m['device']} ({m['processor']}), torch {m['torch']}"
+    curve = "\n".join(
+        f"| {f['step']} | {_pct(f['all'])} | "
+        + " | ".join(_pct(f["attributes"].get(a, float("nan"))) for a in FIDELITY_COLUMNS)
+        + " |"
+        for f in r["fidelity"]
+    )
+    last = (
+        r["fidelity"][-1] if r["fidelity"] else {"step": c["steps"], "all": 0.0, "attributes": {}}
+    )
+    missed = [
+        f"{a} {_pct(v)}"
+        for a, v in sorted(last["attributes"].items())
+        if v < FIDELITY_GOAL["attribute"]
+    ]
+    met = last["all"] >= FIDELITY_GOAL["all"] and not missed
+    goal_line = (
+        f"overall {_pct(last['all'])}, "
+        + ("**met**" if met else "**not met**")
+        + (f" (below {_pct(FIDELITY_GOAL['attribute'])}: {', '.join(missed)})" if missed else "")
+    )
+    card = f"""# shapes — a small Stable Diffusion v1.x model of the shapes world (v2)
 
-The embedded default model of adapedit (`--model shapes`): it draws 1–3 flat objects on a plain
-background from captions such as "a big red circle on the left" or "two small blue squares",
-so that an edit's result can be read back and checked (`adapedit.shapes.reader`).
+The embedded default model of adapedit (`--model shapes`): it draws flat objects on a plain
+background from captions such as "a big red circle on the left", "two small blue squares" or
+"a red circle on the left and a blue square on the right", so that an edit's result can be read
+back and checked (`adapedit.shapes.reader`).
 
 ## Architecture (SD v1.x, diffusers folder, fp16 safetensors, {size / 1e6:.1f} MB in all)
 
 - `unet`: `UNet2DConditionModel`, 4 levels of widths {tuple(u["block_out_channels"])},
   cross-attention at three resolutions (16×16, 8×8, 4×4) plus the mid block (2×2),
-  {u["attention_head_dim"]} heads, context width {u["cross_attention_dim"]}; ε-prediction.
+  {u["attention_head_dim"]} heads, context width {u["cross_attention_dim"]}; **v-prediction**.
 - `text_encoder`: `CLIPTextModel`, {t["num_hidden_layers"]} layers of width {t["hidden_size"]},
   over the real CLIP BPE tokenizer (`tokenizer`, vocabulary 49408, 77 tokens).
 - `vae`: `AutoencoderKL`, 3 levels of widths {tuple(v["block_out_channels"])}: 64×64 pixels ↔
   4×16×16 latents, scaling factor {r["scaling_factor"]:.4f}.
-- `scheduler`: Stable Diffusion v1.4's, scaled-linear betas 0.00085–{sched["beta_end"]} over 1000
-  steps{"" if sched["beta_end"] == 0.012 else " (SD: 0.012; see Training)"}.
+- `scheduler`: SD v1.4's scaled-linear betas (0.00085–{c["beta_end"]}) rescaled so that
+  √ᾱ falls to {c["terminal_signal"]} at the last of 1000 steps (SD's own: 0.068), stored as
+  `trained_betas`; `prediction_type` `{c["prediction"]}`; `timestep_spacing` `trailing` (sampling
+  starts at step 999). Every sampler of adapedit (DDIM, PNDM, Euler, DPM-Solver++) reads it.
 
 ## Data
 
 Scenes rendered on the fly by `adapedit.shapes.world` (deterministic from a seed): one object
-(70 %) or a row of two or three identical ones (15 % each); shapes circle, square, triangle;
-colours red, green, blue, yellow, purple, orange; sizes small, big; positions left, right, top,
-bottom, centre (single objects only). Captions always name the shape and the count and name the
-colour (85 %), size (70 %) and position (70 %) optionally, with the article "a" or "one" and
-three templates ("…", "a picture of …", "… on a grey background"); what a caption leaves out is
-drawn at random. 10 % of captions are empty (classifier-free guidance).
+(45 %), a row of two or three identical ones (7.5 % each), or two *different* objects (shape or
+colour differ) on opposite sides, left/right or top/bottom (40 %); shapes circle, square,
+triangle; colours red, green, blue, yellow, purple, orange; sizes small, big; positions left,
+right, top, bottom, centre. Captions always name the shape and the count, and the colour
+(85 %), the size (70 %) and, for one object, the position (70 %) optionally; a pair's two
+phrases always carry their positions ("… on the left and … on the right"), which say which
+object is which. Articles "a" or "one", three templates ("…", "a picture of …", "… on a grey
+background"); what a caption leaves out is drawn at random; 10 % of captions are empty
+(classifier-free guidance).
 
 ## Training
 
-{_training_steps(r)}
+`{_command(c)}` on {where}:
 
-Loss curves: `training.json`. The same command on the same machine and thread count gives the
-same weights.
+1. VAE: {c["vae_steps"]} steps of batch {c["vae_batch"]}, AdamW lr {c["vae_lr"]}, L1 + L2 +
+   {c["vae_kl"]}·KL, {m["vae_threads"]} threads — {r["vae_s"] / 60:.1f} min; final L1
+   {fin["vae_l1"]:.4f} (pixels in [-1, 1]).
+2. UNet + text encoder together: {c["steps"]} steps of batch {c["batch"]}, AdamW lr {c["lr"]}
+   (warm-up {c["warmup"]}, cosine to 10 %), {c["prediction"]} with loss weight
+   (min(SNR, {c["min_snr"]:g}) + 1) / (SNR + 1), EMA {c["ema"]}, {m["threads"]} threads —
+   {r["unet_text_s"] / 60:.1f} min; final MSE {fin["diffusion_mse"]:.4f} (mean over the
+   last 50 steps).
+
+Text fidelity of the EMA weights during training (`adapedit.shapes.fidelity`: {c["eval_samples"]}
+random captions of the training distribution, {c["eval_steps"]} DDIM steps, guidance 7.5, every
+named attribute read back by the reader; a pair's attributes count per object):
+
+| step | all | {" | ".join(FIDELITY_COLUMNS)} |
+|---|---|{"---|" * len(FIDELITY_COLUMNS)}
+{curve}
+
+Loss and fidelity curves: `training.json`. The same command on the same machine with the same
+thread counts gives the same weights; an interrupted run continues from its checkpoint
+(`DIR.ckpt.pt`, written every {c["checkpoint_every"]} steps) to the same weights.
+
+## Positions
+
+{POSITIONS_NOTE}
+
+## Against the goal
+
+The goal was ≥ {_pct(FIDELITY_GOAL["all"])} text fidelity overall and ≥
+{_pct(FIDELITY_GOAL["attribute"])} on every attribute. At step {last["step"]}: {goal_line}.
 
 ## Limits
 
 - 64×64 pixels only (the UNet has seen 16×16 latents and nothing else); the background is
   always the same grey.
-- Groups are always a row across the middle: a count has no position, and "two red circles
-  on the left" is outside the training distribution, as are scenes with different objects.
-- Position words are not followed: where a single object lands is decided by the initial
-  noise, not by "on the left" (position fidelity is at chance in
-  `benchmarks/results/quality.md`). At 16×16 latents SD's schedule leaves the object's blob
-  visible in the noise at the first step, and a convolutional UNet without positional inputs
-  learns positions from padding only, slowly. A continuation with a noisier schedule (β up to
-  0.02, 2500 more steps, `--resume`) did not fix it and was not kept.
-- Trained for about an hour on two CPU cores: shapes are soft-edged and sometimes wrong;
-  measured text fidelity and edit quality are in `benchmarks/results/quality.md`.
+- Groups are always a row across the middle (a count has no position); a pair's objects
+  stand on opposite sides only, never "on the left and at the top", and never two identical
+  objects.
+- Trained for {(r["vae_s"] + r["unet_text_s"]) / 3600:.1f} h on two CPU cores: shapes are
+  soft-edged and sometimes wrong; measured text fidelity and edit quality are in
+  `benchmarks/results/quality.md`.
 - Not a model of anything but this toy world; it exists so that edits can be seen and measured
   where no real Stable Diffusion weights can be downloaded.
 """
@@ -358,9 +608,11 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--out", default=str(Path(__file__).parents[1] / "data" / "shapes"))
     for name, value in asdict(TrainConfig()).items():
         p.add_argument("--" + name.replace("_", "-"), type=type(value), default=value)
+    p.add_argument("--device", default="cpu", help="cpu (default) or cuda")
+    p.add_argument("--threads", type=int, default=1, help="CPU threads (default 1)")
     args = vars(p.parse_args(argv))
-    out = args.pop("out")
-    record = train(out, TrainConfig(**args))
+    out, device, threads = args.pop("out"), args.pop("device"), args.pop("threads")
+    record = train(out, TrainConfig(**args), device, threads)
     print(json.dumps({k: record[k] for k in ("vae_s", "unet_text_s", "final")}))
 
 

@@ -29,7 +29,7 @@ def test_gpu_script_dry_run_completes_and_records_everything(tmp_path):
     )
     assert r.returncode == 0, r.stdout + r.stderr
     out = tmp_path / "out"
-    for name in ("graph_check", "latency", "parity"):
+    for name in ("graph_check", "latency", "parity", "peer"):
         assert (out / f"{name}.json").is_file() and (out / f"{name}.md").is_file()
     assert (out / "latency.png").is_file() and (out / "backends.txt").is_file()
     # the install layout: the installed package, not the repo's folder, was imported
@@ -38,7 +38,14 @@ def test_gpu_script_dry_run_completes_and_records_everything(tmp_path):
     assert graphs["shapes"] == "static"
     assert graphs["unet_memcpy_nodes"] == 0 and graphs["unet_integer_cut_inputs"] == 0
     latency = json.loads((out / "latency.json").read_text())
-    assert {"ort-cpu-whole", "ort-cpu-segmented", "torch-reference"} <= set(latency["unet_call_s"])
+    rows = {"ort-cpu-whole", "ort-cpu-segmented", "ort-cpu-fused", "torch-reference"}
+    assert rows <= set(latency["unet_call_s"])
+    assert {"ort-cpu-segmented", "ort-cpu-fused"} <= set(latency["goals"])
+    fused_vs_segmented = latency["parity"]["ort-cpu-segmented vs ort-cpu-fused"]
+    assert fused_vs_segmented["latents_max_abs"] <= 1e-4
+    assert latency["parity"]["ort-cpu-fused vs reference"]["tau_max_abs"] <= 1e-6
+    peer = json.loads((out / "peer.json").read_text())
+    assert {"torch-sdpa", "torch-fused"} <= set(peer["unet_call_s"])
     parity = json.loads((out / "parity.json").read_text())
     assert parity["cases"] and all(c["pass"] for c in parity["cases"])
     assert not (tmp_path / "work").exists()  # the scratch export is removed

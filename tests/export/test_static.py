@@ -167,3 +167,24 @@ def test_static_runtime_output_matches_the_dynamic_one(tiny_session, tiny_static
         "a dog on grass", "a cat on grass", cfg, sampler, record_latents=True
     )
     assert np.abs(a.latents[-1].numpy() - b.latents[-1].numpy()).max() <= 1e-4
+
+
+def test_equal_bytes_under_two_shapes_are_two_stored_tensors(tmp_path):
+    """Random-initialised norms are all ones: a [C] LayerNorm scale and a folded [C, 1, 1]
+    GroupNorm scale share their bytes but not their shape, and each graph must get its own."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    from adapedit.export.weights import WeightStore
+
+    ones = np.ones(320, np.float32)
+    graph = helper.make_graph(
+        [helper.make_node("Add", ["a", "b"], ["y"])],
+        "g",
+        [],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [320, 1, 320])],
+        [numpy_helper.from_array(ones, "a"), numpy_helper.from_array(ones.reshape(320, 1, 1), "b")],
+    )
+    store = WeightStore(tmp_path, "t")
+    store.save(helper.make_model(graph), tmp_path / "g.onnx", "g.onnx")
+    index = store.close()
+    assert sorted(t["shape"] for t in index["tensors"].values()) == [[320], [320, 1, 1]]

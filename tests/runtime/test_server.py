@@ -1,4 +1,5 @@
-"""The HTTP server on the tiny engines (loopback, port 0): answers, errors, survival, metrics."""
+"""The HTTP application under uvicorn on the tiny engines (loopback, port 0): answers, errors,
+survival, metrics, the ``serve`` command."""
 
 from __future__ import annotations
 
@@ -6,6 +7,8 @@ import base64
 import http.client
 import io
 import json
+import math
+import os
 import re
 import socket
 import subprocess
@@ -13,17 +16,20 @@ import sys
 import threading
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
+from email.message import Message
 from typing import Any
 from urllib.parse import urlsplit
 
 import numpy as np
 import pytest
+import uvicorn
 from PIL import Image
 
 from adapedit.cli import build_parser
-from adapedit.errors import ConfigError
+from adapedit.errors import ConfigError, EngineError
 from adapedit.runtime.api import plain_edit
-from adapedit.runtime.server import EditServer
+from adapedit.runtime.server import HttpOptions, LocalEditor, create_app
 
 SRC, TGT = "a dog standing on the grass", "a dog sitting on the grass"
 REQUEST = {"source": SRC, "target": TGT, "steps": 2, "seed": 3, "lambda_s": 0.8}
@@ -32,8 +38,8 @@ QUICK = {"source": "a cat on a mat", "target": "a black cat on a mat", "steps": 
 
 def request(
     url: str, method: str, path: str, body: bytes | dict | None = None, headers: dict | None = None
-) -> tuple[int, dict[str, str], Any]:
-    """(status, headers, JSON document or text) of one request."""
+) -> tuple[int, Message, Any]:
+    """(status, headers (any case), JSON document or text) of one request."""
     u = urlsplit(url)
     conn = http.client.HTTPConnection(u.hostname, u.port, timeout=60)
     try:
@@ -42,13 +48,14 @@ def request(
         r = conn.getresponse()
         text = r.read().decode()
         doc = json.loads(text) if r.getheader("Content-Type") == "application/json" else text
-        return r.status, dict(r.getheaders()), doc
+        return r.status, r.headers, doc
     finally:
         conn.close()
 
 
 def raw(url: str, data: bytes, *, read: bool = True) -> bytes:
-    """Send bytes on a fresh connection; the answer if ``read``, else close at once."""
+    """Send bytes on a fresh connection; the answer (until the server closes) if ``read``, else
+    close at once."""
     u = urlsplit(url)
     with socket.create_connection((u.hostname, u.port), timeout=30) as s:
         s.sendall(data)
@@ -76,8 +83,25 @@ def wait_for(predicate, timeout: float = 30.0) -> None:
         time.sleep(0.02)
 
 
-def counts(server: EditServer) -> dict[tuple[str, int], int]:
-    return server.metrics.counts()
+@contextmanager
+def running(session, **options: Any) -> Iterator[tuple[str, Any]]:
+    """The application on ``session`` served by uvicorn from a thread on 127.0.0.1, any free
+    port: (URL, application). Stopped, and its editor closed, on exit."""
+    opts = HttpOptions(**options)
+    app = create_app(session, LocalEditor(session, opts.queue_size), opts)
+    config = uvicorn.Config(app, port=0, log_level="warning")
+    server = uvicorn.Server(config)
+    sock = config.bind_socket()
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    try:
+        wait_for(lambda: server.started)
+        yield f"http://127.0.0.1:{sock.getsockname()[1]}", app
+    finally:
+        server.should_exit = True
+        thread.join(30)
+        sock.close()
+        app.state.editor.close()
 
 
 class GatedSession:
@@ -99,10 +123,28 @@ class GatedSession:
         return self._session.edit(*args, **kwargs)
 
 
+class FailingSession:
+    """The tiny session, whose edits raise ``error``."""
+
+    def __init__(self, session, error: Exception) -> None:
+        self._session, self.error = session, error
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._session, name)
+
+    def edit(self, *args: Any, **kwargs: Any):
+        raise self.error
+
+
 @pytest.fixture(scope="module")
-def server(tiny_session) -> Iterator[EditServer]:
-    with EditServer(tiny_session, queue_size=4, timeout=60, max_body=4096).start() as s:
+def server(tiny_session) -> Iterator[tuple[str, Any]]:
+    with running(tiny_session, queue_size=4, timeout=60, max_body=4096) as s:
         yield s
+
+
+@pytest.fixture
+def url(server) -> str:
+    return server[0]
 
 
 @pytest.fixture
@@ -119,8 +161,12 @@ def in_thread(fn, *args) -> tuple[threading.Thread, list]:
     return th, out
 
 
-def test_edit_equals_the_python_api(server, tiny_session):
-    status, _, doc = request(server.url, "POST", "/edit", REQUEST)
+def count(app, path: str, code: int) -> int:
+    return app.state.metrics.count(path, code)
+
+
+def test_edit_equals_the_python_api(url, tiny_session):
+    status, _, doc = request(url, "POST", "/edit", REQUEST)
     assert status == 200, doc
     options = {k: v for k, v in REQUEST.items() if k not in ("source", "target")}
     ref = plain_edit(tiny_session, SRC, TGT, **options)
@@ -130,7 +176,8 @@ def test_edit_equals_the_python_api(server, tiny_session):
         assert doc[key] == ref[key], key
     assert set(doc["timings_s"]) >= {"text", "calibration", "edit", "decode", "total"}
     assert 0 <= doc["server"]["queue_s"] <= doc["server"]["total_s"]
-    healthy(server.url)
+    assert doc["server"]["worker"] == f"{socket.gethostname()}:{os.getpid()}"
+    healthy(url)
 
 
 @pytest.mark.parametrize(
@@ -145,118 +192,163 @@ def test_edit_equals_the_python_api(server, tiny_session):
         ({"height": 256}, "height"),
     ],
 )
-def test_invalid_input_is_422_naming_the_field(server, change, field):
+def test_invalid_input_is_422_naming_the_field(url, change, field):
     body = {k: v for k, v in {**REQUEST, **change}.items() if v is not None}
-    status, _, doc = request(server.url, "POST", "/edit", body)
+    status, _, doc = request(url, "POST", "/edit", body)
     assert status == 422, doc
     assert doc["error"]["field"] == field
     message = doc["error"]["message"].replace("-", "_")
     assert field in message or f"{'edit' if field == 'target' else field} prompt" in message
     assert doc["error"]["type"] in ("ConfigError", "PromptError")
-    healthy(server.url)
+    healthy(url)
 
 
 @pytest.mark.parametrize("body", [b"{bad json", b"\xff\xfe", b"[1, 2]", b""])
-def test_malformed_json_is_400(server, body):
-    status, _, doc = request(server.url, "POST", "/edit", body)
+def test_malformed_json_is_400(url, body):
+    status, _, doc = request(url, "POST", "/edit", body)
     assert status == 400 and doc["error"]["status"] == 400
     assert doc["error"]["message"].startswith(("malformed JSON", "the body must be"))
-    healthy(server.url)
+    healthy(url)
 
 
-def test_oversized_body_is_413(server):
+def test_oversized_body_is_413(url):
     body = json.dumps({**REQUEST, "source": "a " * 4000}).encode()
-    status, _, doc = request(server.url, "POST", "/edit", body)
+    status, _, doc = request(url, "POST", "/edit", body)
     assert status == 413 and "request body too large" in doc["error"]["message"]
-    # a body announced far larger than sent: answered at once, without reading it
+    # a body announced far larger than sent: answered at once, without reading it, then closed
     head = b"POST /edit HTTP/1.1\r\nHost: x\r\nContent-Length: 100000000\r\n\r\n{"
-    assert raw(server.url, head).startswith(b"HTTP/1.0 413")
-    healthy(server.url)
+    answer = raw(url, head)
+    assert answer.startswith(b"HTTP/1.1 413") and b"connection: close" in answer.lower()
+    healthy(url)
 
 
-def test_missing_length_is_411_and_unknown_paths_404(server):
-    assert raw(server.url, b"POST /edit HTTP/1.1\r\nHost: x\r\n\r\n").startswith(b"HTTP/1.0 411")
-    assert request(server.url, "GET", "/nope")[0] == 404
-    assert request(server.url, "POST", "/nope", b"{}")[0] == 404
-    healthy(server.url)
+def test_missing_length_is_411_and_unknown_paths_404(url):
+    assert raw(url, b"POST /edit HTTP/1.1\r\nHost: x\r\n\r\n").startswith(b"HTTP/1.1 411")
+    chunked = b"POST /edit HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n2\r\n{}\r\n"
+    assert raw(url, chunked).startswith(b"HTTP/1.1 411")
+    status, _, doc = request(url, "GET", "/nope")
+    assert status == 404 and doc["error"]["message"] == "no such path: GET /nope"
+    assert request(url, "POST", "/nope", b"{}")[0] == 404
+    assert request(url, "GET", "/edit")[0] == 405
+    healthy(url)
 
 
 def test_clients_that_disconnect_mid_request(server, tiny_session):
-    before = counts(server).get(("/edit", 499), 0)
+    url, app = server
+    before = count(app, "/edit", 499)
     # mid-body: 10 of the announced 1000 bytes, then gone
-    raw(server.url, b"POST /edit HTTP/1.1\r\nContent-Length: 1000\r\n\r\n0123456789", read=False)
-    wait_for(lambda: counts(server).get(("/edit", 499), 0) == before + 1)
-    healthy(server.url)
-    # a whole request, gone before the answer: the edit runs, its answer goes nowhere
-    n = sum(v for (p, _), v in counts(server).items() if p == "/edit")
+    raw(url, b"POST /edit HTTP/1.1\r\nContent-Length: 1000\r\n\r\n0123456789", read=False)
+    wait_for(lambda: count(app, "/edit", 499) == before + 1)
+    healthy(url)
+    # a whole request, gone before the answer
     body = json.dumps(QUICK).encode()
     head = f"POST /edit HTTP/1.1\r\nContent-Length: {len(body)}\r\n\r\n".encode()
-    raw(server.url, head + body, read=False)
-    wait_for(lambda: sum(v for (p, _), v in counts(server).items() if p == "/edit") == n + 1)
-    healthy(server.url)
-    status, _, doc = request(server.url, "POST", "/edit", QUICK)
+    raw(url, head + body, read=False)
+    wait_for(lambda: count(app, "/edit", 499) == before + 2)
+    healthy(url)
+    status, _, doc = request(url, "POST", "/edit", QUICK)
     assert status == 200
     ref = plain_edit(tiny_session, QUICK["source"], QUICK["target"], steps=1)
     assert np.array_equal(image(doc["edited_png"]), ref["edited_image"])
 
 
+def test_a_queued_edit_of_a_client_gone_is_dropped(gated):
+    with running(gated, queue_size=2, timeout=30) as (url, app):
+        first, first_out = in_thread(request, url, "POST", "/edit", QUICK)
+        assert gated.started.wait(10)
+        body = json.dumps(QUICK).encode()
+        head = f"POST /edit HTTP/1.1\r\nContent-Length: {len(body)}\r\n\r\n".encode()
+        raw(url, head + body, read=False)  # queued behind the first, then gone
+        wait_for(lambda: count(app, "/edit", 499) == 1)
+        assert app.state.editor.health()["queue_depth"] == 0
+        gated.release.set()
+        first.join(30)
+        assert first_out[0][0] == 200 and gated.calls == 1
+
+
 def test_full_queue_is_503_at_once(gated):
-    with EditServer(gated, queue_size=1, timeout=30).start() as s:
-        first, first_out = in_thread(request, s.url, "POST", "/edit", QUICK)
+    with running(gated, queue_size=1, timeout=30) as (url, app):
+        first, first_out = in_thread(request, url, "POST", "/edit", QUICK)
         assert gated.started.wait(10)  # the worker holds the first edit
-        second, second_out = in_thread(request, s.url, "POST", "/edit", QUICK)
-        wait_for(lambda: s.queue_depth == 1)
+        second, second_out = in_thread(request, url, "POST", "/edit", QUICK)
+        wait_for(lambda: app.state.editor.health()["queue_depth"] == 1)
         t = time.monotonic()
-        status, headers, doc = request(s.url, "POST", "/edit", QUICK)
+        status, headers, doc = request(url, "POST", "/edit", QUICK)
         assert status == 503 and time.monotonic() - t < 5
         assert headers["Retry-After"] == "1" and "queue is full" in doc["error"]["message"]
-        healthy(s.url)
+        healthy(url)
         gated.release.set()
         first.join(30)
         second.join(30)
         assert first_out[0][0] == second_out[0][0] == 200
         assert first_out[0][2]["edited_png"] == second_out[0][2]["edited_png"]
-        assert counts(s)[("/edit", 503)] == 1 and counts(s)[("/edit", 200)] == 2
+        assert count(app, "/edit", 503) == 1 and count(app, "/edit", 200) == 2
 
 
 def test_past_the_deadline_is_504(gated):
-    with EditServer(gated, queue_size=2, timeout=2.0).start() as s:
-        running, running_out = in_thread(request, s.url, "POST", "/edit", QUICK)
+    with running(gated, queue_size=2, timeout=2.0) as (url, app):
+        running_edit, running_out = in_thread(request, url, "POST", "/edit", QUICK)
         assert gated.started.wait(10)
-        status, _, doc = request(s.url, "POST", "/edit", QUICK)  # queued behind it
-        assert status == 504 and "timeout of 2.0 s" in doc["error"]["message"]
-        running.join(10)
+        status, _, doc = request(url, "POST", "/edit", QUICK)  # queued behind it
+        assert status == 504 and "timeout of 2 s" in doc["error"]["message"]
+        running_edit.join(10)
         assert running_out[0][0] == 504
-        healthy(s.url)
+        healthy(url)
         gated.release.set()
-        wait_for(lambda: s.health()["running"] == 0 and s.queue_depth == 0)
+        editor = app.state.editor
+        wait_for(lambda: editor.health() == {"queue_depth": 0, "queue_size": 2, "running": 0})
         assert gated.calls == 1  # the queued edit was dropped, not run
-        assert counts(s)[("/edit", 504)] == 2
-        healthy(s.url)
+        assert count(app, "/edit", 504) == 2
+        healthy(url)
 
 
-def test_metrics_in_prometheus_text_format(server):
-    request(server.url, "POST", "/edit", {"source": SRC})  # one 422
-    status, headers, text = request(server.url, "GET", "/metrics")
+@pytest.mark.parametrize(
+    ("error", "kind"),
+    [(EngineError("the engine fell over", where="unet"), "EngineError"), (OSError("disk"), None)],
+)
+def test_an_engine_failure_is_500(tiny_session, error, kind):
+    with running(FailingSession(tiny_session, error)) as (url, app):
+        status, _, doc = request(url, "POST", "/edit", QUICK)
+        assert status == 500 and doc["error"]["status"] == 500
+        if kind:
+            assert (
+                doc["error"]["type"] == kind and "the engine fell over" in doc["error"]["message"]
+            )
+        else:
+            assert doc["error"]["message"] == "internal error: OSError: disk"
+        healthy(url)
+        assert count(app, "/edit", 500) == 1
+
+
+def test_metrics_in_prometheus_text_format(url):
+    request(url, "POST", "/edit", {"source": SRC})  # one 422
+    status, headers, text = request(url, "GET", "/metrics")
     assert status == 200 and headers["Content-Type"].startswith("text/plain; version=0.0.4")
     sample = re.compile(r'^[a-z_]+(\{([a-z_]+="[^"]*",?)+\})? -?[0-9.e+]+$')
     for line in text.splitlines():
         assert line.startswith("# HELP ") or line.startswith("# TYPE ") or sample.match(line), line
-    assert re.search(r'^adapedit_requests_total\{path="/edit",code="422"\} [1-9]', text, re.M)
-    assert re.search(r'^adapedit_requests_total\{path="/healthz",code="200"\} \d+', text, re.M)
+    assert re.search(r'^adapedit_requests_total\{code="422",path="/edit"\} [1-9]', text, re.M)
+    assert re.search(r'^adapedit_requests_total\{code="200",path="/healthz"\} \d', text, re.M)
     assert "# TYPE adapedit_edit_request_seconds histogram" in text
-    inf = re.search(r'^adapedit_edit_request_seconds_bucket\{le="\+Inf"\} (\d+)$', text, re.M)
-    count = re.search(r"^adapedit_edit_request_seconds_count (\d+)$", text, re.M)
-    assert inf and count and inf.group(1) == count.group(1) and int(count.group(1)) >= 1
-    assert re.search(r"^adapedit_queue_depth 0$", text, re.M)
-    assert re.search(r"^adapedit_queue_capacity 4$", text, re.M)
-    assert re.search(r"^adapedit_edits_running [01]$", text, re.M)
+    inf = re.search(r'^adapedit_edit_request_seconds_bucket\{le="\+Inf"\} ([\d.]+)$', text, re.M)
+    n = re.search(r"^adapedit_edit_request_seconds_count ([\d.]+)$", text, re.M)
+    assert inf and n and inf.group(1) == n.group(1) and float(n.group(1)) >= 1
+    assert re.search(r"^adapedit_queue_depth 0\.0$", text, re.M)
+    assert re.search(r"^adapedit_queue_capacity 4\.0$", text, re.M)
+    assert re.search(r"^adapedit_edits_running [01]\.0$", text, re.M)
+    # OpenMetrics for a scraper that asks for it
+    _, headers, text = request(
+        url, "GET", "/metrics", headers={"Accept": "application/openmetrics-text"}
+    )
+    assert headers["Content-Type"].startswith("application/openmetrics-text")
+    assert text.endswith("# EOF\n")
 
 
-def test_server_arguments_are_checked(tiny_session):
-    for bad in ({"queue_size": 0}, {"timeout": 0}, {"max_body": -1}):
+def test_http_options_are_checked():
+    bad_options = [{"queue_size": 0}, {"queue_size": True}, {"max_body": -1}]
+    for bad in [*bad_options, {"timeout": 0}, {"timeout": float("nan")}, {"timeout": math.inf}]:
         with pytest.raises(ConfigError, match="must be positive"):
-            EditServer(tiny_session, **bad)
+            HttpOptions(**bad)
 
 
 def test_serve_command(tiny_engines):
@@ -272,10 +364,21 @@ def test_serve_command(tiny_engines):
     )
     try:
         line = proc.stdout.readline()
-        url = re.search(r"serving (http://127\.0\.0\.1:\d+)", line)
-        assert url, line
-        healthy(url.group(1))
-        assert request(url.group(1), "GET", "/metrics")[2].count("adapedit_queue_capacity 2")
+        found = re.search(r"serving (http://127\.0\.0\.1:\d+)", line)
+        assert found, line
+        healthy(found.group(1))
+        metrics = request(found.group(1), "GET", "/metrics")[2]
+        assert re.search(r"^adapedit_queue_capacity 2\.0$", metrics, re.M)
     finally:
         proc.terminate()
         assert proc.wait(30) == 0
+
+
+def test_the_command_line_stays_light():
+    code = (
+        "import sys; from adapedit.cli import build_parser; "
+        "build_parser().parse_args(['serve', '--engine-dir', 'e', '--replicas', '2']); "
+        "heavy = [m for m in ('ray', 'torch', 'uvicorn', 'starlette') if m in sys.modules]; "
+        "assert not heavy, heavy"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)

@@ -1,34 +1,104 @@
-"""The training script runs end to end and writes a folder every model loader accepts."""
+"""The training script: its noise schedule and loss weights, a run end to end that writes a
+folder every model loader accepts, and an interrupted run that continues to the same weights."""
 
 from __future__ import annotations
 
 import json
 
 import pytest
+import torch
 
 from adapedit.config import SamplerConfig
 from adapedit.errors import ConfigError
-from adapedit.models import load_folder
+from adapedit.models import load_folder, make_scheduler
 from adapedit.pipeline import ReferencePipeline
-from adapedit.shapes.train import TrainConfig, train
+from adapedit.shapes import train as train_mod
+from adapedit.shapes.train import TrainConfig, checkpoint_path, loss_weights, noise_schedule, train
+
+TINY = {"vae_steps": 2, "vae_batch": 2, "steps": 4, "batch": 2, "eval_samples": 1, "eval_steps": 1}
 
 
-@pytest.mark.slow
-def test_a_few_training_steps_write_a_loadable_model(tmp_path):
-    out = tmp_path / "shapes"
-    record = train(out, TrainConfig(vae_steps=2, steps=3, batch=2))
-    saved = json.loads((out / "training.json").read_text())
-    assert saved["config"]["steps"] == 3 and len(saved["log"]) == 1
-    assert record["scaling_factor"] > 0
-    assert not list(tmp_path.glob(".shapes.partial-*"))
-    comps = load_folder(out, name="mine")
-    assert comps.vae.config.scaling_factor == pytest.approx(record["scaling_factor"])
-    assert comps.default_size == 64
-    pipe = ReferencePipeline(comps)
-    img = pipe.generate("a red circle", SamplerConfig(steps=2)).image
-    assert img.shape == (64, 64, 3)
+def _abar(config: dict) -> torch.Tensor:
+    betas = torch.tensor(config["trained_betas"], dtype=torch.float64)
+    return torch.cumprod(1 - betas, 0)
+
+
+def test_the_schedule_leaves_almost_no_signal_at_the_last_step():
+    sd = _abar(noise_schedule(TrainConfig(terminal_signal=0)))
+    ours = _abar(noise_schedule(TrainConfig()))
+    assert sd[-1].sqrt().item() == pytest.approx(0.068, abs=1e-3)  # SD v1.4's schedule
+    assert ours[-1].sqrt().item() == pytest.approx(0.005)
+    assert ours[0].item() == pytest.approx(sd[0].item())  # the clean end is unchanged
+    assert (ours[1:] < ours[:-1]).all()
+    config = noise_schedule(TrainConfig())
+    assert config["prediction_type"] == "v_prediction"
+    for kind in ("ddim", "pndm", "euler", "dpmpp"):  # every sampler reads the trained schedule
+        sched = make_scheduler(kind, config)
+        torch.testing.assert_close(sched.alphas_cumprod.double(), ours, rtol=1e-5, atol=1e-6)
+    ddim = make_scheduler("ddim", config)
+    ddim.set_timesteps(20)
+    assert ddim.timesteps[0] == 999  # trailing: sampling starts where the noise is pure
+
+
+def test_v_prediction_keeps_the_noisiest_steps():
+    abar = _abar(noise_schedule(TrainConfig()))
+    v = loss_weights(abar, TrainConfig())
+    eps = loss_weights(abar, TrainConfig(prediction="epsilon"))
+    assert v[-1] == pytest.approx(1.0) and v[0] < 0.01  # x0 weight min(SNR, 5) + 1
+    snr = abar / (1 - abar)
+    assert eps[-1] == pytest.approx(1.0)  # ε: min(SNR, 5) / SNR, an x0 weight of SNR → 0
+    assert (eps * snr)[-1] < 1e-4 and (v * (snr + 1))[-1] == pytest.approx(1.0, abs=1e-4)
 
 
 def test_train_config_is_validated():
     with pytest.raises(ConfigError, match="steps"):
         TrainConfig(steps=0)
+    with pytest.raises(ConfigError, match="prediction"):
+        TrainConfig(prediction="sample")
+    with pytest.raises(ConfigError, match="terminal_signal"):
+        TrainConfig(terminal_signal=1.0)
+
+
+@pytest.mark.slow
+def test_a_few_training_steps_write_a_loadable_model(tmp_path):
+    out = tmp_path / "shapes"
+    record = train(out, TrainConfig(**TINY, eval_every=2))
+    saved = json.loads((out / "training.json").read_text())
+    assert saved["config"]["steps"] == 4 and len(saved["log"]) == 1
+    assert [f["step"] for f in saved["fidelity"]] == [2, 4]
+    assert 0 <= saved["final"]["fidelity"]["all"] <= 1
+    assert record["scaling_factor"] > 0
+    assert not list(tmp_path.glob(".shapes.partial-*")) and not checkpoint_path(out).exists()
+    assert "## Positions" in (out / "README.md").read_text()
+    comps = load_folder(out, name="mine")
+    assert comps.vae.config.scaling_factor == pytest.approx(record["scaling_factor"])
+    assert comps.scheduler_config["prediction_type"] == "v_prediction"
+    pipe = ReferencePipeline(comps)
+    img = pipe.generate("a red circle", SamplerConfig(steps=2)).image
+    assert img.shape == (64, 64, 3)
+    with pytest.raises(ConfigError, match="exists"):
+        train(out, TrainConfig(**TINY))
+
+
+@pytest.mark.slow
+def test_an_interrupted_run_continues_to_the_same_weights(tmp_path, monkeypatch):
+    cfg = TrainConfig(**TINY, eval_every=3, checkpoint_every=2)
+    whole = tmp_path / "whole"
+    train(whole, cfg)
+
+    def interrupt(*args):
+        raise KeyboardInterrupt
+
+    cut = tmp_path / "cut"
+    with monkeypatch.context() as m:
+        m.setattr(train_mod, "evaluate", interrupt)  # dies at step 3, after the checkpoint at 2
+        with pytest.raises(KeyboardInterrupt):
+            train(cut, cfg)
+    assert checkpoint_path(cut).is_file() and not cut.exists()
+    with pytest.raises(ConfigError, match="another training config"):
+        train(cut, TrainConfig(**{**TINY, "seed": 1}, eval_every=3, checkpoint_every=2))
+    train(cut, cfg)
+    a, b = load_folder(whole), load_folder(cut)
+    for x, y in ((a.unet, b.unet), (a.text_encoder, b.text_encoder), (a.vae, b.vae)):
+        for (name, p), q in zip(x.state_dict().items(), y.state_dict().values(), strict=True):
+            assert torch.equal(p, q), name
