@@ -43,7 +43,7 @@ from ray.serve.exceptions import BackPressureError
 from adapedit.errors import ConfigError
 from adapedit.runtime.server import (
     Answer,
-    EditJob,
+    EditRequest,
     HttpOptions,
     create_app,
     exit_on_sigterm,
@@ -163,7 +163,7 @@ class RayEditor:
         self.in_flight = 0
         self.resent = 0
 
-    async def edit(self, job: EditJob) -> Answer:
+    async def edit(self, job: EditRequest) -> Answer:
         self.in_flight += 1
         try:
             while True:
@@ -209,7 +209,7 @@ class EditorReplica:
     def __init__(self, engine_dir: str, ort: OrtOptions | None) -> None:
         self.session = open_session(engine_dir, ort)
 
-    async def edit(self, job: EditJob) -> Answer:
+    async def edit(self, job: EditRequest) -> Answer:
         """The answer to one job (see :func:`~adapedit.runtime.server.run_edit`)."""
         return await asyncio.to_thread(run_edit, self.session, job)
 

@@ -23,8 +23,9 @@ own) as they arrive, so invalid ones are answered at once, even while edits run;
 an :class:`Editor`, which runs one edit at a time per session. Errors answer
 ``{"error": {"status", "type", "message", "field"}}``:
 
-- 400 malformed JSON or not an object; 411 no ``Content-Length``; 413 a body over ``max_body``
-  (answered without reading the body);
+- 400 malformed JSON or not an object; 411 no ``Content-Length``; 413 a body over
+  ``max_image_body`` (16 MiB by default; answered without reading the body), or a body without
+  an ``image`` over ``max_body`` (64 KiB);
 - 422 invalid input (an unknown field, a wrong type, a value out of range, a prompt over 77
   tokens, a word in neither prompt, a resolution outside the engines' profile), ``field`` named;
 - 503 at once when the queue is full (with ``Retry-After``);
@@ -66,10 +67,9 @@ from starlette.responses import Response
 from starlette.routing import Route
 from starlette.types import Receive
 
-from adapedit.config import EditConfig, SamplerConfig
 from adapedit.errors import AdapEditError, ConfigError, InputError
 from adapedit.io import png_bytes
-from adapedit.runtime.api import Validator, parse_request, to_plain
+from adapedit.runtime.api import EditRequest, Validator, parse_edit_request, to_plain
 
 if TYPE_CHECKING:
     from adapedit.engines.ort import OrtOptions
@@ -78,6 +78,8 @@ if TYPE_CHECKING:
 log = logging.getLogger("adapedit.server")
 
 MAX_BODY = 64 * 1024
+#: The largest body of an edit of a given image (its base64 PNG/JPEG/WebP inside the JSON).
+MAX_IMAGE_BODY = 16 * 1024 * 1024
 CLIENT_CLOSED = 499  # nginx's code for a client that went away; in the metrics only
 LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
 IMAGES = {"source_image": "source_png", "edited_image": "edited_png"}
@@ -92,33 +94,34 @@ class HttpOptions:
     Args:
         queue_size: edits that may wait for an engine; one more is answered 503 at once.
         timeout: seconds from a request's arrival to its answer; later, 504.
-        max_body: the largest request body accepted, in bytes; larger, 413.
+        max_body: the largest body of an edit without an image, in bytes; larger, 413.
+        max_image_body: the largest body of an edit of a given image (``image`` field, base64),
+            in bytes; larger, 413 before the body is read. At least ``max_body``.
     """
 
     queue_size: int = 8
     timeout: float = 120.0
     max_body: int = MAX_BODY
+    max_image_body: int = MAX_IMAGE_BODY
 
     def __post_init__(self) -> None:
         for name, value, ok in (
             ("queue_size", self.queue_size, isinstance(self.queue_size, int)),
             ("timeout", self.timeout, isinstance(self.timeout, (int, float))),
             ("max_body", self.max_body, isinstance(self.max_body, int)),
+            ("max_image_body", self.max_image_body, isinstance(self.max_image_body, int)),
         ):
             if not ok or isinstance(value, bool) or not 0 < value < math.inf:
                 raise ConfigError(
                     f"{name} must be positive", where="HttpOptions", expected="> 0", got=value
                 )
-
-
-@dataclass(frozen=True)
-class EditJob:
-    """One validated edit request."""
-
-    source: str
-    target: str
-    edit: EditConfig
-    sampler: SamplerConfig
+        if self.max_image_body < self.max_body:
+            raise ConfigError(
+                "max_image_body is below max_body",
+                where="HttpOptions",
+                expected=f"≥ max_body ({self.max_body})",
+                got=self.max_image_body,
+            )
 
 
 class Answer(NamedTuple):
@@ -162,13 +165,20 @@ def open_session(engine_dir: str | Path, ort: OrtOptions | None = None) -> EditS
     return session
 
 
-def run_edit(session: EditSession, job: EditJob) -> Answer:
+def run_edit(session: EditSession, job: EditRequest) -> Answer:
     """Run one job on ``session`` (blocking) and make its answer: 200 with the ``result.json``
     document and both images as base64 PNG; 422 an input error the engines found; 500 an engine
     failure. Never raises."""
     start = time.perf_counter()
     try:
-        result = session.edit(job.source, job.target, job.edit, job.sampler)
+        result = session.edit(
+            job.source,
+            job.target,
+            job.edit,
+            job.sampler,
+            image=job.image,
+            image_config=job.image_config,
+        )
         status, doc = 200, to_plain(result, session.manifest.model)
         for key, png_key in IMAGES.items():
             doc[png_key] = base64.b64encode(png_bytes(Image.fromarray(doc.pop(key)))).decode()
@@ -188,7 +198,7 @@ class Editor(Protocol):
 
     queue_size: int
 
-    async def edit(self, job: EditJob) -> Answer:
+    async def edit(self, job: EditRequest) -> Answer:
         """The answer to ``job`` (:func:`queue_full` at once when the queue is full)."""
         ...
 
@@ -215,7 +225,7 @@ class LocalEditor:
         self.waiting = 0
         self.running = 0
 
-    async def edit(self, job: EditJob) -> Answer:
+    async def edit(self, job: EditRequest) -> Answer:
         with self._lock:
             if self.waiting >= self.queue_size:
                 return queue_full(self.queue_size)
@@ -224,7 +234,7 @@ class LocalEditor:
         future.add_done_callback(self._dropped)
         return await asyncio.wrap_future(future)  # cancelled: cancels the future if it waits
 
-    def _run(self, job: EditJob) -> Answer:
+    def _run(self, job: EditRequest) -> Answer:
         with self._lock:
             self.waiting -= 1
             self.running = 1
@@ -340,18 +350,22 @@ class _App:
         self.metrics.observe("/edit", status, time.monotonic() - arrival)
         return _json(status, doc)
 
+    @staticmethod
+    def _too_large(length: str, limit: int, kind: str) -> dict[str, Any]:
+        e = InputError(
+            "request body too large",
+            where="POST /edit",
+            expected=f"at most {limit} bytes for an edit {kind}",
+            got=f"{length} bytes",
+        )
+        return _error_of(413, e)
+
     async def _answer(self, request: Request, arrival: float) -> tuple[int, dict[str, Any] | None]:
         length = request.headers.get("content-length")
         if length is None or "transfer-encoding" in request.headers:
             return 411, _error(411, "a JSON body with a Content-Length header is required")
-        if int(length) > self.options.max_body:
-            too_large = InputError(
-                "request body too large",
-                where="POST /edit",
-                expected=f"at most {self.options.max_body} bytes",
-                got=f"{length} bytes",
-            )
-            return 413, _error_of(413, too_large)
+        if int(length) > self.options.max_image_body:
+            return 413, self._too_large(length, self.options.max_image_body, "with an image")
         try:
             body = await request.body()
         except Exception:  # ClientDisconnect; under Ray Serve, its errors when its proxy lost it
@@ -362,9 +376,11 @@ class _App:
             return 400, _error(400, f"malformed JSON: {e}")
         if not isinstance(fields, dict):
             return 400, _error(400, f"the body must be a JSON object, got {type(fields).__name__}")
+        if fields.get("image") is None and int(length) > self.options.max_body:
+            return 413, self._too_large(length, self.options.max_body, "without an image")
         try:
-            job = EditJob(*parse_request(fields, where="POST /edit"))
-            self.validate(job.source, job.target, job.edit, job.sampler)
+            job = parse_edit_request(fields, where="POST /edit")
+            self.validate(job.source, job.target, job.edit, job.sampler, job.image)
         except InputError as e:
             return 422, _error_of(422, e)
 

@@ -222,6 +222,46 @@ def test_oversized_body_is_413(url):
     healthy(url)
 
 
+def png_b64(pixels: np.ndarray) -> str:
+    buf = io.BytesIO()
+    Image.fromarray(pixels).save(buf, format="PNG")
+    return base64.b64encode(buf.getvalue()).decode()
+
+
+def test_an_image_edit_equals_the_python_api(url, tiny_session, photo):
+    body = {**REQUEST, "image": png_b64(photo(128)), "inversion": "npi", "resize": "pad"}
+    status, _, doc = request(url, "POST", "/edit", body)
+    assert status == 200, doc
+    options = {k: v for k, v in body.items() if k not in ("source", "target")}
+    ref = plain_edit(tiny_session, SRC, TGT, **options)
+    assert np.array_equal(image(doc["source_png"]), ref["source_image"])
+    assert np.array_equal(image(doc["edited_png"]), ref["edited_image"])
+    assert doc["image"] == ref["image"] and doc["image"]["inversion"] == "npi"
+    healthy(url)
+
+
+def test_an_image_body_has_its_own_limit_and_bad_images_are_422(tiny_session, photo):
+    noise = np.random.default_rng(0).integers(0, 256, (128, 128, 3), dtype=np.uint8)
+    with running(tiny_session, max_body=1024, max_image_body=16384) as (url, _):
+        big = json.dumps({**REQUEST, "image": png_b64(noise)}).encode()  # ~ 65 KB
+        status, _, doc = request(url, "POST", "/edit", big)
+        assert status == 413 and "16384 bytes for an edit with an image" in doc["error"]["message"]
+        # the same size without an image is held to max_body
+        plain = json.dumps({**REQUEST, "source": "a " * 1000}).encode()
+        status, _, doc = request(url, "POST", "/edit", plain)
+        assert status == 413
+        assert "1024 bytes for an edit without an image" in doc["error"]["message"]
+        for bad in ("not base64!", base64.b64encode(b"GIF89a not an image").decode()):
+            status, _, doc = request(url, "POST", "/edit", {**REQUEST, "image": bad})
+            assert status == 422 and doc["error"]["field"] == "image", doc
+        tiny = png_b64(photo(128)[:32, :32])
+        status, _, doc = request(url, "POST", "/edit", {**REQUEST, "image": tiny})
+        assert status == 422 and doc["error"]["field"] == "image", doc
+        status, _, doc = request(url, "POST", "/edit", {**REQUEST, "inversion": "direct"})
+        assert status == 422 and doc["error"]["field"] == "inversion", doc
+        healthy(url)
+
+
 def test_missing_length_is_411_and_unknown_paths_404(url):
     assert raw(url, b"POST /edit HTTP/1.1\r\nHost: x\r\n\r\n").startswith(b"HTTP/1.1 411")
     chunked = b"POST /edit HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n2\r\n{}\r\n"
@@ -349,6 +389,8 @@ def test_http_options_are_checked():
     for bad in [*bad_options, {"timeout": 0}, {"timeout": float("nan")}, {"timeout": math.inf}]:
         with pytest.raises(ConfigError, match="must be positive"):
             HttpOptions(**bad)
+    with pytest.raises(ConfigError, match="max_image_body is below max_body"):
+        HttpOptions(max_body=4096, max_image_body=1024)
 
 
 def test_serve_command(tiny_engines):
