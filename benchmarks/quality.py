@@ -526,10 +526,15 @@ def verdict(record: dict) -> str:
     return (
         f"**The seed's claim — AdapEdit above P2P refine's frontier on soft edits — "
         f"{'holds' if holds else 'does NOT hold'}** here: on soft edits AdapEdit's default "
-        f"reaches success {x:.0f} % at preservation {y:.0f} %, {d:+.1f} points from P2P's "
-        f"frontier (95 % bootstrap interval over seeds {lo:+.1f} … {hi:+.1f}; "
+        f"reaches success {x:.0f} % at preservation {y:.0f} %, {_pp(d)} points from P2P's "
+        f"frontier (95 % bootstrap interval over seeds {_pp(lo)} … {_pp(hi)}; "
         f"{claim(soft)})."
     )
+
+
+def _pp(x: float) -> str:
+    """Signed percentage points to one decimal, with no negative zero ("+0.0", not "-0.0")."""
+    return f"{round(float(x), 1) + 0.0:+.1f}"
 
 
 def _fmt_point(p: list[float]) -> str:
@@ -565,10 +570,10 @@ def markdown(record: dict) -> str:
         best = max(adapedit, key=lambda m: dist[m])
         frontier_rows.append(
             f"| {g} | {s[DEFAULT][g]['n']} | {front} | {_fmt_point(fg['points'][DEFAULT])} | "
-            f"{dist[DEFAULT]:+.1f} [{lo:+.1f}, {hi:+.1f}] | {claim(fg)} | "
-            f"{dist[best]:+.1f} ({best.removeprefix('adapedit').strip() or 'default'}) | "
-            f"{dist['masactrl']:+.1f} | {max(dist[m] for m in SDEDIT):+.1f} | "
-            f"{dist['prompt-only']:+.1f} |"
+            f"{_pp(dist[DEFAULT])} [{_pp(lo)}, {_pp(hi)}] | {claim(fg)} | "
+            f"{_pp(dist[best])} ({best.removeprefix('adapedit').strip() or 'default'}) | "
+            f"{_pp(dist['masactrl'])} | {_pp(max(dist[m] for m in SDEDIT))} | "
+            f"{_pp(dist['prompt-only'])} |"
         )
     key = [
         "p2p c0.8 s0.4",
@@ -685,8 +690,8 @@ def frontier_png(record: dict, path: Path) -> None:
         lo, hi = f[g]["default_ci95"]
         n = record["summary"][DEFAULT][g]["n"]
         ax.set_title(
-            f"{g} ({n // len(record['seeds'])} edits): AdapEdit {f[g]['distance'][DEFAULT]:+.1f}"
-            f" [{lo:+.1f}, {hi:+.1f}]",
+            f"{g} ({n // len(record['seeds'])} edits): AdapEdit {_pp(f[g]['distance'][DEFAULT])}"
+            f" [{_pp(lo)}, {_pp(hi)}]",
             fontsize=9,
         )
         ax.set_xlim(-3, 103)
