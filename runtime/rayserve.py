@@ -41,9 +41,9 @@ from ray.exceptions import RayActorError
 from ray.serve.exceptions import BackPressureError
 
 from adapedit.errors import ConfigError
+from adapedit.runtime.api import EditRequest
 from adapedit.runtime.server import (
     Answer,
-    EditRequest,
     HttpOptions,
     create_app,
     exit_on_sigterm,

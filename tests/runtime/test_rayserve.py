@@ -20,12 +20,12 @@ from ray.serve.exceptions import BackPressureError
 from adapedit.cli import main
 from adapedit.config import EditConfig, SamplerConfig
 from adapedit.errors import ConfigError
-from adapedit.runtime.api import plain_edit
+from adapedit.runtime.api import EditRequest, plain_edit
 from adapedit.runtime.rayserve import BUILD_ARGS, RayEditor, ScaleOut, build, start, stop
-from adapedit.runtime.server import Answer, EditJob
+from adapedit.runtime.server import Answer
 from tests.runtime.test_server import image, request
 
-JOB = EditJob("a cat on a mat", "a black cat on a mat", EditConfig(), SamplerConfig(steps=1))
+JOB = EditRequest("a cat on a mat", "a black cat on a mat", EditConfig(), SamplerConfig(steps=1))
 OK = Answer(200, {"done": True}, 0.1, "host:1")
 
 
@@ -101,7 +101,7 @@ class Handle:
         self.outcomes, self.calls = list(outcomes), []
         self.edit = self
 
-    def remote(self, job: EditJob) -> Response:
+    def remote(self, job: EditRequest) -> Response:
         self.calls.append(Response(self.outcomes.pop(0)))
         return self.calls[-1]
 
