@@ -174,7 +174,8 @@ class SamplerConfig:
 
 @dataclass(frozen=True)
 class ImageConfig:
-    """How a real image is taken in (ALGORITHM.md §11; README "Editing your own images").
+    """How a real image is taken in (docs/algorithm.md "Editing a given image"; README
+    "Editing your own images").
 
     Attributes:
         inversion: ``direct`` (default: DDIM inversion, then the edit pass's source branch is

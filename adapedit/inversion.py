@@ -1,5 +1,5 @@
-"""Editing real images with forward passes only (ALGORITHM.md §11): DDIM inversion and Direct
-Inversion's correction as tensor functions.
+"""Editing real images with forward passes only (docs/algorithm.md, "Editing a given image"):
+DDIM inversion and Direct Inversion's correction as tensor functions.
 
 Notation: ``z0 = E(x)`` (the VAE encoder's posterior mean times the scaling factor); ``t_1 < … <
 t_N`` the edit's DDIM timesteps and ``t_0 = 0``, whose ``ᾱ`` is the one the DDIM sampler's last

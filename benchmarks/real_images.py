@@ -24,6 +24,10 @@ Writes ``real_images.json``, ``real_images.md``, ``real_images.png`` (renders) a
 
     python -m benchmarks.real_images                          # the committed record
     python -m benchmarks.real_images --cases 1 --seeds 0 --steps 3 --out /tmp/r   # smoke run
+
+On a CPU shared with other work, run it with ``OMP_NUM_THREADS=1``: the 64 px model gains
+nothing from more threads, and OpenMP threads that outnumber the free cores spin and made one
+edit take from 3 s to 270 s on the 2-core machine of the committed record.
 """
 
 from __future__ import annotations
@@ -376,7 +380,8 @@ def markdown(record: dict) -> str:
         )
     return (
         f"# Editing given images on the `{record['model']}` model\n\n"
-        f"Measured on {record['machine']['description']} (the PyTorch reference, fp32); "
+        f"Measured on {record['machine']['description']} (the PyTorch reference, fp32, torch "
+        f"on {record.get('torch_threads', '?')} thread(s)); "
         f"{record['steps']} DDIM steps, guidance {record['guidance']}; {record['renders']} "
         f"renders of the shapes world ({len(record['cases'])} edits × seeds {record['seeds']}), "
         f"every image read by `adapedit.shapes.reader`; {record['wall_s']:.0f} s.\n\n"
@@ -434,6 +439,8 @@ def grid_png(grid: list, path: Path, first: str) -> None:
 
 
 def main(argv: list[str] | None = None) -> dict:
+    import torch
+
     from adapedit.pipeline import ReferencePipeline
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -455,6 +462,7 @@ def main(argv: list[str] | None = None) -> dict:
     summary = summarise(rows)
     record = {
         "machine": machine_info(),
+        "torch_threads": torch.get_num_threads(),
         "model": a.model,
         "size": pipe.default_size,
         "steps": a.steps,
