@@ -419,7 +419,8 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         nargs="+",
         default=[2, 4],
-        help="UNet batch sizes of a static export (default: 2 4 — calibration and edit)",
+        help="UNet batch sizes of a static export (default: 2 4 — calibration and edit; add 1, "
+        "as in '--batches 1 2 4', to edit given images: their inversion runs at batch 1)",
     )
     p.add_argument(
         "--jobs", type=int, default=1, help="trace the static UNet variants in N processes"

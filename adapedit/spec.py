@@ -144,10 +144,14 @@ class Manifest:
         for u in self.unet:
             if u.batch is None or u.batch == batch:
                 return u
+        wanted = " ".join(map(str, sorted({*self.batches, batch})))
         raise EngineError(
-            "the engines are static and were not built for this batch size",
+            "the engines are static and were not built for this batch size (the UNet runs "
+            "batch 1 to invert a given image, 2 for the calibration pass and plain "
+            "generation, 4 for the edit)",
             where=f"{self.model} export ({self.height}×{self.width}, static)",
-            expected=f"batch {' or '.join(map(str, self.batches))}",
+            expected=f"batch {' or '.join(map(str, self.batches))}; for batch {batch}, export "
+            f"again with 'adapedit export --shapes static --batches {wanted}'",
             got=f"batch {batch}",
             field="batch",
         )

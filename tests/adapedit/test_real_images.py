@@ -12,6 +12,7 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
+from adapedit.cli import main
 from adapedit.config import EditConfig, ImageConfig, SamplerConfig
 from adapedit.errors import ConfigError, InputError, ModelError
 from adapedit.layout import GENERATION
@@ -153,7 +154,9 @@ def test_bad_input_is_refused_before_model_work(no_model_work, image, kwargs, er
     assert e.value.field == field
 
 
-def test_a_model_folder_without_a_vae_encoder_cannot_edit_images(tiny_components, tmp_path, image):
+def test_a_model_folder_without_a_vae_encoder_cannot_edit_images(
+    tiny_components, tmp_path, image, capsys
+):
     tiny_components.save(tmp_path / "m")
     weights = tmp_path / "m" / "vae" / "diffusion_pytorch_model.safetensors"
     state = load_file(weights)
@@ -167,3 +170,8 @@ def test_a_model_folder_without_a_vae_encoder_cannot_edit_images(tiny_components
         pipe.edit(SRC, TGT, CFG, SAMPLER, image=image)
     assert "vae/" in e.value.where
     assert pipe.edit(SRC, TGT, CFG, SamplerConfig(steps=1)).edited_image.shape == (128, 128, 3)
+    Image.fromarray(image).save(tmp_path / "in.png")  # the CLI: exit 2, nothing written
+    out = tmp_path / "out"
+    args = ["edit", SRC, TGT, "--model", str(tmp_path / "m"), "--image", str(tmp_path / "in.png")]
+    assert main([*args, "--steps", "2", "--quiet", "--out", str(out)]) == 2
+    assert "VAE has no encoder" in capsys.readouterr().err and not out.exists()

@@ -162,11 +162,64 @@ def test_an_engine_folder_without_a_vae_encoder_refuses_images(
     assert "no VAE encoder" in capsys.readouterr().err and not out.exists()
 
 
-def test_a_static_folder_without_batch_one_says_so_before_model_work(tiny_static_session, image):
+def test_a_static_folder_without_batch_one_says_so_before_model_work(
+    tiny_static_session, image, tmp_path, capsys, monkeypatch
+):
+    for r in tiny_static_session.runners:  # no engine may run before the refusal
+        monkeypatch.setattr(r, "infer", _no_engine_call)
     with pytest.raises(EngineError, match="batch") as e:
         tiny_static_session.edit(SRC, TGT, CFG, SAMPLER, image=image)
-    assert "1" in str(e.value.got)
+    assert e.value.got == "batch 1" and e.value.field == "batch"
+    assert "adapedit export --shapes static --batches 1 2 4" in str(e.value)  # how to fix it
     validate = Validator(tiny_static_session)
     with pytest.raises(ConfigError, match="batch"):
         validate(SRC, TGT, CFG, SAMPLER, load_image(image))
     validate(SRC, TGT, CFG, SAMPLER)  # a generated source needs batches 2 and 4 only
+    monkeypatch.undo()
+    (tmp_path / "in.png").write_bytes(png(image))
+    out = tmp_path / "out"
+    folder = str(tiny_static_session.folder)
+    args = ["edit", SRC, TGT, "--engine-dir", folder, "--image", str(tmp_path / "in.png")]
+    assert main([*args, "--steps", "2", "--quiet", "--out", str(out)]) == 2
+    assert "--batches 1 2 4" in capsys.readouterr().err and not out.exists()
+
+
+def _no_engine_call(*args, **kwargs):
+    raise AssertionError("an engine ran before the request was refused")
+
+
+@pytest.fixture(scope="module")
+def tiny_static_batch_one(tiny_components, tmp_path_factory):
+    """ORT CPU engines of the tiny model exported static with UNet batches 1, 2 and 4, fused
+    and segmented."""
+    from adapedit.engines.folder import build_engines
+    from adapedit.export.api import ExportOptions, export_model
+
+    work = tmp_path_factory.mktemp("tiny-static-1-2-4")
+    options = ExportOptions(shapes="static", forms=("fused", "segmented"), batches=(1, 2, 4))
+    export_model(tiny_components, work / "export", options, progress=False)
+    build_engines(work / "export", work / "engines", backend="ort", progress=False)
+    return work / "engines"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("form", "inversion"),
+    [("fused", "direct"), ("fused", "ddim"), ("fused", "npi"), ("segmented", "direct")],
+)
+def test_a_static_folder_with_batch_one_inverts_on_its_engines(
+    tiny_pipeline, tiny_static_batch_one, image, form, inversion, monkeypatch
+):
+    session = EditSession(tiny_static_batch_one, form=form)
+    monkeypatch.setattr(session, "encode_image_one", tiny_pipeline.encode_image_one)  # as above
+    kw = {"image": image, "image_config": ImageConfig(inversion=inversion), "record_latents": True}
+    ref = tiny_pipeline.edit(SRC, TGT, CFG, SAMPLER, **kw)
+    run = session.edit(SRC, TGT, CFG, SAMPLER, **kw)
+    ran = session._fused if form == "fused" else session._unets
+    assert 1 in ran  # the inversion ran on the batch-1 UNet of this form
+    assert (run.trajectory - ref.trajectory).abs().max() <= 1e-4
+    p = compare_edits(ref, run)
+    assert p["latents_max_rel"] <= 1e-4, p["per_step"]
+    assert p["tau_max_abs"] <= 1e-5 and p["psnr_edited_db"] >= 50
+    if inversion == "direct":
+        assert torch.equal(run.latents[-1][0], run.trajectory[0])
