@@ -4,6 +4,7 @@ folder every model loader accepts, and an interrupted run that continues to the 
 from __future__ import annotations
 
 import json
+import random
 
 import pytest
 import torch
@@ -13,9 +14,25 @@ from adapedit.errors import ConfigError
 from adapedit.models import load_folder, make_scheduler
 from adapedit.pipeline import ReferencePipeline
 from adapedit.shapes import train as train_mod
-from adapedit.shapes.train import TrainConfig, checkpoint_path, loss_weights, noise_schedule, train
+from adapedit.shapes.train import (
+    TrainConfig,
+    _object_mask,
+    checkpoint_path,
+    loss_weights,
+    noise_schedule,
+    train,
+)
+from adapedit.shapes.world import BACKGROUND, render, sample_scene
 
-TINY = {"vae_steps": 2, "vae_batch": 2, "steps": 4, "batch": 2, "eval_samples": 1, "eval_steps": 1}
+TINY = {
+    "vae_steps": 2,
+    "vae_batch": 2,
+    "steps": 4,
+    "batch": 2,
+    "eval_samples": 1,
+    "eval_steps": 1,
+    "decoder_steps": 3,
+}
 
 
 def _abar(config: dict) -> torch.Tensor:
@@ -57,6 +74,19 @@ def test_train_config_is_validated():
         TrainConfig(prediction="sample")
     with pytest.raises(ConfigError, match="terminal_signal"):
         TrainConfig(terminal_signal=1.0)
+    with pytest.raises(ConfigError, match="decoder_object_weight"):
+        TrainConfig(decoder_object_weight=0.5)
+    with pytest.raises(ConfigError, match="decoder_steps"):
+        TrainConfig(decoder_steps=-1)
+
+
+def test_the_object_mask_is_what_is_not_background():
+    scene = sample_scene(random.Random(0))[0]
+    img = render(scene)  # [64, 64, 3]
+    x = torch.from_numpy(img.copy()).permute(2, 0, 1).float()[None] / 127.5 - 1
+    mask = _object_mask(x)[0, 0].numpy()  # [64, 64]
+    assert mask.any() and not mask.all()
+    assert (mask == (img != BACKGROUND).any(-1)).mean() > 0.99  # antialiased edges aside
 
 
 @pytest.mark.slow
@@ -65,11 +95,15 @@ def test_a_few_training_steps_write_a_loadable_model(tmp_path):
     record = train(out, TrainConfig(**TINY, eval_every=2))
     saved = json.loads((out / "training.json").read_text())
     assert saved["config"]["steps"] == 4 and len(saved["log"]) == 1
-    assert [f["step"] for f in saved["fidelity"]] == [2, 4]
+    assert [f["step"] for f in saved["fidelity"]] == [2, 4, 4]  # the last after stage 3
+    assert saved["fidelity"][-1]["after"] == "decoder" and len(saved["decoder_log"]) == 1
+    trip = saved["final"]["round_trip_reading"]
+    assert 0 <= trip["before"] <= 1 and 0 <= trip["after"] <= 1
     assert 0 <= saved["final"]["fidelity"]["all"] <= 1
     assert record["scaling_factor"] > 0
     assert not list(tmp_path.glob(".shapes.partial-*")) and not checkpoint_path(out).exists()
-    assert "## Positions" in (out / "README.md").read_text()
+    card = (out / "README.md").read_text()
+    assert "## Positions" in card and "3. VAE decoder alone" in card
     comps = load_folder(out, name="mine")
     assert comps.vae.config.scaling_factor == pytest.approx(record["scaling_factor"])
     assert comps.scheduler_config["prediction_type"] == "v_prediction"
@@ -98,7 +132,47 @@ def test_an_interrupted_run_continues_to_the_same_weights(tmp_path, monkeypatch)
     with pytest.raises(ConfigError, match="another training config"):
         train(cut, TrainConfig(**{**TINY, "seed": 1}, eval_every=3, checkpoint_every=2))
     train(cut, cfg)
-    a, b = load_folder(whole), load_folder(cut)
+    cut3 = tmp_path / "cut-in-stage-3"
+    calls = []
+
+    def interrupt_after_stage_3(vae):  # the second reading comes after the last decoder step
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return 0.5
+
+    with monkeypatch.context() as m:
+        m.setattr(train_mod, "round_trip_reading", interrupt_after_stage_3)
+        with pytest.raises(KeyboardInterrupt):
+            train(cut3, cfg)
+    assert "decoder_opt" in torch.load(checkpoint_path(cut3), weights_only=False)
+    train(cut3, cfg)
+    for other in (cut, cut3):
+        a, b = load_folder(whole), load_folder(other)
+        for x, y in ((a.unet, b.unet), (a.text_encoder, b.text_encoder), (a.vae, b.vae)):
+            for (name, p), q in zip(x.state_dict().items(), y.state_dict().values(), strict=True):
+                assert torch.equal(p, q), name
+
+
+@pytest.mark.slow
+def test_stage_3_from_a_folder_is_stage_3_of_a_whole_run(tmp_path):
+    whole = tmp_path / "whole"
+    train(whole, TrainConfig(**TINY))
+    train(tmp_path / "stages12", TrainConfig(**{**TINY, "decoder_steps": 0}))
+    from_folder = tmp_path / "from-folder"
+    train(from_folder, TrainConfig(decoder_steps=3), decoder_from=tmp_path / "stages12")
+    record = json.loads((from_folder / "training.json").read_text())
+    assert record["config"] == json.loads((whole / "training.json").read_text())["config"]
+    assert "--decoder-from" in (from_folder / "README.md").read_text()
+    assert record["machine"]["threads"] == 1 and record["stage_3_from"] == str(
+        tmp_path / "stages12"
+    )
+    a, b, c = load_folder(whole), load_folder(from_folder), load_folder(tmp_path / "stages12")
     for x, y in ((a.unet, b.unet), (a.text_encoder, b.text_encoder), (a.vae, b.vae)):
         for (name, p), q in zip(x.state_dict().items(), y.state_dict().values(), strict=True):
             assert torch.equal(p, q), name
+    assert torch.equal(a.vae.encoder.conv_in.weight, c.vae.encoder.conv_in.weight)  # frozen
+    assert not torch.equal(a.vae.decoder.conv_out.weight, c.vae.decoder.conv_out.weight)
+    with pytest.raises(ConfigError, match=r"training\.json") as e:
+        train(tmp_path / "x", TrainConfig(), decoder_from=tmp_path)
+    assert e.value.field == "decoder_from" and not (tmp_path / "x").exists()
