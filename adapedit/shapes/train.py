@@ -524,13 +524,27 @@ def _stages_1_2(out: Path, cfg: TrainConfig, device, threads: int) -> tuple[Comp
     return comps, state
 
 
-def _from_folder(src: Path, out: Path, cfg: TrainConfig) -> tuple[Components, dict]:
-    """A trained folder (stages 1–2) and the state its ``training.json`` gives, or the
-    checkpoint of an interrupted stage 3 from it."""
+#: The settings of stage 3 (those ``--decoder-from`` takes from the command line).
+DECODER_FIELDS = ("decoder_steps", "decoder_lr", "decoder_object_weight")
+
+
+def _from_folder(src: Path, out: Path, cfg: TrainConfig) -> tuple[Components, TrainConfig, dict]:
+    """A trained folder (stages 1–2), its config with ``cfg``'s stage-3 settings, and the state
+    its ``training.json`` gives, or the checkpoint of an interrupted stage 3 from it."""
     from adapedit.models import load_folder
 
-    comps = load_folder(src, name="shapes")
+    if not (src / "training.json").is_file():
+        raise ConfigError(
+            "not a folder written by this script",
+            where=str(src),
+            expected="a model folder with training.json",
+            got="no training.json",
+            field="decoder_from",
+        )
     record = json.loads((src / "training.json").read_text())
+    stage3 = {k: getattr(cfg, k) for k in DECODER_FIELDS}
+    cfg = TrainConfig(**{**asdict(TrainConfig()), **record["config"], **stage3})
+    comps = load_folder(src, name="shapes")
     state = _load_checkpoint(checkpoint_path(out), cfg)
     if state is None:
         state = {
@@ -541,7 +555,7 @@ def _from_folder(src: Path, out: Path, cfg: TrainConfig) -> tuple[Components, di
             **{k: record[k] for k in ("scaling_factor", "vae_s", "unet_text_s", "vae_log", "log")},
             "fidelity": [f for f in record["fidelity"] if "after" not in f],
         }
-    return comps, state
+    return comps, cfg, state
 
 
 def _load_checkpoint(checkpoint: Path, cfg: TrainConfig) -> dict | None:
@@ -557,10 +571,6 @@ def _load_checkpoint(checkpoint: Path, cfg: TrainConfig) -> dict | None:
         )
     print(f"continuing from {checkpoint}")
     return state
-
-
-#: The settings of stage 3 (those ``--decoder-from`` takes from the command line).
-DECODER_FIELDS = ("decoder_steps", "decoder_lr", "decoder_object_weight")
 
 
 def train(
@@ -589,19 +599,7 @@ def train(
     if decoder_from is None:
         comps, state = _stages_1_2(out, cfg, device, threads)
     else:
-        src = Path(decoder_from)
-        if not (src / "training.json").is_file():
-            raise ConfigError(
-                "not a folder written by this script",
-                where=str(src),
-                expected="a model folder with training.json",
-                got="no training.json",
-                field="decoder_from",
-            )
-        done = json.loads((src / "training.json").read_text())["config"]
-        stage3 = {k: getattr(cfg, k) for k in DECODER_FIELDS}
-        cfg = TrainConfig(**{**asdict(TrainConfig()), **done, **stage3})
-        comps, state = _from_folder(src, out, cfg)
+        comps, cfg, state = _from_folder(Path(decoder_from), out, cfg)
     _decoder_stage(comps, cfg, state, checkpoint, device, threads)
     record = {
         "config": asdict(cfg),
