@@ -126,3 +126,13 @@ def photo():
         return np.asarray(img.resize((size, size), Image.Resampling.BOX))
 
     return draw
+
+
+@pytest.fixture(scope="session")
+def png():
+    """``png(pixels)``: a uint8 image [H, W, 3] as PNG bytes (``adapedit.io.png_bytes``)."""
+    from PIL import Image
+
+    from adapedit.io import png_bytes
+
+    return lambda pixels: png_bytes(Image.fromarray(pixels))

@@ -8,6 +8,7 @@ import pytest
 
 from adapedit.cli import main
 from adapedit.pipeline import ReferencePipeline
+from tests.adapedit.test_image_io import png_declaring
 
 SRC, TGT = "a dog standing on the grass", "a dog sitting on the grass"
 
@@ -169,36 +170,16 @@ def test_demo_writes_both_edits_and_a_parity_summary(tmp_path, capsys, monkeypat
     assert "Parity" in (out / "demo.md").read_text() and "Parity" in capsys.readouterr().out
 
 
-def _png(pixels) -> bytes:
-    import io
-
-    from PIL import Image
-
-    buf = io.BytesIO()
-    Image.fromarray(pixels).save(buf, format="PNG")
-    return buf.getvalue()
-
-
 @pytest.fixture()
-def images(tmp_path, photo):
+def images(tmp_path, photo, png):
     """Image files for ``--image``: a good one, and one of each kind of bad one."""
-    import struct
-    import zlib
-
-    good = _png(photo(128))
-
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        body = kind + data
-        return struct.pack(">I", len(data)) + body + struct.pack(">I", zlib.crc32(body))
-
-    header = struct.pack(">IIBBBBB", 10**5, 10**5, 8, 2, 0, 0, 0)  # 10¹⁰ pixels declared
-    bomb = b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\0"))
+    good = png(photo(128))
     files = {
         "good.png": good,
         "text.png": b"just some text",
         "cut.png": good[: len(good) // 2],
-        "bomb.png": bomb,
-        "small.png": _png(photo(48)),
+        "bomb.png": png_declaring(10**5, 10**5),  # 10¹⁰ pixels declared
+        "small.png": png(photo(48)),
     }
     for name, data in files.items():
         (tmp_path / name).write_bytes(data)

@@ -99,7 +99,7 @@ def test_arrays_files_and_read_images_are_accepted(tmp_path):
     assert load_image(from_file) is from_file
 
 
-def _png_header_only(width: int, height: int) -> bytes:
+def png_declaring(width: int, height: int) -> bytes:
     """A PNG that declares ``width`` × ``height`` and holds a few bytes of data."""
 
     def chunk(kind: bytes, data: bytes) -> bytes:
@@ -120,8 +120,8 @@ GOOD_PNG = encode(Image.fromarray(PIXELS), "PNG")
         (encode(Image.fromarray(PIXELS), "GIF"), "not an image Pillow can read"),
         (GOOD_PNG[: len(GOOD_PNG) // 2], "the image is truncated or corrupt"),
         (encode(Image.fromarray(PIXELS), "JPEG")[:400], "the image is truncated or corrupt"),
-        (_png_header_only(100_000, 100_000), "too many pixels (decompression bomb)"),
-        (_png_header_only(12_000, 12_000), "too many pixels (decompression bomb)"),
+        (png_declaring(100_000, 100_000), "too many pixels (decompression bomb)"),
+        (png_declaring(12_000, 12_000), "too many pixels (decompression bomb)"),
         (encode(Image.fromarray(PIXELS[:63]), "PNG"), "the image is too small"),
         (encode(Image.fromarray(PIXELS[:, :40]), "PNG"), "got: 40×72"),
     ],

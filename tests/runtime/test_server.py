@@ -165,13 +165,19 @@ def count(app, path: str, code: int) -> int:
     return app.state.metrics.count(path, code)
 
 
-def test_edit_equals_the_python_api(url, tiny_session):
-    status, _, doc = request(url, "POST", "/edit", REQUEST)
+def same_as_plain_edit(url: str, session, body: dict) -> tuple[dict, dict]:
+    """POST ``body`` to /edit and ``plain_edit`` it: both images equal; (answer, plain_edit's)."""
+    status, _, doc = request(url, "POST", "/edit", body)
     assert status == 200, doc
-    options = {k: v for k, v in REQUEST.items() if k not in ("source", "target")}
-    ref = plain_edit(tiny_session, SRC, TGT, **options)
+    options = {k: v for k, v in body.items() if k not in ("source", "target")}
+    ref = plain_edit(session, body["source"], body["target"], **options)
     assert np.array_equal(image(doc["source_png"]), ref["source_image"])
     assert np.array_equal(image(doc["edited_png"]), ref["edited_image"])
+    return doc, ref
+
+
+def test_edit_equals_the_python_api(url, tiny_session):
+    doc, ref = same_as_plain_edit(url, tiny_session, REQUEST)
     for key in ("source", "target", "model", "tau", "tau_self", "keywords", "config"):
         assert doc[key] == ref[key], key
     assert set(doc["timings_s"]) >= {"text", "calibration", "edit", "decode", "total"}
@@ -222,25 +228,18 @@ def test_oversized_body_is_413(url):
     healthy(url)
 
 
-def png_b64(pixels: np.ndarray) -> str:
-    buf = io.BytesIO()
-    Image.fromarray(pixels).save(buf, format="PNG")
-    return base64.b64encode(buf.getvalue()).decode()
-
-
-def test_an_image_edit_equals_the_python_api(url, tiny_session, photo):
-    body = {**REQUEST, "image": png_b64(photo(128)), "inversion": "npi", "resize": "pad"}
-    status, _, doc = request(url, "POST", "/edit", body)
-    assert status == 200, doc
-    options = {k: v for k, v in body.items() if k not in ("source", "target")}
-    ref = plain_edit(tiny_session, SRC, TGT, **options)
-    assert np.array_equal(image(doc["source_png"]), ref["source_image"])
-    assert np.array_equal(image(doc["edited_png"]), ref["edited_image"])
+def test_an_image_edit_equals_the_python_api(url, tiny_session, photo, png):
+    b64 = base64.b64encode(png(photo(128))).decode()
+    body = {**REQUEST, "image": b64, "inversion": "npi", "resize": "pad"}
+    doc, ref = same_as_plain_edit(url, tiny_session, body)
     assert doc["image"] == ref["image"] and doc["image"]["inversion"] == "npi"
     healthy(url)
 
 
-def test_an_image_body_has_its_own_limit_and_bad_images_are_422(tiny_session, photo):
+def test_an_image_body_has_its_own_limit_and_bad_images_are_422(tiny_session, photo, png):
+    def png_b64(pixels: np.ndarray) -> str:
+        return base64.b64encode(png(pixels)).decode()
+
     noise = np.random.default_rng(0).integers(0, 256, (128, 128, 3), dtype=np.uint8)
     with running(tiny_session, max_body=1024, max_image_body=16384) as (url, _):
         big = json.dumps({**REQUEST, "image": png_b64(noise)}).encode()  # ~ 65 KB

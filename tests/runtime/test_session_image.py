@@ -5,14 +5,12 @@ edit images."""
 from __future__ import annotations
 
 import base64
-import io
 import json
 import shutil
 
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 from adapedit.cli import main
 from adapedit.config import EditConfig, ImageConfig, SamplerConfig
@@ -35,12 +33,6 @@ IMG, SMALL = "<the image>", "<the image cut to 40 rows, as base64 PNG>"  # stand
 @pytest.fixture(scope="module")
 def image(photo):
     return photo(128)  # the tiny model's size
-
-
-def png(pixels: np.ndarray) -> bytes:
-    buf = io.BytesIO()
-    Image.fromarray(pixels).save(buf, format="PNG")
-    return buf.getvalue()
 
 
 def test_the_encoder_engine_matches_the_reference(tiny_pipeline, tiny_session, image):
@@ -74,7 +66,7 @@ def test_runtime_matches_the_reference(tiny_pipeline, tiny_session, image, inver
         assert torch.equal(run.latents[-1][0], run.trajectory[0])
 
 
-def test_plain_edit_takes_the_image_as_bytes_base64_or_array(tiny_session, image):
+def test_plain_edit_takes_the_image_as_bytes_base64_or_array(tiny_session, image, png):
     options = {"steps": 2, "seed": 3, "inversion": "npi", "resize": "stretch"}
     from_bytes = plain_edit(tiny_session, SRC, TGT, image=png(image), **options)
     b64 = base64.b64encode(png(image)).decode()
@@ -109,7 +101,7 @@ def test_plain_edit_takes_the_image_as_bytes_base64_or_array(tiny_session, image
         ({"image": IMG, "scheduler": "euler"}, ConfigError, "scheduler", "DDIM"),
     ],
 )
-def test_bad_image_requests_name_the_field(image, request_fields, error, field, match):
+def test_bad_image_requests_name_the_field(image, request_fields, error, field, match, png):
     stand_in = {IMG: image, SMALL: base64.b64encode(png(image[:40])).decode()}
     fields = {k: stand_in.get(v, v) if isinstance(v, str) else v for k, v in request_fields.items()}
     with pytest.raises(error, match=match) as e:
@@ -117,7 +109,7 @@ def test_bad_image_requests_name_the_field(image, request_fields, error, field, 
     assert e.value.field == field
 
 
-def test_a_server_can_lower_the_pixel_limit(image):
+def test_a_server_can_lower_the_pixel_limit(image, png):
     request = {"source": SRC, "target": TGT, "image": png(image)}
     assert parse_edit_request(request, max_pixels=128 * 128).image.pixels.shape == (128, 128, 3)
     with pytest.raises(InputError, match="too many pixels") as e:
@@ -145,7 +137,7 @@ def _without_encoder(engines, folder):
 
 
 def test_an_engine_folder_without_a_vae_encoder_refuses_images(
-    tiny_engines, tmp_path, capsys, image
+    tiny_engines, tmp_path, capsys, image, png
 ):
     folder = _without_encoder(tiny_engines, tmp_path / "engines")
     session = EditSession(folder)
@@ -163,7 +155,7 @@ def test_an_engine_folder_without_a_vae_encoder_refuses_images(
 
 
 def test_a_static_folder_without_batch_one_says_so_before_model_work(
-    tiny_static_session, image, tmp_path, capsys, monkeypatch
+    tiny_static_session, image, tmp_path, capsys, monkeypatch, png
 ):
     for r in tiny_static_session.runners:  # no engine may run before the refusal
         monkeypatch.setattr(r, "infer", _no_engine_call)
