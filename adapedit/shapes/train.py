@@ -11,8 +11,10 @@ schedule whose last step leaves almost no signal (SD's scaled-linear betas resca
 keeps the noisiest steps, 10 % empty captions for classifier-free guidance and EMA weights, with
 the text fidelity of the EMA weights measured every ``eval_every`` steps; stage 3 fine-tunes the
 VAE decoder alone on the frozen encoder's latents (the UNet's latent space stays as it is), its
-loss weighted towards object pixels, so that small objects keep their colour and shape.
-``--decoder-from FOLDER`` runs stage 3 alone on a folder of stages 1–2. Everything is seeded;
+loss weighted towards object pixels, so that small objects keep their colour and shape; stage 4
+is a second cycle of stage 2 (a warm restart from stage 2's EMA weights with a fresh optimiser).
+``--from FOLDER`` runs the later stages a trained folder did not run on its weights (stage 3 on
+a folder of stages 1–2, stage 4 on one of stages 1–3). Everything is seeded;
 a checkpoint beside the output folder lets an interrupted run continue where it stopped; the
 folder gets fp16 safetensors, ``training.json`` (config, wall times, loss and fidelity curves)
 and a model card.
@@ -28,8 +30,10 @@ import math
 import os
 import platform
 import random
+import textwrap
 import time
-from dataclasses import asdict, dataclass
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -126,6 +130,11 @@ class TrainConfig:
     decoder_lr: float = 5e-4
     #: stage 3's loss weight of object pixels against background pixels (1: all alike)
     decoder_object_weight: float = 5.0
+    #: stage 4, a second cycle of stage 2 (a warm restart): UNet and text encoder from the
+    #: weights as the folder keeps them (fp16), a fresh AdamW and EMA, warm-up and cosine to 10 %
+    #: of ``refine_lr`` again, its own random streams (0: no stage 4)
+    refine_steps: int = 0
+    refine_lr: float = 3e-4
 
     def __post_init__(self) -> None:
         for name in ("vae_steps", "vae_batch", "steps", "batch", "eval_steps", "checkpoint_every"):
@@ -133,7 +142,7 @@ class TrainConfig:
                 raise ConfigError(
                     f"{name} must be ≥ 1", where="TrainConfig", got=getattr(self, name)
                 )
-        for name in ("eval_every", "eval_samples", "decoder_steps"):
+        for name in ("eval_every", "eval_samples", "decoder_steps", "refine_steps"):
             if getattr(self, name) < 0:
                 raise ConfigError(
                     f"{name} must be ≥ 0", where="TrainConfig", got=getattr(self, name)
@@ -356,11 +365,13 @@ def train_denoiser(
     components: Components,
     cfg: TrainConfig,
     rng: random.Random,
-    state: dict,
-    checkpoint: Path,
+    stage: dict,
+    save: Callable[[], None],
 ) -> None:
-    """Stage 2: UNet + text encoder from ``state`` (a fresh one or a checkpoint's) to
-    ``cfg.steps``, with EMA weights copied in at the end; ``state`` collects the logs."""
+    """Stage 2 (and stage 4, with its own ``cfg``): UNet + text encoder from the progress in
+    ``stage`` (a fresh one or a checkpoint's: the caller loads its weights and random states) to
+    ``cfg.steps``, with EMA weights copied in at the end; ``stage`` collects the logs and the
+    checkpoint fields, ``save`` writes the checkpoint."""
     from diffusers import DDPMScheduler
 
     unet, text, vae, tok = (
@@ -376,17 +387,17 @@ def train_denoiser(
         m.requires_grad_(True)
     params = [p for m in (unet, text) for p in m.parameters()]
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.01)
-    if "opt" in state:
-        opt.load_state_dict(state["opt"])
-        ema = [e.to(device) for e in state["ema"]]
+    if "opt" in stage:
+        opt.load_state_dict(stage["opt"])
+        ema = [e.to(device) for e in stage["ema"]]
     else:
         ema = [p.detach().clone() for p in params]
     unet.train()
     text.train()
     sf = vae.config.scaling_factor
     running: list[float] = []
-    t_start = time.perf_counter() - state["unet_text_s"]
-    bar = tqdm(range(state["step"], cfg.steps), desc="unet+text", initial=state["step"])
+    t_start = time.perf_counter() - stage["unet_text_s"]
+    bar = tqdm(range(stage["step"], cfg.steps), desc="unet+text", initial=stage["step"])
     for step in bar:
         for g in opt.param_groups:
             g["lr"] = _lr(step, cfg)
@@ -413,15 +424,15 @@ def train_denoiser(
         done = step + 1
         if done % 50 == 0 or done == cfg.steps:
             mse = float(np.mean(running))
-            state["log"].append({"step": done, "mse": round(mse, 5), "lr": _lr(step, cfg)})
+            stage["log"].append({"step": done, "mse": round(mse, 5), "lr": _lr(step, cfg)})
             bar.set_postfix(mse=f"{mse:.4f}")
             running = []
         if (cfg.eval_every and done % cfg.eval_every == 0) or done == cfg.steps:
             fid = evaluate(components, ema, cfg)
-            state["fidelity"].append({"step": done, **fid})
+            stage["fidelity"].append({"step": done, **fid})
             bar.write(f"step {done}: text fidelity {fid['all']:.3f} {fid['attributes']}")
         if done % cfg.checkpoint_every == 0 or done == cfg.steps:
-            state.update(
+            stage.update(
                 step=done,
                 unet_text_s=time.perf_counter() - t_start,
                 unet=unet.state_dict(),
@@ -431,8 +442,8 @@ def train_denoiser(
                 rng=rng.getstate(),
                 torch_rng=torch.get_rng_state(),
             )
-            _save_checkpoint(checkpoint, state)
-    state["unet_text_s"] = time.perf_counter() - t_start
+            save()
+    stage["unet_text_s"] = time.perf_counter() - t_start
     with torch.no_grad():
         for p, e in zip(params, ema, strict=True):
             p.copy_(e)
@@ -471,6 +482,11 @@ def _decoder_stage(
     comps.to("cpu", torch.float16)
     if cfg.decoder_steps == 0:
         return
+    if state.get("decoder_done"):  # done before a checkpoint of stage 4, or by the source folder
+        if "decoder_vae" in state:
+            comps.vae.load_state_dict(state["decoder_vae"])
+            comps.to("cpu", torch.float16)
+        return
     comps.to(device, torch.float32)
     if "round_trip" not in state:  # measured once, before stage 3 (a checkpoint keeps it)
         state["round_trip"] = {"before": round_trip_reading(comps.vae)}
@@ -480,6 +496,32 @@ def _decoder_stage(
     weights = [p.detach() for m in (comps.unet, comps.text_encoder) for p in m.parameters()]
     fid = evaluate(comps, weights, cfg)
     state["fidelity"].append({"step": cfg.steps, "after": "decoder", **fid})
+    state.update(decoder_done=True, decoder_vae=comps.vae.state_dict())
+    comps.to("cpu", torch.float16)
+
+
+def _refine_stage(
+    comps: Components, cfg: TrainConfig, state: dict, checkpoint: Path, device, threads: int
+) -> None:
+    """Stage 4 on the weights as the folder keeps them (fp16, computed in fp32), or continued
+    from a checkpoint of it; its progress is ``state["refine"]``. Leaves ``comps`` on the CPU in
+    fp16."""
+    if cfg.refine_steps == 0:
+        return
+    comps.to(device, torch.float32)
+    stage = state.setdefault(
+        "refine", {"step": 0, "unet_text_s": 0.0, "log": [], "fidelity": [], "threads": threads}
+    )
+    rng = random.Random(cfg.seed + 4)
+    if "opt" in stage:
+        comps.unet.load_state_dict(stage["unet"])
+        comps.text_encoder.load_state_dict(stage["text"])
+        rng.setstate(stage["rng"])
+        torch.set_rng_state(stage["torch_rng"])
+    else:
+        torch.manual_seed(cfg.seed + 4)
+    stage_cfg = replace(cfg, steps=cfg.refine_steps, lr=cfg.refine_lr)
+    train_denoiser(comps, stage_cfg, rng, stage, lambda: _save_checkpoint(checkpoint, state))
     comps.to("cpu", torch.float16)
 
 
@@ -520,17 +562,20 @@ def _stages_1_2(out: Path, cfg: TrainConfig, device, threads: int) -> tuple[Comp
             "torch_rng": torch.get_rng_state(),
         }
         _save_checkpoint(checkpoint, state)
-    train_denoiser(comps, cfg, rng, state, checkpoint)
+    train_denoiser(comps, cfg, rng, state, lambda: _save_checkpoint(checkpoint, state))
     return comps, state
 
 
-#: The settings of stage 3 (those ``--decoder-from`` takes from the command line).
+#: The settings of stages 3 and 4 (those ``--from`` takes from the command line for the stages
+#: the folder did not run).
 DECODER_FIELDS = ("decoder_steps", "decoder_lr", "decoder_object_weight")
+REFINE_FIELDS = ("refine_steps", "refine_lr")
 
 
 def _from_folder(src: Path, out: Path, cfg: TrainConfig) -> tuple[Components, TrainConfig, dict]:
-    """A trained folder (stages 1–2), its config with ``cfg``'s stage-3 settings, and the state
-    its ``training.json`` gives, or the checkpoint of an interrupted stage 3 from it."""
+    """A trained folder; the config of the stages it ran with ``cfg``'s settings for the later
+    ones it did not (stage 3 and 4, or 4); and the state its ``training.json`` gives, those
+    stages done, or the checkpoint of an interrupted run from it."""
     from adapedit.models import load_folder
 
     if not (src / "training.json").is_file():
@@ -539,11 +584,31 @@ def _from_folder(src: Path, out: Path, cfg: TrainConfig) -> tuple[Components, Tr
             where=str(src),
             expected="a model folder with training.json",
             got="no training.json",
-            field="decoder_from",
+            field="from_folder",
         )
     record = json.loads((src / "training.json").read_text())
-    stage3 = {k: getattr(cfg, k) for k in DECODER_FIELDS}
-    cfg = TrainConfig(**{**asdict(TrainConfig()), **record["config"], **stage3})
+    ran = TrainConfig(**{**asdict(TrainConfig()), **record["config"]})
+    if ran.refine_steps:
+        raise ConfigError(
+            "the folder ran every stage",
+            where=str(src),
+            expected="a folder without stage 4 (refine_steps 0)",
+            got=f"refine_steps {ran.refine_steps}",
+            field="from_folder",
+        )
+    later = REFINE_FIELDS if ran.decoder_steps else DECODER_FIELDS + REFINE_FIELDS
+    cfg = replace(ran, **{k: getattr(cfg, k) for k in later})
+    stages = [
+        n for n, k in ((3, "decoder_steps"), (4, "refine_steps")) if k in later and getattr(cfg, k)
+    ]
+    if not stages:
+        raise ConfigError(
+            "nothing to run on the folder",
+            where=str(src),
+            expected="--decoder-steps or --refine-steps > 0 for a stage the folder did not run",
+            got={k: getattr(cfg, k) for k in later},
+            field="from_folder",
+        )
     comps = load_folder(src, name="shapes")
     state = _load_checkpoint(checkpoint_path(out), cfg)
     if state is None:
@@ -551,10 +616,18 @@ def _from_folder(src: Path, out: Path, cfg: TrainConfig) -> tuple[Components, Tr
             "config": asdict(cfg),
             "vae_threads": record["machine"]["vae_threads"],
             "unet_threads": record["machine"]["threads"],
-            "stage_3_from": str(src),
+            "continued": [*record.get("continued", []), {"from": str(src), "stages": stages}],
             **{k: record[k] for k in ("scaling_factor", "vae_s", "unet_text_s", "vae_log", "log")},
-            "fidelity": [f for f in record["fidelity"] if "after" not in f],
+            "fidelity": [f for f in record["fidelity"] if ran.decoder_steps or "after" not in f],
         }
+        if ran.decoder_steps:
+            state.update(
+                decoder_done=True,
+                decoder_threads=record["machine"]["decoder_threads"],
+                decoder_s=record["decoder_s"],
+                decoder_log=record["decoder_log"],
+                round_trip=record["final"]["round_trip_reading"],
+            )
     return comps, cfg, state
 
 
@@ -578,14 +651,15 @@ def train(
     cfg: TrainConfig = TrainConfig(),
     device: str = "cpu",
     threads: int = 1,
-    decoder_from: str | Path | None = None,
+    from_folder: str | Path | None = None,
 ) -> dict:
     """Train and write the model folder ``out`` (atomically) with ``threads`` CPU threads;
     returns the training record. A checkpoint left by an interrupted run with the same config
     is continued (its RNG states restored, so the weights are those of an uninterrupted run
     with the same thread counts, which the record keeps per stage) and removed at the end.
-    With ``decoder_from`` (a folder this function wrote), only stage 3 runs, on that folder's
-    weights, with the folder's stage 1–2 config and ``cfg``'s stage-3 settings."""
+    With ``from_folder`` (a folder this function wrote), only the later stages it did not run
+    (3 and 4, or 4) run, on its weights, with its config and ``cfg``'s settings for them; a
+    whole run gives the same weights."""
     out = Path(out)
     if out.exists():
         raise ConfigError(
@@ -596,11 +670,14 @@ def train(
         )
     torch.set_num_threads(threads)
     checkpoint = checkpoint_path(out)
-    if decoder_from is None:
+    if from_folder is None:
         comps, state = _stages_1_2(out, cfg, device, threads)
     else:
-        comps, cfg, state = _from_folder(Path(decoder_from), out, cfg)
+        comps, cfg, state = _from_folder(Path(from_folder), out, cfg)
     _decoder_stage(comps, cfg, state, checkpoint, device, threads)
+    _refine_stage(comps, cfg, state, checkpoint, device, threads)
+    refine = state.get("refine", {})
+    fidelity = [*state["fidelity"], *({"stage": 4, **f} for f in refine.get("fidelity", []))]
     record = {
         "config": asdict(cfg),
         "machine": {
@@ -608,24 +685,27 @@ def train(
             "threads": state.get("unet_threads", threads),
             "vae_threads": state["vae_threads"],
             "decoder_threads": state.get("decoder_threads"),
+            "refine_threads": refine.get("threads"),
             "device": torch.cuda.get_device_name() if device == "cuda" else "cpu",
             "torch": torch.__version__,
         },
         "vae_s": round(state["vae_s"], 1),
         "unet_text_s": round(state["unet_text_s"], 1),
         "decoder_s": round(state.get("decoder_s", 0.0), 1),
-        "stage_3_from": state.get("stage_3_from"),
+        "refine_s": round(refine.get("unet_text_s", 0.0), 1),
+        "continued": state.get("continued", []),
         "scaling_factor": state["scaling_factor"],
         "final": {
             "vae_l1": state["vae_log"][-1]["l1"],
-            "diffusion_mse": state["log"][-1]["mse"],
-            "fidelity": state["fidelity"][-1],
+            "diffusion_mse": (refine.get("log") or state["log"])[-1]["mse"],
+            "fidelity": fidelity[-1],
             "round_trip_reading": state.get("round_trip"),
         },
         "vae_log": state["vae_log"],
         "log": state["log"],
         "decoder_log": state.get("decoder_log", []),
-        "fidelity": state["fidelity"],
+        "refine_log": refine.get("log", []),
+        "fidelity": fidelity,
     }
     with atomic_folder(out) as tmp:
         comps.save(tmp)
@@ -691,12 +771,44 @@ def _stage_3(r: dict) -> str:
         "a ceiling on every image",
         "   the model makes.",
     ]
-    if r.get("stage_3_from"):
-        lines += [
-            "   This folder's stage 3 ran on its own (`--decoder-from`) on the folder of stages",
-            "   1–2; a whole run does the same stage 3 on the same fp16 weights.",
-        ]
     return "\n" + "\n".join(lines)
+
+
+def _stage_4(r: dict) -> str:
+    """The card's item on stage 4 (empty for a record without one)."""
+    c = r["config"]
+    if not c.get("refine_steps"):
+        return ""
+    return f"""
+4. UNet + text encoder again, a warm restart from the EMA weights of stage 2 (as the folder
+   keeps them, fp16) with a fresh AdamW and EMA: {c["refine_steps"]} steps of batch {c["batch"]},
+   lr {c["refine_lr"]} (warm-up {c["warmup"]}, cosine to 10 %), the loss of stage 2,
+   {r["machine"]["refine_threads"]} threads — {r["refine_s"] / 60:.1f} min; final MSE
+   {r["final"]["diffusion_mse"]:.4f}. Stage 2's fidelity was still rising at its end while its
+   learning rate had fallen to 10 %."""
+
+
+def _continued(r: dict) -> str:
+    """What the card says about stages run on their own (``--from``) on an earlier folder."""
+    if not r.get("continued"):
+        return ""
+    runs = "; ".join(
+        f"stage{'s' if len(c['stages']) > 1 else ''} {' and '.join(map(str, c['stages']))} "
+        f"with `--from {c['from']}`"
+        for c in r["continued"]
+    )
+    text = (
+        f"This folder was made in steps, each on the folder of the stages before it: {runs}. "
+        "A whole run does the same stages on the same fp16 weights (a test checks it)."
+    )
+    return "\n\n" + textwrap.fill(text, 95, break_long_words=False, break_on_hyphens=False)
+
+
+def _row_label(f: dict) -> str:
+    """A fidelity table row's step: stage 2's, after stage 3, or stage 4's."""
+    if f.get("stage") == 4:
+        return f"stage 4: {f['step']}"
+    return f"{f['step']}{' + stage 3' if f.get('after') else ''}"
 
 
 def write_card(folder: str | Path) -> None:
@@ -711,7 +823,7 @@ def write_card(folder: str | Path) -> None:
     )
     where = f"{m['device']} ({m['processor']}), torch {m['torch']}"
     curve = "\n".join(
-        f"| {f['step']}{' + stage 3' if f.get('after') else ''} | {_pct(f['all'])} | "
+        f"| {_row_label(f)} | {_pct(f['all'])} | "
         + " | ".join(_pct(f["attributes"].get(a, float("nan"))) for a in FIDELITY_COLUMNS)
         + " |"
         for f in r["fidelity"]
@@ -730,7 +842,7 @@ def write_card(folder: str | Path) -> None:
         + ("**met**" if met else "**not met**")
         + (f" (below {_pct(FIDELITY_GOAL['attribute'])}: {', '.join(missed)})" if missed else "")
     )
-    hours = (r["vae_s"] + r["unet_text_s"] + r.get("decoder_s", 0.0)) / 3600
+    hours = sum(r.get(k, 0.0) for k in ("vae_s", "unet_text_s", "decoder_s", "refine_s")) / 3600
     card = f"""# shapes — a small Stable Diffusion v1.x model of the shapes world (v2)
 
 The embedded default model of adapedit (`--model shapes`): it draws flat objects on a plain
@@ -776,7 +888,7 @@ background"); what a caption leaves out is drawn at random; 10 % of captions are
    (warm-up {c["warmup"]}, cosine to 10 %), {c["prediction"]} with loss weight
    (min(SNR, {c["min_snr"]:g}) + 1) / (SNR + 1), EMA {c["ema"]}, {m["threads"]} threads —
    {r["unet_text_s"] / 60:.1f} min; final MSE {fin["diffusion_mse"]:.4f} (mean over the
-   last 50 steps).{_stage_3(r)}
+   last 50 steps).{_stage_3(r)}{_stage_4(r)}{_continued(r)}
 
 Text fidelity of the EMA weights during training (`adapedit.shapes.fidelity`: {c["eval_samples"]}
 random captions of the training distribution, {c["eval_steps"]} DDIM steps, guidance 7.5, every
@@ -797,7 +909,7 @@ thread counts gives the same weights; an interrupted run continues from its chec
 ## Against the goal
 
 The goal was ≥ {_pct(FIDELITY_GOAL["all"])} text fidelity overall and ≥
-{_pct(FIDELITY_GOAL["attribute"])} on every attribute. At step {last["step"]}: {goal_line}.
+{_pct(FIDELITY_GOAL["attribute"])} on every attribute. At step {_row_label(last)}: {goal_line}.
 
 ## Limits
 
@@ -823,14 +935,18 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--device", default="cpu", help="cpu (default) or cuda")
     p.add_argument("--threads", type=int, default=1, help="CPU threads (default 1)")
     p.add_argument(
-        "--decoder-from",
-        help="run stage 3 only, on this folder's weights (a folder this script wrote)",
+        "--from",
+        dest="from_folder",
+        metavar="FOLDER",
+        help="run only the later stages (3 and 4, or 4) that FOLDER (a folder this script "
+        "wrote) did not run, on its weights",
     )
     args = vars(p.parse_args(argv))
     out, device, threads = args.pop("out"), args.pop("device"), args.pop("threads")
-    src = args.pop("decoder_from")
+    src = args.pop("from_folder")
     record = train(out, TrainConfig(**args), device, threads, src)
-    print(json.dumps({k: record[k] for k in ("vae_s", "unet_text_s", "decoder_s", "final")}))
+    times = ("vae_s", "unet_text_s", "decoder_s", "refine_s")
+    print(json.dumps({k: record[k] for k in (*times, "final")}))
 
 
 if __name__ == "__main__":

@@ -32,6 +32,7 @@ TINY = {
     "eval_samples": 1,
     "eval_steps": 1,
     "decoder_steps": 3,
+    "refine_steps": 3,
 }
 
 
@@ -78,6 +79,8 @@ def test_train_config_is_validated():
         TrainConfig(decoder_object_weight=0.5)
     with pytest.raises(ConfigError, match="decoder_steps"):
         TrainConfig(decoder_steps=-1)
+    with pytest.raises(ConfigError, match="refine_steps"):
+        TrainConfig(refine_steps=-1)
 
 
 def test_the_object_mask_is_what_is_not_background():
@@ -95,8 +98,11 @@ def test_a_few_training_steps_write_a_loadable_model(tmp_path):
     record = train(out, TrainConfig(**TINY, eval_every=2))
     saved = json.loads((out / "training.json").read_text())
     assert saved["config"]["steps"] == 4 and len(saved["log"]) == 1
-    assert [f["step"] for f in saved["fidelity"]] == [2, 4, 4]  # the last after stage 3
-    assert saved["fidelity"][-1]["after"] == "decoder" and len(saved["decoder_log"]) == 1
+    # stage 2 at 2 and 4, after stage 3, stage 4 at 2 and 3
+    assert [f["step"] for f in saved["fidelity"]] == [2, 4, 4, 2, 3]
+    assert saved["fidelity"][2]["after"] == "decoder" and len(saved["decoder_log"]) == 1
+    assert [f.get("stage") for f in saved["fidelity"]] == [None, None, None, 4, 4]
+    assert saved["final"]["fidelity"] == saved["fidelity"][-1] and len(saved["refine_log"]) == 1
     trip = saved["final"]["round_trip_reading"]
     assert 0 <= trip["before"] <= 1 and 0 <= trip["after"] <= 1
     assert 0 <= saved["final"]["fidelity"]["all"] <= 1
@@ -104,6 +110,7 @@ def test_a_few_training_steps_write_a_loadable_model(tmp_path):
     assert not list(tmp_path.glob(".shapes.partial-*")) and not checkpoint_path(out).exists()
     card = (out / "README.md").read_text()
     assert "## Positions" in card and "3. VAE decoder alone" in card
+    assert "4. UNet + text encoder again" in card and "| stage 4: 3 |" in card
     comps = load_folder(out, name="mine")
     assert comps.vae.config.scaling_factor == pytest.approx(record["scaling_factor"])
     assert comps.scheduler_config["prediction_type"] == "v_prediction"
@@ -147,32 +154,68 @@ def test_an_interrupted_run_continues_to_the_same_weights(tmp_path, monkeypatch)
             train(cut3, cfg)
     assert "decoder_opt" in torch.load(checkpoint_path(cut3), weights_only=False)
     train(cut3, cfg)
-    for other in (cut, cut3):
-        a, b = load_folder(whole), load_folder(other)
-        for x, y in ((a.unet, b.unet), (a.text_encoder, b.text_encoder), (a.vae, b.vae)):
-            for (name, p), q in zip(x.state_dict().items(), y.state_dict().values(), strict=True):
-                assert torch.equal(p, q), name
+    cut4 = tmp_path / "cut-in-stage-4"
+    evaluations = []
+
+    def interrupt_in_stage_4(*args):  # stage 2 evaluates twice, stage 3 once, stage 4 at 3
+        evaluations.append(1)
+        if len(evaluations) == 4:
+            raise KeyboardInterrupt
+        return {"samples": 0, "attributes": {}, "all": 0.0}
+
+    with monkeypatch.context() as m:
+        m.setattr(train_mod, "evaluate", interrupt_in_stage_4)
+        with pytest.raises(KeyboardInterrupt):
+            train(cut4, cfg)
+    assert torch.load(checkpoint_path(cut4), weights_only=False)["refine"]["step"] == 2
+    train(cut4, cfg)
+    for other in (cut, cut3, cut4):
+        _same_weights(load_folder(whole), load_folder(other))
 
 
-@pytest.mark.slow
-def test_stage_3_from_a_folder_is_stage_3_of_a_whole_run(tmp_path):
-    whole = tmp_path / "whole"
-    train(whole, TrainConfig(**TINY))
-    train(tmp_path / "stages12", TrainConfig(**{**TINY, "decoder_steps": 0}))
-    from_folder = tmp_path / "from-folder"
-    train(from_folder, TrainConfig(decoder_steps=3), decoder_from=tmp_path / "stages12")
-    record = json.loads((from_folder / "training.json").read_text())
-    assert record["config"] == json.loads((whole / "training.json").read_text())["config"]
-    assert "--decoder-from" in (from_folder / "README.md").read_text()
-    assert record["machine"]["threads"] == 1 and record["stage_3_from"] == str(
-        tmp_path / "stages12"
-    )
-    a, b, c = load_folder(whole), load_folder(from_folder), load_folder(tmp_path / "stages12")
+def _same_weights(a, b) -> None:
     for x, y in ((a.unet, b.unet), (a.text_encoder, b.text_encoder), (a.vae, b.vae)):
         for (name, p), q in zip(x.state_dict().items(), y.state_dict().values(), strict=True):
             assert torch.equal(p, q), name
+
+
+@pytest.mark.slow
+def test_later_stages_from_a_folder_are_those_of_a_whole_run(tmp_path):
+    whole = tmp_path / "whole"
+    train(whole, TrainConfig(**TINY))
+    stages12 = tmp_path / "stages12"
+    train(stages12, TrainConfig(**{**TINY, "decoder_steps": 0, "refine_steps": 0}))
+    stages123 = tmp_path / "stages123"
+    train(stages123, TrainConfig(decoder_steps=3, refine_steps=0), from_folder=stages12)
+    stages1234 = tmp_path / "stages1234"
+    train(stages1234, TrainConfig(refine_steps=3), from_folder=stages123)
+    both = tmp_path / "stages34"
+    train(both, TrainConfig(decoder_steps=3, refine_steps=3), from_folder=stages12)
+    want = json.loads((whole / "training.json").read_text())
+    for folder, runs in (
+        (
+            stages1234,
+            [{"from": str(stages12), "stages": [3]}, {"from": str(stages123), "stages": [4]}],
+        ),
+        (both, [{"from": str(stages12), "stages": [3, 4]}]),
+    ):
+        record = json.loads((folder / "training.json").read_text())
+        assert record["config"] == want["config"] and record["continued"] == runs
+        assert record["machine"]["threads"] == 1 and record["machine"]["decoder_threads"] == 1
+        assert [f.get("stage") for f in record["fidelity"]] == [
+            f.get("stage") for f in want["fidelity"]
+        ]
+        assert "--from" in (folder / "README.md").read_text()
+        _same_weights(load_folder(whole), load_folder(folder))
+    a, c = load_folder(whole), load_folder(stages12)
     assert torch.equal(a.vae.encoder.conv_in.weight, c.vae.encoder.conv_in.weight)  # frozen
     assert not torch.equal(a.vae.decoder.conv_out.weight, c.vae.decoder.conv_out.weight)
+    assert not torch.equal(a.unet.conv_in.weight, c.unet.conv_in.weight)  # stage 4 trained it
     with pytest.raises(ConfigError, match=r"training\.json") as e:
-        train(tmp_path / "x", TrainConfig(), decoder_from=tmp_path)
-    assert e.value.field == "decoder_from" and not (tmp_path / "x").exists()
+        train(tmp_path / "x", TrainConfig(), from_folder=tmp_path)
+    assert e.value.field == "from_folder" and not (tmp_path / "x").exists()
+    with pytest.raises(ConfigError, match="every stage"):
+        train(tmp_path / "x", TrainConfig(), from_folder=whole)
+    with pytest.raises(ConfigError, match="nothing to run"):
+        train(tmp_path / "x", TrainConfig(decoder_steps=0, refine_steps=0), from_folder=stages12)
+    assert not (tmp_path / "x").exists()
