@@ -500,6 +500,16 @@ def _decoder_stage(
     comps.to("cpu", torch.float16)
 
 
+def _resume(comps: Components, progress: dict, rng: random.Random) -> None:
+    """The UNet and text encoder weights a checkpoint of a denoiser stage holds (if it has
+    them yet) and its random states, into ``comps``, ``rng`` and torch's generator."""
+    if "unet" in progress:
+        comps.unet.load_state_dict(progress["unet"])
+        comps.text_encoder.load_state_dict(progress["text"])
+    rng.setstate(progress["rng"])
+    torch.set_rng_state(progress["torch_rng"])
+
+
 def _refine_stage(
     comps: Components, cfg: TrainConfig, state: dict, checkpoint: Path, device, threads: int
 ) -> None:
@@ -513,11 +523,8 @@ def _refine_stage(
         "refine", {"step": 0, "unet_text_s": 0.0, "log": [], "fidelity": [], "threads": threads}
     )
     rng = random.Random(cfg.seed + 4)
-    if "opt" in stage:
-        comps.unet.load_state_dict(stage["unet"])
-        comps.text_encoder.load_state_dict(stage["text"])
-        rng.setstate(stage["rng"])
-        torch.set_rng_state(stage["torch_rng"])
+    if "rng" in stage:
+        _resume(comps, stage, rng)
     else:
         torch.manual_seed(cfg.seed + 4)
     stage_cfg = replace(cfg, steps=cfg.refine_steps, lr=cfg.refine_lr)
@@ -536,11 +543,7 @@ def _stages_1_2(out: Path, cfg: TrainConfig, device, threads: int) -> tuple[Comp
         comps.vae.load_state_dict(state["vae"])
         comps.vae.register_to_config(scaling_factor=state["scaling_factor"])
         comps.vae.eval().requires_grad_(False)
-        if "unet" in state:
-            comps.unet.load_state_dict(state["unet"])
-            comps.text_encoder.load_state_dict(state["text"])
-        rng.setstate(state["rng"])
-        torch.set_rng_state(state["torch_rng"])
+        _resume(comps, state, rng)
     else:
         t0 = time.perf_counter()
         vae_log: list = []
@@ -784,8 +787,8 @@ def _stage_4(r: dict) -> str:
    keeps them, fp16) with a fresh AdamW and EMA: {c["refine_steps"]} steps of batch {c["batch"]},
    lr {c["refine_lr"]} (warm-up {c["warmup"]}, cosine to 10 %), the loss of stage 2,
    {r["machine"]["refine_threads"]} threads — {r["refine_s"] / 60:.1f} min; final MSE
-   {r["final"]["diffusion_mse"]:.4f}. Stage 2's fidelity was still rising at its end while its
-   learning rate had fallen to 10 %."""
+   {r["refine_log"][-1]["mse"]:.4f}. Stage 2 ends with its learning rate at 10 %; a second cycle
+   lets the denoiser learn on at a useful rate."""
 
 
 def _continued(r: dict) -> str:
@@ -887,7 +890,7 @@ background"); what a caption leaves out is drawn at random; 10 % of captions are
 2. UNet + text encoder together: {c["steps"]} steps of batch {c["batch"]}, AdamW lr {c["lr"]}
    (warm-up {c["warmup"]}, cosine to 10 %), {c["prediction"]} with loss weight
    (min(SNR, {c["min_snr"]:g}) + 1) / (SNR + 1), EMA {c["ema"]}, {m["threads"]} threads —
-   {r["unet_text_s"] / 60:.1f} min; final MSE {fin["diffusion_mse"]:.4f} (mean over the
+   {r["unet_text_s"] / 60:.1f} min; final MSE {r["log"][-1]["mse"]:.4f} (mean over the
    last 50 steps).{_stage_3(r)}{_stage_4(r)}{_continued(r)}
 
 Text fidelity of the EMA weights during training (`adapedit.shapes.fidelity`: {c["eval_samples"]}
