@@ -133,7 +133,7 @@ class TrainConfig:
     #: stage 4, a second cycle of stage 2 (a warm restart): UNet and text encoder from the
     #: weights as the folder keeps them (fp16), a fresh AdamW and EMA, warm-up and cosine to 10 %
     #: of ``refine_lr`` again, its own random streams (0: no stage 4)
-    refine_steps: int = 0
+    refine_steps: int = 6000
     refine_lr: float = 3e-4
 
     def __post_init__(self) -> None:
@@ -782,13 +782,18 @@ def _stage_4(r: dict) -> str:
     c = r["config"]
     if not c.get("refine_steps"):
         return ""
-    return f"""
-4. UNet + text encoder again, a warm restart from the EMA weights of stage 2 (as the folder
-   keeps them, fp16) with a fresh AdamW and EMA: {c["refine_steps"]} steps of batch {c["batch"]},
-   lr {c["refine_lr"]} (warm-up {c["warmup"]}, cosine to 10 %), the loss of stage 2,
-   {r["machine"]["refine_threads"]} threads — {r["refine_s"] / 60:.1f} min; final MSE
-   {r["refine_log"][-1]["mse"]:.4f}. Stage 2 ends with its learning rate at 10 %; a second cycle
-   lets the denoiser learn on at a useful rate."""
+    text = (
+        "UNet + text encoder again, a warm restart from the EMA weights of stage 2 (as the "
+        f"folder keeps them, fp16) with a fresh AdamW and EMA: {c['refine_steps']} steps of "
+        f"batch {c['batch']}, lr {c['refine_lr']} (warm-up {c['warmup']}, cosine to 10 %), the "
+        f"loss of stage 2, {r['machine']['refine_threads']} threads — "
+        f"{r['refine_s'] / 60:.1f} min; final MSE {r['refine_log'][-1]['mse']:.4f}. Stage 2 "
+        "ends with its learning rate at 10 %; a second cycle lets the denoiser learn on at a "
+        "useful rate."
+    )
+    return "\n" + textwrap.fill(
+        text, 95, initial_indent="4. ", subsequent_indent="   ", break_on_hyphens=False
+    )
 
 
 def _continued(r: dict) -> str:
@@ -801,7 +806,8 @@ def _continued(r: dict) -> str:
         for c in r["continued"]
     )
     text = (
-        f"This folder was made in steps, each on the folder of the stages before it: {runs}. "
+        f"This folder was made in steps, each on the folder of the stages before it (as that "
+        f"folder was then): {runs}. "
         "A whole run does the same stages on the same fp16 weights (a test checks it)."
     )
     return "\n\n" + textwrap.fill(text, 95, break_long_words=False, break_on_hyphens=False)
@@ -912,7 +918,8 @@ thread counts gives the same weights; an interrupted run continues from its chec
 ## Against the goal
 
 The goal was ≥ {_pct(FIDELITY_GOAL["all"])} text fidelity overall and ≥
-{_pct(FIDELITY_GOAL["attribute"])} on every attribute. At step {_row_label(last)}: {goal_line}.
+{_pct(FIDELITY_GOAL["attribute"])} on every attribute. At the last measurement
+({_row_label(last)}): {goal_line}.
 
 ## Limits
 
