@@ -919,7 +919,8 @@ thread counts gives the same weights; an interrupted run continues from its chec
 
 The goal was ≥ {_pct(FIDELITY_GOAL["all"])} text fidelity overall and ≥
 {_pct(FIDELITY_GOAL["attribute"])} on every attribute. At the last measurement
-({_row_label(last)}): {goal_line}.
+({_row_label(last)}): {goal_line}. These measurements take {c["eval_samples"]} captions each;
+`python -m benchmarks.quality` measures the model on 200 (`benchmarks/results/quality.md`).
 
 ## Limits
 
