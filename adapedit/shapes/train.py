@@ -483,9 +483,8 @@ def _decoder_stage(
     if cfg.decoder_steps == 0:
         return
     if state.get("decoder_done"):  # done before a checkpoint of stage 4, or by the source folder
-        if "decoder_vae" in state:
+        if "decoder_vae" in state:  # loading into the fp16 VAE rounds it as the folder does
             comps.vae.load_state_dict(state["decoder_vae"])
-            comps.to("cpu", torch.float16)
         return
     comps.to(device, torch.float32)
     if "round_trip" not in state:  # measured once, before stage 3 (a checkpoint keeps it)
