@@ -194,6 +194,45 @@ class Runner(ABC):
         """Run with checked feeds of the planned shapes; returns the output buffers."""
 
 
+class GraphSlots:
+    """Which CUDA graph an engine call replays, by the device addresses it binds.
+
+    A CUDA graph replays the kernels it captured with the addresses it captured them with: new
+    data at the same addresses is a replay, but any changed address (an input bound elsewhere,
+    output buffers made for new shapes) needs a graph of its own. Each distinct set of bound
+    addresses gets a graph id (0, 1, …; at most ``limit``, after which calls run uncaptured,
+    id -1), and :meth:`slot` says how many calls that id has run before, so a backend can warm
+    up before it captures. Both CUDA-graph paths use it: ONNX Runtime's (the id is the run's
+    ``gpu_graph_id``; ONNX Runtime warms up and captures per id) and TensorRT's (the runner
+    captures and replays a torch CUDA graph per id).
+    """
+
+    def __init__(self, limit: int = 4) -> None:
+        if limit < 1:
+            raise EngineError("at least one CUDA graph", where="GraphSlots", got=limit)
+        self.limit = limit
+        self._ids: dict[tuple[int, ...], int] = {}
+        self._runs: list[int] = []
+
+    def slot(self, addresses: tuple[int, ...]) -> tuple[int, int]:
+        """``(graph id, calls of that id before this one)`` for a call binding ``addresses``;
+        ``(-1, 0)`` once ``limit`` graphs exist (run without a graph)."""
+        gid = self._ids.get(addresses)
+        if gid is None:
+            if len(self._ids) >= self.limit:
+                return -1, 0
+            gid = self._ids[addresses] = len(self._ids)
+            self._runs.append(0)
+        runs = self._runs[gid]
+        self._runs[gid] += 1
+        return gid, runs
+
+    def clear(self) -> None:
+        """Forget every graph (the engine was released)."""
+        self._ids.clear()
+        self._runs.clear()
+
+
 @dataclass(frozen=True)
 class Profile:
     """The range of batch sizes and image sizes (pixels) an engine is built for: ``(min, opt,

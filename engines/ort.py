@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from adapedit.engines.base import TORCH_DTYPES, Runner
+from adapedit.engines.base import TORCH_DTYPES, GraphSlots, Runner
 from adapedit.engines.weights import WeightPool
 from adapedit.errors import EngineError
 from adapedit.spec import GraphSpec
@@ -31,7 +31,8 @@ class OrtOptions:
     traces written under that prefix); ``optimized_model_prefix`` saves each graph as ONNX
     Runtime optimised it for its providers (to check, e.g., that no Memcpy node is left);
     ``cuda_graph`` captures the graph's kernels as a CUDA graph on the first runs and replays it
-    (CUDA provider; every input and output bound at a fixed address, as the fused UNet does)."""
+    (CUDA and TensorRT providers; one graph per set of bound addresses, see
+    :class:`~adapedit.engines.base.GraphSlots`: the fused UNet binds fixed buffers, so one)."""
 
     providers: tuple[str, ...] = ("cpu",)
     threads: int = 0
@@ -64,6 +65,52 @@ class OrtOptions:
     def device(self) -> torch.device:
         """Where the runner's tensors live: CUDA when a GPU provider comes first."""
         return torch.device("cuda" if self.providers[0] in ("cuda", "tensorrt") else "cpu")
+
+
+def check_providers(options: OrtOptions, where: str) -> None:
+    """Before any session is made: every provider asked for is in this onnxruntime, and a GPU
+    provider has a CUDA device to run on (the runner's tensors live there).
+
+    Raises:
+        EngineError: naming the providers asked for and the ones available.
+    """
+    import onnxruntime as ort
+
+    available = ort.get_available_providers()
+    wanted = [PROVIDERS[p] for p in options.providers]
+    missing = [p for p in wanted if p not in available]
+    if missing:
+        raise EngineError(
+            "execution provider not available in this onnxruntime",
+            where=where,
+            expected=wanted,
+            got=f"available: {available}",
+        )
+    if options.device.type == "cuda" and not torch.cuda.is_available():
+        raise EngineError(
+            "a GPU execution provider needs a CUDA device, and torch sees none",
+            where=where,
+            expected=f"{wanted} with torch.cuda.is_available()",
+            got=f"torch {torch.__version__} without CUDA",
+        )
+
+
+def provider_options(
+    wanted: list[str], device_id: int, stream: int | None, *, cuda_graph: bool
+) -> list:
+    """``InferenceSession``'s providers for a GPU run, each with its options under the keys that
+    provider reads: the device, the compute stream (``has_user_compute_stream`` and the handle)
+    and CUDA graphs (``enable_cuda_graph`` for CUDA, ``trt_cuda_graph_enable`` for TensorRT;
+    a key a provider does not know is an error that sends ONNX Runtime to its fallback)."""
+    common = {"device_id": str(device_id)}
+    if stream is not None:
+        common |= {"has_user_compute_stream": "1", "user_compute_stream": str(stream)}
+    graph = "1" if cuda_graph else "0"
+    own = {
+        PROVIDERS["cuda"]: {"enable_cuda_graph": graph},
+        PROVIDERS["tensorrt"]: {"trt_cuda_graph_enable": graph},
+    }
+    return [(p, common | own[p]) if p in own else p for p in wanted]
 
 
 #: Tensor dtypes bound in host memory whatever the provider (see ``OrtRunner._device``).
@@ -101,20 +148,14 @@ class OrtRunner(Runner):
         self._outputs: dict[str, torch.Tensor] = {}
         self._bound: dict[str, int] = {}  # input name → data pointer bound
         self._sync_after = False
+        self._graphs = GraphSlots()
+        self._graph_options: dict[int, object] = {}  # graph id → RunOptions naming it
 
     def _activate(self) -> None:
         import onnxruntime as ort
 
-        available = ort.get_available_providers()
+        check_providers(self.options, self.name)
         wanted = [PROVIDERS[p] for p in self.options.providers]
-        missing = [p for p in wanted if p not in available]
-        if missing:
-            raise EngineError(
-                "execution provider not available in this onnxruntime",
-                where=self.name,
-                expected=missing,
-                got=available,
-            )
         if not self.path.is_file():
             raise EngineError(
                 "engine file is missing",
@@ -143,10 +184,10 @@ class OrtRunner(Runner):
             "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
             "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
         }[self.options.optimization]
-        if self.weights is not None:
-            for name, value in self.weights.initializers(self.spec.file).items():
-                so.add_initializer(name, value)
         try:
+            if self.weights is not None:
+                for name, value in self.weights.initializers(self.spec.file).items():
+                    so.add_initializer(name, value)
             self.session = ort.InferenceSession(
                 str(self.path), so, providers=self._providers(wanted)
             )
@@ -154,27 +195,36 @@ class OrtRunner(Runner):
             raise EngineError(
                 "ONNX Runtime could not load the graph",
                 where=str(self.path),
-                expected="a valid ONNX file",
+                expected=f"a valid ONNX file on {wanted}",
                 got=str(e).splitlines()[0],
             ) from e
+        # ONNX Runtime falls back to other providers (and the CPU) when one fails to load (a
+        # missing CUDA library, say), dropping their options: never run somewhere else silently
+        used = self.session.get_providers()
+        if any(p not in used for p in wanted):
+            self.session = None
+            raise EngineError(
+                "ONNX Runtime did not use the execution providers asked for",
+                where=self.name,
+                expected=wanted,
+                got=used,
+            )
 
     def _providers(self, wanted: list[str]) -> list:
-        """Providers with their options: the device and the compute stream on the GPU."""
         device = self.options.device
         if device.type != "cuda":
             return wanted
-        gpu = {"device_id": str(device.index or torch.cuda.current_device())}
-        if self.stream is not None:
-            gpu["user_compute_stream"] = str(self.stream.cuda_stream)
-        if self.options.cuda_graph:
-            gpu["enable_cuda_graph"] = "1"
-        return [(p, gpu) if p != PROVIDERS["cpu"] else p for p in wanted]
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        stream = self.stream.cuda_stream if self.stream is not None else None
+        return provider_options(wanted, index, stream, cuda_graph=self.options.cuda_graph)
 
     def _deactivate(self) -> None:
         self.session = self._binding = self._run_options = None
         self._buffers.clear()
         self._outputs = {}
         self._bound.clear()
+        self._graphs.clear()
+        self._graph_options.clear()
 
     def _device(self, dtype: str) -> torch.device:
         """Where a tensor of ``dtype`` is bound: integer tensors (shapes and indices passed
@@ -211,13 +261,23 @@ class OrtRunner(Runner):
         # it before anyone reads it (dynamic exports only; static graphs have no such output)
         on_gpu = self.options.device.type == "cuda"
         self._sync_after = on_gpu and any(b.device.type == "cpu" for b in outputs.values())
+        self._run_options = self._options_for_run()
+        self._graph_options.clear()
+
+    def _options_for_run(self, graph_id: int | None = None):
+        """RunOptions: no device synchronisation after a run on the session's own stream, and
+        with CUDA graphs the id of the graph this run replays (or captures)."""
         import onnxruntime as ort
 
-        self._run_options = ort.RunOptions()
-        self._run_options.add_run_config_entry(
+        on_gpu = self.options.device.type == "cuda"
+        options = ort.RunOptions()
+        options.add_run_config_entry(
             "disable_synchronize_execution_providers",
             "1" if on_gpu and self.stream is not None and not self._sync_after else "0",
         )
+        if graph_id is not None:
+            options.add_run_config_entry("gpu_graph_id", str(graph_id))
+        return options
 
     def _run(self, feeds: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         binding = self._binding
@@ -243,8 +303,18 @@ class OrtRunner(Runner):
                 self._bound[t.name] = x.data_ptr()
         if device.type == "cuda" and self.stream is None:
             torch.cuda.current_stream(device).synchronize()  # no shared stream: order by hand
+        run_options = self._run_options
+        if self.options.cuda_graph:
+            addresses = (
+                *(self._bound[t.name] for t in self.spec.inputs),
+                *(b.data_ptr() for b in self._outputs.values()),
+            )
+            graph_id, _ = self._graphs.slot(addresses)
+            run_options = self._graph_options.get(graph_id)
+            if run_options is None:
+                run_options = self._graph_options[graph_id] = self._options_for_run(graph_id)
         try:
-            self.session.run_with_iobinding(binding, self._run_options)
+            self.session.run_with_iobinding(binding, run_options)
         except Exception as e:  # onnxruntime raises its own exception types
             raise EngineError(
                 "ONNX Runtime failed to run the graph",

@@ -1,9 +1,14 @@
-"""Shared weights for ONNX Runtime sessions: one ``OrtValue`` per stored weight tensor of an
-export's UNet graphs (``unet/weights.json``, written by the exporter), handed to every session
-that uses it with ``SessionOptions.add_initializer``. ONNX Runtime then uses that buffer in place
-instead of loading a copy per session — on the GPU when the value lives on the device the
-session plans the initializer on — so the segments and the batch variants of a static export
-hold one copy of the weights between them.
+"""Shared weights for ONNX Runtime sessions: one buffer per stored weight tensor of an export's
+UNet graphs (``unet/weights.json``, written by the exporter), handed to every session that uses
+it with ``SessionOptions.add_initializer``. ONNX Runtime then uses that buffer in place instead of
+loading a copy per session — on the GPU when the buffer lives on the device the session plans the
+initializer on — so the segments and the batch variants of a static export hold one copy of the
+weights between them.
+
+ONNX Runtime accepts only buffers its caller owns (``add_initializer`` refuses an ``OrtValue``
+whose memory ONNX Runtime allocated, as ``OrtValue.ortvalue_from_numpy(array, "cuda")`` does). So
+every weight is a torch tensor on the pool's device, wrapped without a copy by
+``OrtValue.from_dlpack`` and kept alive by the pool: one ownership path on the CPU and the GPU.
 """
 
 from __future__ import annotations
@@ -17,16 +22,16 @@ import torch
 
 
 class WeightPool:
-    """The stored weights of one folder, loaded on first use onto ``device``."""
+    """The stored weights of one folder, loaded on first use onto ``device`` (torch-owned)."""
 
     def __init__(self, folder: Path, index: str, device: torch.device) -> None:
         self.folder = (folder / index).parent
         doc = json.loads((folder / index).read_text())
         self.tensors: dict[str, dict[str, Any]] = doc["tensors"]
         self.graphs: dict[str, dict[str, str]] = doc["graphs"]
-        self.device = device
-        self._values: dict[str, Any] = {}  # key → OrtValue (kept alive as long as the pool)
-        self._arrays: list[np.ndarray] = []  # what CPU OrtValues wrap (they do not copy)
+        self.device = torch.device(device)
+        self._owned: dict[str, torch.Tensor] = {}  # key → the buffer ONNX Runtime reads
+        self._values: dict[str, Any] = {}  # key → OrtValue over that buffer
         self._maps: dict[str, np.memmap] = {}
 
     def initializers(self, graph_file: str) -> dict[str, Any]:
@@ -38,6 +43,11 @@ class WeightPool:
         """Bytes of weights loaded so far (one copy each)."""
         return sum(self.tensors[k]["length"] for k in self._values)
 
+    def buffer(self, key: str) -> torch.Tensor:
+        """The torch tensor that holds stored tensor ``key`` (loaded on first use)."""
+        self._value(key)
+        return self._owned[key]
+
     def _value(self, key: str):
         import onnxruntime as ort
 
@@ -47,11 +57,8 @@ class WeightPool:
             if t["file"] not in self._maps:
                 self._maps[t["file"]] = np.memmap(self.folder / t["file"], mode="r")
             raw = self._maps[t["file"]][t["offset"] : t["offset"] + t["length"]]
-            array = np.ascontiguousarray(raw.view(t["dtype"]).reshape(t["shape"]))
-            if self.device.type == "cuda":
-                value = ort.OrtValue.ortvalue_from_numpy(array, "cuda", self.device.index or 0)
-            else:
-                value = ort.OrtValue.ortvalue_from_numpy(array)
-                self._arrays.append(array)
-            self._values[key] = value
+            host = torch.from_numpy(np.array(raw.view(t["dtype"]).reshape(t["shape"])))
+            owned = host.to(self.device) if self.device.type != "cpu" else host
+            value = ort.OrtValue.from_dlpack(owned)
+            self._owned[key], self._values[key] = owned, value
         return value

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from adapedit.engines.base import Profile, eval_dim, solve_symbols
-from adapedit.engines.ort import OrtOptions, OrtRunner
+from adapedit.engines.ort import OrtOptions, OrtRunner, provider_options
 from adapedit.errors import EngineError
 
 
@@ -15,6 +15,12 @@ def text_runner(tiny_export):
     folder, m = tiny_export
     with OrtRunner(folder / m.graphs["text_encoder"].file, m.graphs["text_encoder"]) as r:
         yield r
+
+
+@pytest.fixture(scope="module")
+def decoder_file(tiny_export):
+    folder, m = tiny_export
+    return folder / m.graphs["vae_decoder"].file, m.graphs["vae_decoder"]
 
 
 @pytest.fixture(scope="module")
@@ -124,3 +130,81 @@ def test_feeds_are_checked_when_their_shapes_change_not_on_every_call(decoder, m
     assert len(checks) == 3
     with pytest.raises(EngineError, match="wrong dtype"):  # a new dtype is checked again
         decoder.infer({"latent": z.double()})
+
+
+def test_each_gpu_provider_gets_its_own_option_keys():
+    cuda, trt, cpu = "CUDAExecutionProvider", "TensorrtExecutionProvider", "CPUExecutionProvider"
+    got = dict(
+        (p if isinstance(p, str) else p[0], {} if isinstance(p, str) else p[1])
+        for p in provider_options([trt, cuda, cpu], 1, 1234, cuda_graph=True)
+    )
+    stream = {"device_id": "1", "has_user_compute_stream": "1", "user_compute_stream": "1234"}
+    assert got[cuda] == stream | {"enable_cuda_graph": "1"}
+    assert got[trt] == stream | {"trt_cuda_graph_enable": "1"}  # not enable_cuda_graph
+    assert got[cpu] == {}
+    plain = provider_options([cuda], 0, None, cuda_graph=False)
+    assert plain == [(cuda, {"device_id": "0", "enable_cuda_graph": "0"})]
+
+
+@pytest.mark.filterwarnings("ignore:Specified provider")
+def test_a_provider_onnx_runtime_falls_back_from_is_an_error(tiny_export, monkeypatch):
+    """ONNX Runtime given a provider it cannot load warns and runs on the CPU; the runner
+    compares what the session uses with what was asked and refuses to run elsewhere."""
+    import onnxruntime as ort
+
+    folder, m = tiny_export
+    spec = m.graphs["vae_decoder"]
+    real = ort.get_available_providers()
+    monkeypatch.setattr(ort, "get_available_providers", lambda: ["CUDAExecutionProvider", *real])
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    r = OrtRunner(folder / spec.file, spec, OrtOptions(providers=("cuda",)))
+    with pytest.raises(EngineError, match="did not use the execution providers") as e:
+        r.activate()
+    assert e.value.expected == ["CUDAExecutionProvider"]
+    assert e.value.got == ["CPUExecutionProvider"] and r.session is None
+
+
+def test_an_engine_folder_asked_for_a_missing_provider_is_refused_at_once(
+    tiny_engines, monkeypatch, capsys
+):
+    import onnxruntime as ort
+
+    from adapedit.cli import main
+    from adapedit.engines.base import Runner
+    from adapedit.runtime.session import EditSession
+
+    if "CUDAExecutionProvider" in ort.get_available_providers():
+        pytest.skip("this onnxruntime has the CUDA provider")
+    monkeypatch.setattr(Runner, "infer", lambda *a, **k: pytest.fail("an engine ran"))
+    with pytest.raises(EngineError, match="not available") as e:
+        EditSession(tiny_engines, ort=OrtOptions(providers=("cuda",)))
+    assert e.value.expected == ["CUDAExecutionProvider"] and "CPUExecutionProvider" in e.value.got
+    args = ["edit", "a dog", "a cat", "--engine-dir", str(tiny_engines), "--providers", "cuda"]
+    assert main([*args, "--steps", "2", "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert "CUDAExecutionProvider" in err and "available" in err
+
+
+def test_cuda_graphs_follow_the_bound_addresses(decoder_file, monkeypatch):
+    """With CUDA graphs a run names its graph (``gpu_graph_id``): the same addresses name the
+    same graph (new data there is a replay), other addresses another graph; the outputs stay
+    right throughout (on the CPU the id is ignored by ONNX Runtime, the choice is the runner's)."""
+    path, spec = decoder_file
+    r = OrtRunner(path, spec, OrtOptions(cuda_graph=True))
+    reference = OrtRunner(path, spec)
+    ids = []
+    r.activate()
+    run = r.session.run_with_iobinding
+    monkeypatch.setattr(
+        r.session,
+        "run_with_iobinding",
+        lambda b, o: ids.append(o.get_run_config_entry("gpu_graph_id")) or run(b, o),
+    )
+    a, b = torch.randn(1, 4, 16, 16), torch.randn(1, 4, 16, 16)
+    for z in (a, a, b):
+        r.infer({"latent": z})
+    a.copy_(torch.randn(1, 4, 16, 16))  # new data at the first address
+    out = r.infer({"latent": a})["image"]
+    assert ids == ["0", "0", "1", "0"]
+    assert torch.allclose(out, reference.infer({"latent": a})["image"], atol=1e-5)

@@ -16,6 +16,7 @@ from adapedit.engines.folder import build_engines
 from adapedit.engines.ort import OrtRunner
 from adapedit.errors import ConfigError, EngineError
 from adapedit.export.api import ExportOptions, export_model
+from adapedit.runtime.session import EditSession
 from adapedit.spec import UNET_INPUTS
 
 INTEGER = ("int64", "int32", "int16", "int8", "uint8", "bool")
@@ -100,14 +101,32 @@ def test_the_weights_are_stored_once_for_every_batch_and_form(tiny_components, t
 
 
 def test_sessions_share_one_copy_of_the_weights(tiny_static_session):
-    s = tiny_static_session
-    s.segmented(2)
-    s.segmented(4)
-    for u in (s.segmented(2), s.segmented(4)):
-        for r in u.runners:
-            r.activate()
+    """Every UNet session of the folder (the segments of both batches) reads the
+    pool's buffers in place: one copy loaded, and zeroing it changes what every form computes
+    (``tests/engines/test_weights.py`` measures the memory the sessions hold)."""
+    s = EditSession(tiny_static_session.folder)  # a pool of its own: this test zeroes it
+    unets = {f"segmented {b}": s.segmented(b) for b in (2, 4)}
+    g = torch.Generator().manual_seed(0)
+
+    def outputs() -> dict[str, torch.Tensor]:
+        out = {}
+        for name, unet in unets.items():
+            b = int(name.split()[1])
+            x = torch.randn(b, 4, 16, 16, generator=g)
+            ctx = torch.randn(b, 77, 32, generator=g)
+            out[name] = unet(x, torch.tensor([501.0]), ctx).clone()
+        return out
+
+    g.manual_seed(0)
+    before = outputs()
     index = s.weights
     assert index.loaded_bytes == sum(t["length"] for t in index.tensors.values())
+    for key in index.tensors:
+        index.buffer(key).zero_()
+    g.manual_seed(0)
+    after = outputs()
+    assert all(not torch.equal(before[k], after[k]) for k in unets), "a session kept a copy"
+    s.close()
 
 
 def test_static_export_refuses_what_it_cannot_be(tiny_components, tmp_path):

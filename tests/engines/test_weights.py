@@ -1,0 +1,105 @@
+"""Shared UNet weights: every ONNX Runtime session of a folder reads the one torch-owned buffer
+of each stored weight (``WeightPool``), measured by what the sessions read and hold, not by the
+pool's own count."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from onnx import TensorProto, helper, numpy_helper
+
+from adapedit.engines.ort import OrtRunner
+from adapedit.engines.weights import WeightPool
+from adapedit.spec import GraphSpec, TensorSpec
+
+N = 8 << 20  # one stored weight of 32 MiB (fp32)
+STRIDE = 1024  # one element per 4 KiB page: a call reads every page of the weight
+
+
+@pytest.fixture(scope="module")
+def gather_folder(tmp_path_factory):
+    """A folder as the exporter writes it for one graph: ``y = W[:, x]`` whose weight W [1, N]
+    lives in ``weights-0.bin``, indexed by ``weights.json``."""
+    folder = tmp_path_factory.mktemp("shared-weights")
+    w = (np.arange(N, dtype=np.float32) % 7) + 1  # [N], no zeros
+    (folder / "weights-0.bin").write_bytes(w.tobytes())
+    init = numpy_helper.from_array(w.reshape(1, N), "W")
+    init.ClearField("raw_data")
+    init.data_location = TensorProto.EXTERNAL
+    for key, value in (("location", "weights-0.bin"), ("offset", "0"), ("length", str(w.nbytes))):
+        entry = init.external_data.add()
+        entry.key, entry.value = key, value
+    k = N // STRIDE
+    graph = helper.make_graph(
+        [helper.make_node("Gather", ["W", "x"], ["y"], axis=1)],
+        "gather",
+        [helper.make_tensor_value_info("x", TensorProto.INT64, [k])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, k])],
+        [init],
+    )
+    onnx.save(
+        helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), folder / "g.onnx"
+    )
+    entry = {"file": "weights-0.bin", "offset": 0, "length": w.nbytes, "dtype": "float32"}
+    index = {"tensors": {"w": {**entry, "shape": [1, N]}}, "graphs": {"g.onnx": {"W": "w"}}}
+    (folder / "weights.json").write_text(json.dumps(index))
+    spec = GraphSpec(
+        "g.onnx", (TensorSpec("x", "int64", (k,)),), (TensorSpec("y", "float32", (1, k)),)
+    )
+    return folder, spec
+
+
+def _resident_bytes() -> int:
+    return int(open("/proc/self/statm").read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def test_the_pool_hands_onnx_runtime_torch_owned_buffers(gather_folder):
+    folder, _ = gather_folder
+    pool = WeightPool(folder, "weights.json", torch.device("cpu"))
+    (value,) = pool.initializers("g.onnx").values()
+    buf = pool.buffer("w")
+    # no copy between the torch tensor and what ONNX Runtime is given
+    assert isinstance(buf, torch.Tensor) and value.data_ptr() == buf.data_ptr()
+    assert pool.loaded_bytes == N * 4
+
+
+def test_sessions_read_the_one_buffer_in_place(gather_folder):
+    folder, spec = gather_folder
+    pool = WeightPool(folder, "weights.json", torch.device("cpu"))
+    x = torch.arange(0, N, STRIDE)
+    runners = [OrtRunner(folder / "g.onnx", spec, weights=pool) for _ in range(2)]
+    before = [r.infer({"x": x})["y"].clone() for r in runners]
+    assert all((b > 0).all() for b in before)
+    pool.buffer("w").zero_()  # a session with a copy of its own would not see this
+    assert all((r.infer({"x": x})["y"] == 0).all() for r in runners)
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/statm"), reason="reads /proc/self/statm")
+def test_more_sessions_hold_no_more_weight_memory(gather_folder):
+    """Four sessions of one graph: after the first, each adds under a tenth of the weight to
+    the process; the same sessions without the pool add a whole copy each (the control shows
+    the measure sees copies)."""
+    folder, spec = gather_folder
+    x = torch.arange(0, N, STRIDE)
+
+    def growth(pool: WeightPool | None) -> list[int]:
+        runners, sizes = [], []
+        for _ in range(4):
+            runners.append(OrtRunner(folder / "g.onnx", spec, weights=pool))
+            runners[-1].infer({"x": x})  # every page of the weight read
+            sizes.append(_resident_bytes())
+        for r in runners:
+            r.deactivate()
+        return [b - a for a, b in itertools.pairwise(sizes)]
+
+    shared = growth(WeightPool(folder, "weights.json", torch.device("cpu")))
+    own = growth(None)
+    weight = N * 4
+    assert all(g < weight / 10 for g in shared), [g / weight for g in shared]
+    assert all(g > weight / 2 for g in own), [g / weight for g in own]
