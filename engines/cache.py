@@ -12,6 +12,7 @@ import json
 import logging
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
+from functools import lru_cache
 from pathlib import Path
 
 from adapedit.io import atomic_write_bytes
@@ -27,6 +28,43 @@ def file_digest(path: str | Path, chunk: int = 1 << 20) -> str:
             with open(p, "rb") as f:
                 while block := f.read(chunk):
                     h.update(block)
+    return h.hexdigest()
+
+
+def graph_digest(path: str | Path) -> str:
+    """sha256 of an ONNX graph and of every external-data file it reads — ``<file>.data`` or
+    the weights file a static export's UNet graphs share (``unet/weights-*.bin``) — so a graph
+    whose weights changed on disk has another digest."""
+    import onnx
+
+    path = Path(path)
+    model = onnx.load(str(path), load_external_data=False)
+    files = {
+        entry.value
+        for init in model.graph.initializer
+        if init.data_location == onnx.TensorProto.EXTERNAL
+        for entry in init.external_data
+        if entry.key == "location"
+    }
+    h = hashlib.sha256(_sha256(path).encode())
+    for name in sorted(files):
+        h.update(f"{name}:{_sha256(path.parent / name)}".encode())
+    return h.hexdigest()
+
+
+def _sha256(path: Path, chunk: int = 1 << 20) -> str:
+    """sha256 of one file, remembered for as long as its size and modification time hold (the
+    segments of a folder share one large weights file: hashed once per build, not per graph)."""
+    st = path.stat()
+    return _sha256_of(str(path.resolve()), st.st_size, st.st_mtime_ns, chunk)
+
+
+@lru_cache(maxsize=256)
+def _sha256_of(path: str, size: int, mtime_ns: int, chunk: int) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
     return h.hexdigest()
 
 
@@ -49,6 +87,12 @@ class PlanCache:
 
     def __init__(self, root: str | Path) -> None:
         self.root = Path(root)
+
+    def timing_cache(self, version: str, gpu: str) -> Path:
+        """The TensorRT timing cache every build under ``root`` for one TensorRT version and
+        GPU shares (kernel timings; TensorRT refuses a cache of another version or GPU)."""
+        tag = hashlib.sha256(f"{version}|{gpu}".encode()).hexdigest()[:16]
+        return self.root / f"timing-{tag}.cache"
 
     def paths(self, key: PlanKey) -> tuple[Path, Path]:
         return self.root / f"{key.digest}.plan", self.root / f"{key.digest}.json"

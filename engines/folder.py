@@ -115,7 +115,7 @@ def build_engines(
 
     Raises:
         EngineError: ``out`` exists, unknown backend, a profile given for a static export, no
-            segmented UNet, TensorRT missing or failing.
+            segmented UNet, a dynamic export for TensorRT, TensorRT missing or failing.
         ManifestError: the export folder is incomplete or not an export.
     """
     export_dir, out = Path(export_dir), Path(out)
@@ -137,6 +137,15 @@ def build_engines(
             where=str(export_dir),
             expected="the segmented or fused form ('adapedit export --form segmented|fused')",
             got="whole UNet only",
+        )
+    if backend == "trt" and not manifest.static:
+        raise EngineError(
+            "TensorRT builds static exports only: a dynamic segmented UNet passes shape tensors "
+            "between its graphs, which a TensorRT profile cannot describe",
+            where=str(export_dir),
+            expected="an export made with 'adapedit export --shapes static'",
+            got="shapes dynamic",
+            field="shapes",
         )
     own = default_profile(manifest)
     if manifest.static and profile is not None and profile != own:

@@ -1,7 +1,8 @@
-"""Native TensorRT: a builder from (fp16) ONNX as a strongly-typed network with one optimisation
-profile, plans cached by (ONNX hash, TensorRT version, GPU, profile), and a runner that binds
-torch CUDA tensors with ``set_tensor_address`` and runs ``execute_async_v3`` on the runtime's
-stream, with input shapes and output buffers set once per shape.
+"""Native TensorRT: a builder from (fp16) ONNX of a static export as a strongly-typed network with
+one optimisation profile and a timing cache shared by every graph, plans cached by (hash of the
+graph and its weights, TensorRT version, GPU, profile), and a runner that binds aligned torch CUDA
+tensors with ``set_tensor_address`` and runs ``execute_async_v3`` on the runtime's stream, with
+input shapes and output buffers set once per shape.
 
 ``tensorrt`` is imported lazily: this module imports on a machine without it, and everything but
 ``build_plan``/``TrtRunner.activate`` is plain Python (tested on the CPU). It is written against
@@ -16,9 +17,10 @@ from pathlib import Path
 
 import torch
 
-from adapedit.engines.base import TORCH_DTYPES, Profile, Runner, eval_shape
-from adapedit.engines.cache import PlanCache, PlanKey, file_digest
+from adapedit.engines.base import TORCH_DTYPES, GraphSlots, Profile, Runner, eval_shape
+from adapedit.engines.cache import PlanCache, PlanKey, graph_digest
 from adapedit.errors import EngineError
+from adapedit.io import atomic_write_bytes
 from adapedit.spec import GraphSpec
 
 log = logging.getLogger("adapedit.engines")
@@ -56,14 +58,23 @@ def gpu_name() -> str:
 
 
 def plan_key(onnx_path: Path, shapes: dict, version: str, gpu: str) -> PlanKey:
-    return PlanKey(file_digest(onnx_path), version, gpu, json.dumps(shapes, sort_keys=True))
+    """What a plan of ``onnx_path`` depends on: the graph and every weights file it reads (the
+    shared ``unet/weights-*.bin`` of a static export too), TensorRT's version, the GPU and the
+    profile's shapes."""
+    return PlanKey(graph_digest(onnx_path), version, gpu, json.dumps(shapes, sort_keys=True))
 
 
 def build_plan(
-    onnx_path: Path, shapes: dict[str, tuple[tuple[int, ...], ...]], workspace_gb: float = 8.0
+    onnx_path: Path,
+    shapes: dict[str, tuple[tuple[int, ...], ...]],
+    workspace_gb: float = 8.0,
+    *,
+    timing_cache: Path | None = None,
 ) -> bytes:
     """Build a serialized plan from an ONNX file: strongly typed (the ONNX dtypes decide the
-    precision: fp16 ONNX → fp16 engine; TensorRT 11 has no FP16 flag), one profile."""
+    precision: fp16 ONNX → fp16 engine; TensorRT 11 has no FP16 flag), one profile. With
+    ``timing_cache`` the build starts from the kernel timings stored there and adds its own
+    (every graph of a folder shares one file: the UNet's segments time the same layers)."""
     trt = _trt()
     logger = trt.Logger(trt.Logger.WARNING)
     builder = trt.Builder(logger)
@@ -79,8 +90,25 @@ def build_plan(
             expected="a graph TensorRT supports",
             got=errors[:3],
         )
+    shape_inputs = [
+        network.get_input(i).name
+        for i in range(network.num_inputs)
+        if network.get_input(i).is_shape_tensor
+    ]
+    if shape_inputs:  # only a dynamic export passes shapes between graphs
+        raise EngineError(
+            "the graph takes shape tensors, which TensorRT needs values for",
+            where=str(onnx_path),
+            expected="a static export ('adapedit export --shapes static')",
+            got=f"shape-tensor inputs {shape_inputs}",
+        )
     config = builder.create_builder_config()
     config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(workspace_gb * (1 << 30)))
+    cache = None
+    if timing_cache is not None:
+        stored = timing_cache.read_bytes() if timing_cache.is_file() else b""
+        cache = config.create_timing_cache(stored)
+        config.set_timing_cache(cache, ignore_mismatch=False)
     opt_profile = builder.create_optimization_profile()
     for name, (lo, opt, hi) in shapes.items():
         opt_profile.set_shape(name, lo, opt, hi)
@@ -93,6 +121,8 @@ def build_plan(
             expected="a serialized plan",
             got="None (see TensorRT's log)",
         )
+    if cache is not None:
+        atomic_write_bytes(timing_cache, bytes(memoryview(config.get_timing_cache().serialize())))
     return bytes(plan)
 
 
@@ -104,21 +134,63 @@ def build_cached(
     unet_multiple: int,
     cache: PlanCache,
 ) -> Path:
-    """The plan for one graph, from the cache or freshly built (stale/corrupt plans rebuilt)."""
+    """The plan for one graph, from the cache or freshly built (stale/corrupt plans rebuilt),
+    with the cache's shared timing cache."""
     trt = _trt()
     shapes = profile_shapes(spec, profile, vae_scale, unet_multiple)
-    key = plan_key(onnx_path, shapes, trt.__version__, gpu_name())
-    path, built = cache.get_or_build(key, lambda: build_plan(onnx_path, shapes))
+    gpu = gpu_name()
+    key = plan_key(onnx_path, shapes, trt.__version__, gpu)
+    timing = cache.timing_cache(trt.__version__, gpu)
+    path, built = cache.get_or_build(
+        key, lambda: build_plan(onnx_path, shapes, timing_cache=timing)
+    )
     log.info("%s plan for %s: %s", "built" if built else "cached", onnx_path.name, path)
     return path
 
 
+#: TensorRT requires every tensor address it is given to be aligned to this many bytes.
+ALIGNMENT = 256
+
+
+def aligned_empty(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """An uninitialised tensor whose data starts on an :data:`ALIGNMENT`-byte boundary, on any
+    device (a view into a slightly larger allocation)."""
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    nbytes = itemsize * int(torch.Size(shape).numel())
+    raw = torch.empty(nbytes + ALIGNMENT, dtype=torch.uint8, device=device)
+    skip = -raw.data_ptr() % ALIGNMENT
+    return raw[skip : skip + nbytes].view(dtype).view(shape)
+
+
+def capture_graph(enqueue, stream) -> torch.cuda.CUDAGraph:
+    """``enqueue()`` captured as a CUDA graph on ``stream`` (a torch CUDA stream)."""
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph, stream=stream):
+        if not enqueue():
+            raise EngineError(
+                "TensorRT could not enqueue the engine inside a CUDA graph capture",
+                where="TrtRunner",
+                expected="execute_async_v3 to return True",
+                got=False,
+            )
+    return graph
+
+
 class TrtRunner(Runner):
     """One TensorRT engine; tensors are CUDA torch tensors, run with ``execute_async_v3`` on
-    ``stream`` (default: the current torch stream). Input shapes and output buffers are set
-    once per plan; each call sets the input addresses and enqueues. With ``cuda_graph`` the
-    enqueue is captured as a CUDA graph on the second call and replayed while the inputs stay at
-    the same addresses (the fused UNet's fixed buffers)."""
+    ``stream`` (default: the current torch stream).
+
+    Input shapes and output buffers are set once per plan; each call binds the inputs. TensorRT
+    reads only :data:`ALIGNMENT`-aligned, contiguous inputs on the device: any other input (a
+    view such as ``ids.split(1)[1]``, a CPU tensor) is copied into a staging buffer of the
+    runner's first, never handed over as it is, and every address or shape TensorRT refuses is
+    an :class:`EngineError` naming the tensor. With ``cuda_graph`` each set of bound addresses
+    (:class:`~adapedit.engines.base.GraphSlots`) runs once to warm up, is captured as a CUDA
+    graph on its second call and replayed after that: new data at the same addresses (the fused
+    UNet's fixed buffers) replays, a changed address captures a graph of its own.
+
+    ``device`` is the CUDA device the engine runs on.
+    """
 
     def __init__(
         self,
@@ -128,15 +200,18 @@ class TrtRunner(Runner):
         *,
         stream: torch.cuda.Stream | None = None,
         cuda_graph: bool = False,
+        device: torch.device | str = "cuda",
     ) -> None:
         super().__init__(spec, name or str(plan_path))
         self.plan_path = Path(plan_path)
         self.stream = stream
         self.cuda_graph = cuda_graph
-        self._graph: tuple[tuple[int, ...], torch.cuda.CUDAGraph] | None = None
-        self._runs = 0
+        self.device = torch.device(device)
         self.engine = self.context = None
+        self._slots = GraphSlots()
+        self._graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self._buffers: dict[tuple[str, tuple[int, ...]], torch.Tensor] = {}
+        self._staging: dict[str, torch.Tensor] = {}
         self._outputs: dict[str, torch.Tensor] = {}
 
     def _activate(self) -> None:
@@ -162,13 +237,10 @@ class TrtRunner(Runner):
     def _deactivate(self) -> None:
         self.context = self.engine = None
         self._buffers.clear()
+        self._staging.clear()
         self._outputs = {}
-        self._graph, self._runs = None, 0
-
-    def _device(self, name: str) -> str:
-        """Shape tensors (shapes passed across the cuts of a dynamic export) live in host
-        memory, as TensorRT reads them during shape inference; every other tensor on the GPU."""
-        return "cpu" if self.engine.is_shape_inference_io(name) else "cuda"
+        self._slots.clear()
+        self._graphs.clear()
 
     def _plan(
         self,
@@ -176,41 +248,64 @@ class TrtRunner(Runner):
         output_shapes: dict[str, tuple[int, ...]],
     ) -> None:
         for name, shape in input_shapes.items():
-            self.context.set_input_shape(name, shape)
+            if not self.context.set_input_shape(name, shape):
+                raise EngineError(
+                    f"TensorRT refused the shape of input {name!r}",
+                    where=self.name,
+                    expected="a shape inside the engine's optimisation profile",
+                    got=list(shape),
+                )
         outputs = {}
         for t in self.spec.outputs:
             shape = tuple(self.context.get_tensor_shape(t.name))
             key = (t.name, shape)
             if key not in self._buffers:
-                self._buffers[key] = torch.empty(
-                    shape, dtype=TORCH_DTYPES[t.dtype], device=self._device(t.name)
-                )
+                self._buffers[key] = aligned_empty(shape, TORCH_DTYPES[t.dtype], self.device)
             outputs[t.name] = self._buffers[key]
-            self.context.set_tensor_address(t.name, outputs[t.name].data_ptr())
+            self._bind(t.name, outputs[t.name])
         self._outputs = outputs
-        self._graph, self._runs = None, 0
+        self._staging.clear()
+
+    def _bind(self, name: str, x: torch.Tensor) -> None:
+        if not self.context.set_tensor_address(name, x.data_ptr()):
+            raise EngineError(
+                f"TensorRT refused the address of tensor {name!r}",
+                where=self.name,
+                expected=f"a {ALIGNMENT}-byte aligned device address",
+                got=hex(x.data_ptr()),
+            )
+
+    def _input(self, name: str, x: torch.Tensor) -> torch.Tensor:
+        """``x`` as TensorRT may read it: itself when it is aligned, contiguous and on the
+        device; else a copy in the runner's staging buffer for ``name``."""
+        if x.device == self.device and x.is_contiguous() and x.data_ptr() % ALIGNMENT == 0:
+            return x
+        buf = self._staging.get(name)
+        if buf is None or buf.shape != x.shape or buf.dtype != x.dtype:
+            buf = self._staging[name] = aligned_empty(tuple(x.shape), x.dtype, self.device)
+        return buf.copy_(x)
 
     def _run(self, feeds: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        keep = []
+        bound = []
         for t in self.spec.inputs:
-            x = feeds[t.name].to(self._device(t.name)).contiguous()
-            keep.append(x)
-            self.context.set_tensor_address(t.name, x.data_ptr())
-        stream = self.stream or torch.cuda.current_stream()
-        ptrs = tuple(x.data_ptr() for x in keep)
-        if self._graph is not None and self._graph[0] == ptrs:
-            self._graph[1].replay()
-            return self._outputs
-        if self.cuda_graph and self._runs >= 1:  # warmed up: capture this enqueue
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, stream=stream):
-                ok = self.context.execute_async_v3(stream.cuda_stream)
-            if ok:
-                self._graph = (ptrs, graph)
+            x = self._input(t.name, feeds[t.name])
+            self._bind(t.name, x)
+            bound.append(x.data_ptr())
+        stream = self.stream or torch.cuda.current_stream(self.device)
+
+        def enqueue() -> bool:
+            return self.context.execute_async_v3(stream.cuda_stream)
+
+        if self.cuda_graph:
+            addresses = (*bound, *(b.data_ptr() for b in self._outputs.values()))
+            graph_id, runs = self._slots.slot(addresses)
+            graph = self._graphs.get(graph_id)
+            if graph is None and graph_id >= 0 and runs >= 1:  # warmed up: capture
+                graph = self._graphs[graph_id] = capture_graph(enqueue, stream)
+            if graph is not None:
                 graph.replay()
                 return self._outputs
-        self._runs += 1
-        if not self.context.execute_async_v3(stream.cuda_stream):
+        if not enqueue():
             raise EngineError(
                 "TensorRT execution failed",
                 where=self.name,

@@ -5,13 +5,16 @@ from __future__ import annotations
 
 import importlib.util
 import logging
+import types
 
 import pytest
+import torch
 
 from adapedit.engines.base import Profile
 from adapedit.engines.cache import PlanCache, PlanKey, file_digest
 from adapedit.engines.trt import TrtRunner, profile_shapes
 from adapedit.errors import EngineError
+from adapedit.spec import GraphSpec, TensorSpec
 
 KEY = PlanKey("a" * 64, "10.9.0", "NVIDIA H100 sm90", '{"sample": [[1,4,16,16]]}')
 
@@ -110,3 +113,279 @@ def test_tensorrt_engines_match_onnxruntime(tiny_export, tmp_path):
         a = ort_r.infer({"latent": z})["image"]
         b = trt_r.infer({"latent": z.cuda()})["image"].cpu()
     assert (a - b).abs().max() < 1e-2
+
+
+# -- the runner's plain-Python logic, with a fake engine where no GPU and no TensorRT exist ----
+
+
+class FakeContext:
+    """What ``IExecutionContext`` does for the runner: shapes, addresses, enqueues (each
+    enqueue copies the bound input to the bound output, as an identity engine would)."""
+
+    def __init__(self, refuse: set[str] = frozenset()) -> None:
+        self.shapes: dict[str, tuple] = {}
+        self.addresses: dict[str, int] = {}
+        self.tensors: dict[int, torch.Tensor] = {}  # address → tensor, to run the "engine"
+        self.enqueued = 0
+        self.refuse = refuse
+
+    def set_input_shape(self, name, shape):
+        if name in self.refuse:
+            return False
+        self.shapes[name] = tuple(shape)
+        return True
+
+    def get_tensor_shape(self, name):
+        return self.shapes["x"]
+
+    def set_tensor_address(self, name, address):
+        if name in self.refuse or address % 256:
+            return False  # TensorRT refuses misaligned addresses
+        self.addresses[name] = address
+        return True
+
+    def execute_async_v3(self, stream_handle):
+        self.enqueued += 1
+        self.tensors[self.addresses["y"]].copy_(self.tensors[self.addresses["x"]])
+        return True
+
+
+class FakeGraph:
+    """A captured enqueue: replaying it runs what was captured, at the captured addresses."""
+
+    def __init__(self, enqueue, context: FakeContext) -> None:
+        self.addresses = dict(context.addresses)
+        self.context, self.enqueue, self.replays = context, enqueue, 0
+
+    def replay(self):
+        self.replays += 1
+        live = dict(self.context.addresses)
+        self.context.addresses.update(self.addresses)
+        self.enqueue()
+        self.context.addresses.update(live)
+
+
+SPEC = GraphSpec(
+    "g.onnx", (TensorSpec("x", "float32", (2, 8)),), (TensorSpec("y", "float32", (2, 8)),)
+)
+
+
+def _runner(monkeypatch, context: FakeContext, *, cuda_graph: bool = False):
+    """A TrtRunner on the CPU over ``context``: tensors it allocates are registered with the
+    fake engine, and CUDA graph capture makes a :class:`FakeGraph`."""
+    from adapedit.engines import trt
+
+    graphs: list[FakeGraph] = []
+
+    def capture(enqueue, stream):
+        graphs.append(FakeGraph(enqueue, context))
+        return graphs[-1]
+
+    real_empty = trt.aligned_empty
+
+    def registered_empty(shape, dtype, device):
+        t = real_empty(shape, dtype, device)
+        context.tensors[t.data_ptr()] = t
+        return t
+
+    monkeypatch.setattr(trt, "capture_graph", capture)
+    monkeypatch.setattr(trt, "aligned_empty", registered_empty)
+    r = TrtRunner(
+        "g.plan",
+        SPEC,
+        stream=types.SimpleNamespace(cuda_stream=7),
+        cuda_graph=cuda_graph,
+        device="cpu",
+    )
+    r.engine, r.context, r.is_active = object(), context, True
+    return r, graphs
+
+
+def _aligned(x: torch.Tensor, context: FakeContext) -> torch.Tensor:
+    from adapedit.engines.trt import aligned_empty
+
+    t = aligned_empty(tuple(x.shape), x.dtype, x.device).copy_(x)
+    context.tensors[t.data_ptr()] = t
+    return t
+
+
+def test_aligned_buffers_start_on_256_bytes():
+    from adapedit.engines.trt import aligned_empty
+
+    for shape in ((1,), (3, 77), (2, 4, 5)):
+        for dtype in (torch.float16, torch.float32, torch.int64):
+            t = aligned_empty(shape, dtype, torch.device("cpu"))
+            assert t.data_ptr() % 256 == 0 and t.shape == shape and t.is_contiguous()
+
+
+def test_a_misaligned_input_is_staged_never_bound_as_it_is(monkeypatch):
+    context = FakeContext()
+    r, _ = _runner(monkeypatch, context)
+    rows = torch.randn(3, 2, 8).split(1)  # views: the second starts 64 bytes in
+    x = rows[1][0]
+    assert x.data_ptr() % 256 != 0
+    out = r.infer({"x": x})["y"]
+    assert context.addresses["x"] % 256 == 0 and context.addresses["x"] != x.data_ptr()
+    assert torch.equal(out, x)
+
+
+def test_what_tensorrt_refuses_is_an_error_naming_the_tensor(monkeypatch):
+    r, _ = _runner(monkeypatch, FakeContext(refuse={"x"}))
+    with pytest.raises(EngineError, match="'x'") as e:
+        r.infer({"x": torch.randn(2, 8)})
+    assert "shape" in e.value.what
+    with pytest.raises(EngineError, match="wrong shape"):
+        r.infer({"x": torch.randn(2, 9)})  # the manifest's shape, checked first
+
+
+def test_cuda_graph_replays_new_data_at_the_same_address_and_recaptures_elsewhere(monkeypatch):
+    context = FakeContext()
+    r, graphs = _runner(monkeypatch, context, cuda_graph=True)
+    a = _aligned(torch.randn(2, 8), context)
+    b = _aligned(torch.randn(2, 8), context)
+    r.infer({"x": a})  # warm-up: a plain enqueue
+    assert (context.enqueued, len(graphs)) == (1, 0)
+    out = r.infer({"x": a})["y"]  # captured, then replayed
+    assert len(graphs) == 1 and graphs[0].replays == 1 and torch.equal(out, a)
+    a.copy_(torch.randn(2, 8))  # new data, same address: a replay
+    assert torch.equal(r.infer({"x": a})["y"], a) and graphs[0].replays == 2 and len(graphs) == 1
+    assert torch.equal(r.infer({"x": b})["y"], b) and len(graphs) == 1  # another address: warm-up
+    assert torch.equal(r.infer({"x": b})["y"], b) and len(graphs) == 2  # … then its own graph
+    assert graphs[1].addresses["x"] == b.data_ptr() != graphs[0].addresses["x"]
+    a.copy_(torch.randn(2, 8))
+    assert torch.equal(r.infer({"x": a})["y"], a) and graphs[0].replays == 3  # the first again
+
+
+# -- the build, with a fake ``tensorrt`` module where the real one cannot be installed ----------
+
+
+class FakeTensorRT(types.ModuleType):
+    """The part of TensorRT's builder API ``build_plan`` uses: parsing always succeeds, a plan
+    names its graph, and the timing cache grows by one entry per build."""
+
+    __version__ = "10.9.0"
+
+    def __init__(self) -> None:
+        super().__init__("tensorrt")
+        self.caches_seen: list[bytes] = []  # what each build's timing cache started from
+        self.built: list[str] = []
+        fake = self
+
+        class Logger:
+            WARNING = 0
+
+            def __init__(self, level):
+                pass
+
+        class Network:
+            num_inputs = 0
+
+        class Cache:
+            def __init__(self, data: bytes) -> None:
+                self.data = data
+
+            def serialize(self):
+                return self.data
+
+        class Config:
+            def set_memory_pool_limit(self, *a):
+                pass
+
+            def create_timing_cache(self, data):
+                fake.caches_seen.append(bytes(data))
+                return Cache(bytes(data))
+
+            def set_timing_cache(self, cache, ignore_mismatch):
+                self.cache = cache
+
+            def get_timing_cache(self):
+                return self.cache
+
+            def add_optimization_profile(self, p):
+                pass
+
+        class Profile:
+            def set_shape(self, *a):
+                pass
+
+        class Builder:
+            def __init__(self, logger):
+                pass
+
+            def create_network(self, flags):
+                return Network()
+
+            def create_builder_config(self):
+                return Config()
+
+            def create_optimization_profile(self):
+                return Profile()
+
+            def build_serialized_network(self, network, config):
+                config.cache.data += b"timing;"
+                return f"plan of {network.path}".encode()
+
+        class OnnxParser:
+            def __init__(self, network, logger):
+                self.network = network
+
+            def parse_from_file(self, path):
+                self.network.path = path
+                fake.built.append(path)
+                return True
+
+        self.Logger, self.Builder, self.OnnxParser = Logger, Builder, OnnxParser
+        self.MemoryPoolType = types.SimpleNamespace(WORKSPACE=0)
+        self.NetworkDefinitionCreationFlag = types.SimpleNamespace(STRONGLY_TYPED=0)
+
+
+@pytest.fixture
+def fake_tensorrt(monkeypatch):
+    import sys
+
+    fake = FakeTensorRT()
+    monkeypatch.setitem(sys.modules, "tensorrt", fake)
+    return fake
+
+
+def test_a_dynamic_export_is_refused_before_any_tensorrt_build(
+    tiny_export, tmp_path, fake_tensorrt
+):
+    from adapedit.engines.folder import build_engines
+
+    with pytest.raises(EngineError, match="static exports only") as e:
+        build_engines(tiny_export[0], tmp_path / "eng", backend="trt", cache_dir=tmp_path / "c")
+    assert "--shapes static" in str(e.value) and e.value.field == "shapes"
+    assert fake_tensorrt.built == [] and not (tmp_path / "eng").exists()
+
+
+def test_every_graph_of_a_build_shares_one_timing_cache(
+    tiny_static_export, tmp_path, fake_tensorrt
+):
+    from adapedit.engines.folder import build_engines, session_graphs
+
+    folder, m = tiny_static_export
+    build_engines(folder, tmp_path / "eng", backend="trt", cache_dir=tmp_path / "c", progress=False)
+    n = len(session_graphs(m).all_graphs())
+    assert len(fake_tensorrt.built) == n
+    # each build started from what the builds before it had timed
+    assert fake_tensorrt.caches_seen == [b"timing;" * i for i in range(n)]
+    (cache,) = (tmp_path / "c").glob("timing-*.cache")
+    assert cache.read_bytes() == b"timing;" * n
+
+
+def test_a_plan_is_stale_when_the_shared_weights_change(tiny_static_export, tmp_path):
+    import shutil
+
+    from adapedit.engines.trt import plan_key
+
+    folder, m = tiny_static_export
+    copy = tmp_path / "export"
+    shutil.copytree(folder, copy)
+    segment = copy / m.unet[0].segments[1].file
+    before = plan_key(segment, {}, "10.9.0", "gpu")
+    (weights,) = (copy / "unet").glob("weights-*.bin")
+    data = bytearray(weights.read_bytes())
+    data[len(data) // 2] ^= 0xFF  # one weight changed by a re-export; the graph file is the same
+    weights.write_bytes(bytes(data))
+    assert plan_key(segment, {}, "10.9.0", "gpu") != before
