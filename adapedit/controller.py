@@ -277,6 +277,9 @@ class EditController:
     _cast: dict[tuple[torch.device, torch.dtype], tuple[EditControls, EditSchedule]] = field(
         init=False, default_factory=dict
     )
+    _blend_tokens: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = field(
+        init=False, default_factory=dict
+    )
 
     def __post_init__(self) -> None:
         self.controls = EditControls.build(self.plan, self.keys)
@@ -320,15 +323,23 @@ class EditController:
             return
         maps = torch.stack(
             [
-                m[:, list(toks)].sum(dim=-1) if toks else torch.zeros_like(m[:, 0])
-                for m, toks in (
-                    (src_map, self.plan.blend_source),
-                    (edt_map, self.plan.blend_target),
-                )
+                m[:, toks].sum(dim=-1) if len(toks) else torch.zeros_like(m[:, 0])
+                for m, toks in zip((src_map, edt_map), self._blend_index(src_map), strict=True)
             ]
         ).reshape(2, *hw)  # [2, h, w]
         # The mask is max-normalised, so a sum over layers and steps gives P2P's mean's mask.
         self.blend_maps = maps if self.blend_maps is None else self.blend_maps + maps
+
+    def _blend_index(self, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The LocalBlend words' token indices of the source and the edit prompt, as int64
+        tensors on ``like``'s device (copied there once per edit, not at every step)."""
+        index = self._blend_tokens.get(like.device)
+        if index is None:
+            index = self._blend_tokens[like.device] = tuple(
+                torch.tensor(list(toks), dtype=torch.long).to(like.device)
+                for toks in (self.plan.blend_source, self.plan.blend_target)
+            )
+        return index
 
     def after_step(self, step: int, latents: torch.Tensor) -> torch.Tensor:
         """After each scheduler step, on latents [2, C, H, W] (source, edit): the source back on

@@ -175,7 +175,8 @@ class EditPipeline(ABC):
         step: int,
     ) -> torch.Tensor:
         """One UNet call, the ``step``-th of its pass: noise prediction [B, 4, h, w] for latents
-        ``x`` at timestep ``t``, with ``controller`` at the controlled layers."""
+        ``x`` at timestep ``t`` (a 0-dim tensor on :attr:`device`, put there once per pass so
+        that no step copies from the host), with ``controller`` at the controlled layers."""
 
     @abstractmethod
     def decode_one(self, latent: torch.Tensor) -> torch.Tensor:
@@ -273,6 +274,7 @@ class EditPipeline(ABC):
         scheduler = make_scheduler(sampler.scheduler, self.scheduler_config)
         scheduler.set_timesteps(sampler.steps)
         timesteps = scheduler.timesteps[start:]
+        on_device = self.to_device(timesteps)  # the UNet's copy; the scheduler keeps its own
         if start == 0:
             latents = latents * scheduler.init_noise_sigma
         else:
@@ -281,7 +283,7 @@ class EditPipeline(ABC):
             latents = scheduler.add_noise(latents, noise, timesteps[:1])
         for step, t in enumerate(tqdm(timesteps, desc=desc, disable=not progress, leave=False)):
             x_in = scheduler.scale_model_input(torch.cat([latents, latents]), t)
-            eps = self.unet(x_in, t, embeddings, controller, step).to(latents.dtype)
+            eps = self.unet(x_in, on_device[step], embeddings, controller, step).to(latents.dtype)
             eps_u, eps_c = eps.chunk(2)
             eps = eps_u + sampler.guidance * (eps_c - eps_u)
             latents = scheduler.step(eps, t, latents).prev_sample
@@ -290,6 +292,13 @@ class EditPipeline(ABC):
             if record is not None:
                 record.append(latents.detach().cpu().clone())
         return latents
+
+    def to_device(self, x: torch.Tensor) -> torch.Tensor:
+        """A small host tensor (timesteps, indices) on :attr:`device`, copied once, before a
+        loop: on a GPU from pinned memory, asynchronously, so the host does not wait."""
+        if self.device.type != "cuda":
+            return x.to(self.device)
+        return x.pin_memory().to(self.device, non_blocking=True)
 
     def num_steps(self, sampler: SamplerConfig) -> int:
         """UNet calls per pass (``steps`` for DDIM, ``steps + 1`` for PNDM's PLMS warm-up)."""
@@ -316,11 +325,12 @@ class EditPipeline(ABC):
         scheduler = make_scheduler(INVERSION_SCHEDULER, self.scheduler_config)
         scheduler.set_timesteps(sampler.steps)
         timesteps, alphas = inversion_schedule(scheduler)  # [N + 1] each
+        on_device = self.to_device(timesteps)
         kind = scheduler.config.prediction_type
         emb = INVERSION.stack(None, {"source": cond})  # [1, 77, D]
         z, out = z0, [z0]
         for i in tqdm(range(len(timesteps) - 1), desc="invert", disable=not progress, leave=False):
-            output = self.unet(z, timesteps[i], emb, None, i).to(z.dtype)
+            output = self.unet(z, on_device[i], emb, None, i).to(z.dtype)
             eps = to_epsilon(output, z, alphas[i], kind)  # ε_θ(z_{t_i}, t_i, c)
             z = ddim_inversion_step(z, eps, alphas[i], alphas[i + 1])  # z_{t_{i+1}}
             out.append(z)

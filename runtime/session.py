@@ -13,7 +13,7 @@ from adapedit.config import EditConfig, SamplerConfig
 from adapedit.controller import Controller
 from adapedit.engines.base import Runner
 from adapedit.engines.folder import load_engine_folder, make_runner
-from adapedit.engines.ort import OrtOptions
+from adapedit.engines.ort import OrtOptions, check_providers
 from adapedit.engines.weights import WeightPool
 from adapedit.errors import EngineError, ManifestError
 from adapedit.geometry import is_controlled_by_rule, is_cross_layer
@@ -80,6 +80,15 @@ class EditSession(EditPipeline):
         self.engine_dtype = ENGINE_DTYPES[manifest.precision]
         self.ort = ort
         options = ort or config.ort
+        if config.backend == "ort":  # before any engine is made: no silent CPU run
+            check_providers(options, f"engine folder {folder}")
+        elif not torch.cuda.is_available():
+            raise EngineError(
+                "a TensorRT engine folder needs a CUDA device, and torch sees none",
+                where=str(folder),
+                expected="an NVIDIA GPU with torch.cuda.is_available()",
+                got=f"torch {torch.__version__} without CUDA",
+            )
         self.device = options.device if config.backend == "ort" else torch.device("cuda")
         self.stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
         self.weights = (
@@ -210,7 +219,7 @@ class EditSession(EditPipeline):
         controller: Controller | None,
         step: int,
     ) -> torch.Tensor:
-        timestep = torch.tensor([float(t)], dtype=torch.float32, device=self.device)
+        timestep = t.reshape(1).to(torch.float32)  # on the device already: no host copy
         fused = self.fused(x.shape[0])
         use_fused = fused is not None and (
             self.form == "fused" or fused.accepts(controller) or not self._has_segments(x.shape[0])
