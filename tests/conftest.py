@@ -136,3 +136,35 @@ def png():
     from adapedit.io import png_bytes
 
     return lambda pixels: png_bytes(Image.fromarray(pixels))
+
+
+@pytest.fixture()
+def forbid_model_work(monkeypatch):
+    """Any model work from here on raises ``AssertionError`` and is recorded in the list this
+    returns: every engine run (``Runner.infer``, the class every runner subclasses, so runners
+    that exist now and runners made later, such as a session's VAE encoder on its first image)
+    and every PyTorch module call (``torch.nn.Module.__call__``: the reference pipeline's text
+    encoder, UNet and VAE). A test of a refusal "before model work" uses it and asserts the
+    list is empty at the end (the raise alone may be caught, e.g. by the CLI's exit code 1)."""
+    from adapedit.engines.base import Runner
+
+    ran: list[str] = []
+
+    def engine_run(self, *args, **kwargs):
+        ran.append(f"engine {self.name}")
+        raise AssertionError(f"engine {self.name!r} ran before the input was refused")
+
+    def module_call(self, *args, **kwargs):
+        ran.append(f"module {type(self).__name__}")
+        raise AssertionError(f"{type(self).__name__} ran before the input was refused")
+
+    classes, todo = [Runner], [Runner]
+    while todo:  # a backend that overrides ``infer`` is guarded too
+        for sub in todo.pop().__subclasses__():
+            classes.append(sub)
+            todo.append(sub)
+    for cls in classes:
+        if "infer" in vars(cls):
+            monkeypatch.setattr(cls, "infer", engine_run)
+    monkeypatch.setattr(torch.nn.Module, "__call__", module_call)
+    return ran

@@ -128,7 +128,10 @@ def test_an_encoded_photo_of_another_size_is_resized_and_recorded(tiny_pipeline,
 
 
 @pytest.fixture()
-def no_model_work(tiny_pipeline, monkeypatch):
+def no_model_work(tiny_pipeline, monkeypatch, forbid_model_work):
+    """The reference pipeline, with every PyTorch module call forbidden (``forbid_model_work``)
+    and its four model steps too."""
+
     def forbidden(*a, **k):
         raise AssertionError("model work before the input was checked")
 

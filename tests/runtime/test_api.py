@@ -104,7 +104,7 @@ def test_parse_request_needs_both_prompts_as_strings():
     ],
 )
 def test_bad_input_is_refused_before_model_work(
-    tiny_session, source, target, options, error, field
+    tiny_session, source, target, options, error, field, forbid_model_work
 ):
     edit, sampler = parse_options(options)
     with pytest.raises(error) as e:
@@ -113,6 +113,7 @@ def test_bad_input_is_refused_before_model_work(
     assert e.value.field == field
     with pytest.raises(error):
         plain_edit(tiny_session, source, target, **options)
+    assert forbid_model_work == []
 
 
 def test_plain_edit_equals_the_session_result(tiny_session):
@@ -149,32 +150,73 @@ def test_plain_edit_from_threads_is_serialised(tiny_session):
         assert r["tau"] == alone[i % 2]["tau"]
 
 
-def test_validator_beside_an_edit_disturbs_neither(tiny_session):
+def test_validator_beside_an_edit_disturbs_neither(tiny_session, monkeypatch):
     """The validator has its own tokenizer: one shared with the session between threads would
     mix padding and truncation settings (a long prompt read as 77 tokens, an edit's token ids
-    unpadded). The session tokenizes as an edit does while the validator checks prompts."""
+    unpadded). The interleaving is forced, not left to thread timing: each side is held inside
+    its own tokenization, after the tokenizer took that call's settings and before it encodes,
+    while the other side tokenizes in full. Mutation check: a validator on the session's
+    tokenizer fails each half of this test, every time."""
     validate = Validator(tiny_session)
     prompts = ["", SRC, TGT]
     expected = tiny_session.tokens(prompts)
-    done = threading.Event()
-    outcomes: list[str] = []
+    assert expected.shape == (3, 77)
+    tokenizer_class = type(tiny_session.tokenizer)
+    assert type(validate.tokenizer) is tokenizer_class
+    settle = tokenizer_class.set_truncation_and_padding  # what the encoding then reads
+    held: dict[str, threading.Thread | None] = {"thread": None}
+    inside, other_done = threading.Event(), threading.Event()
 
-    def check_until_done() -> None:
-        while not done.is_set():
+    def set_and_hold(self, *args, **kwargs):
+        settle(self, *args, **kwargs)
+        if threading.current_thread() is held["thread"] and not inside.is_set():
+            inside.set()  # this side's settings are in place; the other side runs now
+            assert other_done.wait(30), "the other side did not finish"
+
+    monkeypatch.setattr(tokenizer_class, "set_truncation_and_padding", set_and_hold)
+
+    def validate_long() -> str:
+        try:
+            validate(LONG, TGT, *parse_options({}))
+        except PromptError as e:
+            return "ok" if "got: 82 tokens" in str(e) else str(e)
+        return "long prompt accepted"
+
+    def beside(held_side, other_side) -> list:
+        """``held_side`` in a thread, held inside its tokenization while ``other_side`` runs
+        in full; the outcomes of both."""
+        inside.clear()
+        other_done.clear()
+        out: list = [None, None]
+
+        def run_held() -> None:
             try:
-                validate(SRC, TGT, *parse_options({}))
-                validate(LONG, TGT, *parse_options({}))
-                outcomes.append("long prompt accepted")
-            except PromptError as e:
-                outcomes.append("ok" if "got: 82 tokens" in str(e) else str(e))
+                out[0] = held_side()
+            except BaseException as e:  # re-raised below, in the test's thread
+                out[0] = e
 
-    th = threading.Thread(target=check_until_done)
-    th.start()
-    try:
-        for _ in range(1000):
-            ids = tiny_session.tokens(prompts)
-            assert ids.shape == expected.shape and bool((ids == expected).all())
-    finally:
-        done.set()
-        th.join()
-    assert outcomes and set(outcomes) == {"ok"}, set(outcomes)
+        th = threading.Thread(target=run_held)
+        held["thread"] = th
+        th.start()
+        try:
+            assert inside.wait(30), "the held side never reached its tokenization"
+            out[1] = other_side()
+        finally:
+            other_done.set()
+            th.join(60)
+            held["thread"] = None
+        assert not th.is_alive()
+        if isinstance(out[0], BaseException):
+            raise out[0]
+        return out
+
+    # an edit's tokenization held while the validator checks prompts (its own settings: no
+    # padding, no truncation) ...
+    ids, outcome = beside(lambda: tiny_session.tokens(prompts), validate_long)
+    assert outcome == "ok", outcome
+    assert ids.shape == expected.shape and bool((ids == expected).all()), ids.shape
+    # ... and the validator's held while an edit tokenizes (padding, truncation at 77)
+    outcome, ids = beside(validate_long, lambda: tiny_session.tokens(prompts))
+    assert outcome == "ok", outcome
+    assert ids.shape == expected.shape and bool((ids == expected).all()), ids.shape
+    validate(SRC, TGT, *parse_options({}))  # the validator is unharmed

@@ -42,15 +42,25 @@ def _check(ref, run, steps, relative=False):
     return p
 
 
+@pytest.fixture()
+def own_fused_session(tiny_fused_engines):
+    """A session of this test's own on the fused folder: the UNets it made (``_fused``,
+    ``_unets``, made on first use) are those this test's edits ran, whatever other tests ran
+    before on the shared ``tiny_fused_session``, in any order."""
+    with EditSession(tiny_fused_engines) as session:
+        assert not session._fused and not session._unets
+        yield session
+
+
 @pytest.mark.parametrize("case", sorted(CASES))
-def test_fused_matches_the_reference(tiny_pipeline, tiny_fused_session, case):
+def test_fused_matches_the_reference(tiny_pipeline, own_fused_session, case):
     src, tgt, cfg = CASES[case]
     sampler = SamplerConfig(steps=5, seed=4)
     ref = tiny_pipeline.edit(src, tgt, cfg, sampler, record_latents=True)
-    run = tiny_fused_session.edit(src, tgt, cfg, sampler, record_latents=True)
+    run = own_fused_session.edit(src, tgt, cfg, sampler, record_latents=True)
     _check(ref, run, 5)
-    assert set(tiny_fused_session._fused) >= {4}  # the edit pass ran fused
-    assert not tiny_fused_session._unets  # … and nothing segmented
+    assert set(own_fused_session._fused) >= {4}  # the edit pass's fused UNet was made …
+    assert not own_fused_session._unets  # … and no segmented one: every UNet call ran fused
 
 
 @pytest.mark.parametrize(("scheduler", "calls"), [("pndm", 5), ("euler", 4), ("dpmpp", 4)])
@@ -74,13 +84,13 @@ def test_fused_matches_the_segmented_form_of_the_same_folder(tiny_fused_engines)
     assert fused._fused and not fused._unets and seg._unets and not seg._fused
 
 
-def test_a_python_controller_runs_segmented_beside_the_fused_form(tiny_fused_session):
+def test_a_python_controller_runs_segmented_beside_the_fused_form(own_fused_session):
     # observe_step wraps the controller in an observer the fused graph cannot run: the
     # session falls back to the folder's segmented UNet for that pass
-    r = tiny_fused_session.edit(
+    r = own_fused_session.edit(
         SRC, TGT, EditConfig(alpha_m=0.0), SamplerConfig(steps=2), observe_step=0
     )
-    assert r.layer_probs and tiny_fused_session._unets
+    assert r.layer_probs and own_fused_session._unets
 
 
 def test_fused_unet_refuses_a_foreign_controller(tiny_fused_session):
@@ -99,13 +109,10 @@ def test_control_inputs_of_the_wrong_shape_name_the_input(tiny_fused_session):
     assert e.value.expected == [77, 77]
 
 
-def test_another_layer_set_is_refused_before_any_engine_call(tiny_fused_session, monkeypatch):
-    calls = []
-    for r in tiny_fused_session.runners:
-        monkeypatch.setattr(r, "infer", lambda *a, **k: calls.append(1))
+def test_another_layer_set_is_refused_before_any_engine_call(tiny_fused_session, forbid_model_work):
     with pytest.raises(EngineError, match="another set of attention layers") as e:
         tiny_fused_session.edit(SRC, TGT, EditConfig(self_max_queries=16), SamplerConfig(steps=2))
-    assert e.value.field == "self_max_queries" and calls == []
+    assert e.value.field == "self_max_queries" and forbid_model_work == []
 
 
 def test_a_fused_folder_names_its_forms(tiny_engines):

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import os
 import socket
+import subprocess
 import threading
 import time
 from pathlib import Path
@@ -14,6 +15,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+import ray
 from ray.exceptions import ActorDiedError
 from ray.serve.exceptions import BackPressureError
 
@@ -138,13 +140,67 @@ def test_ray_editor_cancels_the_call_past_the_deadline():
     assert handle.calls[0].cancelled and editor.in_flight == 0
 
 
-def test_serve_refuses_bad_scale_out_options_before_starting_ray(tiny_engines, capsys):
-    assert main(["serve", "--engine-dir", str(tiny_engines), "--replicas", "0"]) == 2
-    assert "replica counts do not fit" in capsys.readouterr().err
-    assert main(["serve", "--engine-dir", str(tiny_engines), "--max-replicas", "2"]) == 2
-    assert "both bounds" in capsys.readouterr().err
-    assert main(["serve", "--engine-dir", str(tiny_engines), "--replicas", "1", "--port", "0"]) == 2
-    assert "needs a port number" in capsys.readouterr().err
+@pytest.fixture()
+def no_process_start(monkeypatch):
+    """Starting Ray (``ray.init``) or any process (``subprocess.Popen``, what Ray starts its
+    processes with) raises and is recorded in the list this returns; a refusal "before starting
+    Ray" leaves it empty (the raise alone would be caught: the command's exit code 1). The test
+    checks too that Ray is not initialised and that this process has no new child."""
+    started: list[str] = []
+    children = descendants(os.getpid())
+
+    def ray_init(*args, **kwargs):
+        started.append("ray.init")
+        raise AssertionError("Ray was started before the command was refused")
+
+    def popen(self, args, *rest, **kwargs):
+        started.append(f"process {args!r}")
+        raise AssertionError(f"a process was started before the command was refused: {args!r}")
+
+    monkeypatch.setattr(ray, "init", ray_init)
+    monkeypatch.setattr(subprocess.Popen, "__init__", popen)
+    assert not ray.is_initialized()
+    yield started
+    assert not ray.is_initialized()
+    assert descendants(os.getpid()) <= children, "a child process was started"
+
+
+def serve_refused(args: list[str], started: list[str], capsys) -> str:
+    """``adapedit serve ARGS`` is refused (exit code 2) with nothing started (``started`` from
+    ``no_process_start``); its error message."""
+    code = main(["serve", *args])
+    err = capsys.readouterr().err
+    assert started == [], f"started before the refusal: {started}; {err}"
+    assert code == 2, err
+    return err
+
+
+def test_serve_refuses_bad_scale_out_options_before_starting_ray(
+    tiny_engines, capsys, no_process_start
+):
+    engines = ["--engine-dir", str(tiny_engines)]
+
+    def refused(*args: str) -> str:
+        return serve_refused([*engines, *args], no_process_start, capsys)
+
+    assert "replica counts do not fit" in refused("--replicas", "0")
+    assert "both bounds" in refused("--max-replicas", "2")
+    assert "needs a port number" in refused("--replicas", "1", "--port", "0")
+
+
+@pytest.mark.parametrize("folder", ["empty", "not-an-engine-folder", "missing"])
+def test_serve_refuses_an_engine_folder_it_cannot_load_before_any_process_starts(
+    tiny_export, tmp_path, capsys, no_process_start, folder
+):
+    where = {
+        "empty": tmp_path / "empty",
+        "not-an-engine-folder": tiny_export[0],  # an export: ONNX graphs, but not built
+        "missing": tmp_path / "missing",
+    }[folder]
+    (tmp_path / "empty").mkdir()
+    args = ["--replicas", "2", "--engine-dir", str(where), "--quiet"]
+    err = serve_refused(args, no_process_start, capsys)
+    assert "not an engine folder" in err and f"where: {where}" in err, err
 
 
 def free_port() -> int:
