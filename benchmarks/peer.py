@@ -17,7 +17,7 @@ import traceback
 from pathlib import Path
 
 from benchmarks.common import machine_info, write_results
-from benchmarks.latency import timed
+from benchmarks.latency import JsonLines, timed
 
 
 def _graphed(fn, args):
@@ -37,6 +37,7 @@ def _graphed(fn, args):
 
 
 def run(a: argparse.Namespace) -> dict:
+    """Every row of the peer, each appended to ``a.jsonl`` as it is measured."""
     import torch
     from diffusers.models.attention_processor import AttnProcessor2_0
 
@@ -72,16 +73,20 @@ def run(a: argparse.Namespace) -> dict:
     def edit(x, t, ctx):
         return fused(x, t, ctx, *controls)
 
+    out = JsonLines(a.jsonl)
+
+    def row(name: str, fn) -> None:
+        rec["unet_call_s"][name] = timed(fn, device, a.warmup, a.repeats)
+        out.emit("peer_call", path=name, batch=4, seconds=rec["unet_call_s"][name])
+
     rows = {"torch-sdpa": (plain, True), "torch-fused": (edit, True)}
     for name, (fn, graphable) in rows.items():
         with torch.no_grad():
-            rec["unet_call_s"][name] = timed(lambda f=fn: f(x, t, ctx), device, a.warmup, a.repeats)
+            row(name, lambda f=fn: f(x, t, ctx))
             if device == "cuda" and graphable:
                 try:
                     replay = _graphed(fn, (x, t, ctx))
-                    rec["unet_call_s"][f"{name}-cudagraph"] = timed(
-                        replay, device, a.warmup, a.repeats
-                    )
+                    row(f"{name}-cudagraph", replay)
                 except Exception as e:  # one row failing must not lose the others
                     rec["notes"].append(f"{name}-cudagraph failed: {type(e).__name__}: {e}")
                     traceback.print_exc()
@@ -93,9 +98,7 @@ def run(a: argparse.Namespace) -> dict:
                 for _ in range(3):
                     compiled(x, t, ctx)
                 rec["compile_s"] = time.perf_counter() - t0
-                rec["unet_call_s"]["torch-fused-compiled"] = timed(
-                    lambda: compiled(x, t, ctx), device, a.warmup, a.repeats
-                )
+                row("torch-fused-compiled", lambda: compiled(x, t, ctx))
         except Exception as e:
             rec["notes"].append(f"torch.compile failed: {type(e).__name__}: {e}")
             traceback.print_exc()
@@ -134,6 +137,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=10)
     ap.add_argument("--results", default=str(Path(__file__).parent / "results"))
     ap.add_argument("--tag", default=None)
+    ap.add_argument("--jsonl", default=None, help="append each row here as it is measured")
     a = ap.parse_args()
     rec = run(a)
     stem = a.tag or f"peer_{a.model}_{a.height}_{a.precision}_{rec['device']}"

@@ -4,6 +4,7 @@ tensors, output buffers allocated once per shape and reused."""
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
@@ -78,6 +79,8 @@ def check_providers(options: OrtOptions, where: str) -> None:
 
     available = ort.get_available_providers()
     wanted = [PROVIDERS[p] for p in options.providers]
+    if options.device.type == "cuda" and hasattr(ort, "preload_dlls"):
+        _preload(ort)
     missing = [p for p in wanted if p not in available]
     if missing:
         raise EngineError(
@@ -93,6 +96,13 @@ def check_providers(options: OrtOptions, where: str) -> None:
             expected=f"{wanted} with torch.cuda.is_available()",
             got=f"torch {torch.__version__} without CUDA",
         )
+
+
+@lru_cache(maxsize=1)
+def _preload(ort) -> None:
+    """onnxruntime-gpu's CUDA and cuDNN libraries from the NVIDIA pip packages torch brought
+    (once): without them its CUDA provider fails to load."""
+    ort.preload_dlls()
 
 
 def provider_options(

@@ -20,6 +20,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from adapedit.errors import EngineError
+
 
 class WeightPool:
     """The stored weights of one folder, loaded on first use onto ``device`` (torch-owned)."""
@@ -33,6 +35,25 @@ class WeightPool:
         self._owned: dict[str, torch.Tensor] = {}  # key → the buffer ONNX Runtime reads
         self._values: dict[str, Any] = {}  # key → OrtValue over that buffer
         self._maps: dict[str, np.memmap] = {}
+
+    def adopt(self, folder: Path, index: str) -> None:
+        """Serve the graphs of another index over the same stored tensors too (the export an
+        engine folder was built from: its whole UNet reads the weights the session's graphs
+        read, stored under the same content keys), so they share these buffers.
+
+        Raises:
+            EngineError: that index names a stored tensor this pool does not have.
+        """
+        doc = json.loads((folder / index).read_text())
+        missing = {k for refs in doc["graphs"].values() for k in refs.values()} - set(self.tensors)
+        if missing:
+            raise EngineError(
+                "another folder's weights are not this pool's",
+                where=str(folder / index),
+                expected=f"stored tensors of {self.folder}",
+                got=f"{len(missing)} other tensors",
+            )
+        self.graphs = {**doc["graphs"], **self.graphs}
 
     def initializers(self, graph_file: str) -> dict[str, Any]:
         """``{initializer name: OrtValue}`` for a graph of the folder (empty if it has none)."""

@@ -16,6 +16,7 @@ from adapedit.engines.base import TORCH_DTYPES, Runner
 from adapedit.errors import EngineError
 from adapedit.fused import CONTROLS, MODES, hidden_output, key_input, map_output
 from adapedit.geometry import BLEND_DOWNSCALE, is_cross_layer, layer_downscale
+from adapedit.runtime.segmented import StageClock
 from adapedit.spec import NOISE, Manifest, UNetGraphs
 
 #: Which controller each fused mode feeds (None: a pass without one, e.g. plain generation).
@@ -54,6 +55,7 @@ class FusedUNet:
             for t in self.spec.inputs
         }
         self._loaded: EditController | None = None  # whose per-edit controls are in the buffers
+        self.clock = StageClock()  # the controller's share: inputs in, maps out
 
     def accepts(self, controller: Controller | None) -> bool:
         """Whether this graph can run ``controller``'s pass (AdapEdit's own controllers only:
@@ -81,20 +83,26 @@ class FusedUNet:
                 got=type(controller).__name__,
             )
         f = self.feeds
-        f["sample"].copy_(sample)
-        f["timestep"].copy_(timestep)
-        f["encoder_hidden_states"].copy_(encoder_hidden_states)
-        if self.mode == "edit":
-            self._load(controller)
-            _, schedule = controller.controls_like(f["ctl.cross_gate"])
-            f["ctl.cross_gate"].copy_(schedule.cross[step])
-            f["ctl.self_gate"].copy_(schedule.self[step : step + 1])
+        with self.clock.measure(self.device):
+            f["sample"].copy_(sample)
+            f["timestep"].copy_(timestep)
+            f["encoder_hidden_states"].copy_(encoder_hidden_states)
+            if self.mode == "edit":
+                self._load(controller)
+                _, schedule = controller.controls_like(f["ctl.cross_gate"])
+                f["ctl.cross_gate"].copy_(schedule.cross[step])
+                f["ctl.self_gate"].copy_(schedule.self[step : step + 1])
         out = self.runner.infer(f)
-        if self.mode == "edit":
-            controller.record_maps(out["maps.source"], out["maps.edit"], layers=self.blend_layers)
-        elif controller is not None:
-            for layer in self.cross:
-                controller.record(layer, step, out[map_output(layer)], out[hidden_output(layer)])
+        with self.clock.measure(self.device):
+            if self.mode == "edit":
+                controller.record_maps(
+                    out["maps.source"], out["maps.edit"], layers=self.blend_layers
+                )
+            elif controller is not None:
+                for layer in self.cross:
+                    controller.record(
+                        layer, step, out[map_output(layer)], out[hidden_output(layer)]
+                    )
         return out[NOISE]
 
     def _load(self, controller: EditController) -> None:

@@ -17,7 +17,11 @@ from adapedit.spec import NOISE, UNET_INPUTS, Manifest, UNetGraphs
 class StageClock:
     """Time spent in one stage of the runtime (the controller between segments): CUDA events on
     the GPU, so measuring adds no host synchronisation to a UNet call (read with
-    :meth:`seconds`, which waits for them), the wall clock on the CPU."""
+    :meth:`seconds`, which waits for them), the wall clock on the CPU. Events that have completed
+    are folded into a sum once :data:`PENDING` of them pile up, so a long-running server's clock
+    does not grow."""
+
+    PENDING = 512
 
     def __init__(self) -> None:
         self._cpu_s = 0.0
@@ -31,10 +35,21 @@ class StageClock:
             yield
             end.record()
             self._events.append((start, end))
+            if len(self._events) > self.PENDING:
+                self._fold()
         else:
             t = time.perf_counter()
             yield
             self._cpu_s += time.perf_counter() - t
+
+    def _fold(self) -> None:
+        """Completed events into the sum (``query`` does not wait for the device)."""
+        done = 0
+        while done < len(self._events) and self._events[done][1].query():
+            start, end = self._events[done]
+            self._cpu_s += start.elapsed_time(end) / 1000
+            done += 1
+        del self._events[:done]
 
     def seconds(self) -> float:
         if self._events:

@@ -43,6 +43,8 @@ class EditSession(EditPipeline):
         ort: override the ONNX Runtime options recorded at build time (providers, threads).
         model_hash / precision: refuse a folder of another model or precision.
         form: ``auto`` (fused where available), ``fused`` or ``segmented``.
+        cuda_graphs: on a GPU, replay each fused UNet call as a CUDA graph (off: plain runs, to
+            compare or to diagnose).
     """
 
     def __init__(
@@ -53,6 +55,7 @@ class EditSession(EditPipeline):
         model_hash: str | None = None,
         precision: str | None = None,
         form: str = "auto",
+        cuda_graphs: bool = True,
     ) -> None:
         folder = Path(engine_dir)
         manifest, config = load_engine_folder(folder, model_hash=model_hash, precision=precision)
@@ -67,7 +70,7 @@ class EditSession(EditPipeline):
                 got=form,
                 field="form",
             )
-        self.form = form
+        self.form, self.cuda_graphs = form, cuda_graphs
         self.folder, self.manifest, self.config = folder, manifest, config
         self.name = f"{manifest.model} ({folder})"
         self.tokenizer = load_tokenizer(folder / "tokenizer")
@@ -122,7 +125,7 @@ class EditSession(EditPipeline):
             return None
         unet = self._fused.get(batch)
         if unet is None:
-            runner = self._runner(graphs.fused, cuda_graph=True)
+            runner = self._runner(graphs.fused, cuda_graph=self.cuda_graphs)
             unet = self._fused[batch] = FusedUNet(self.manifest, graphs, runner, self.device)
         return unet
 
@@ -157,11 +160,13 @@ class EditSession(EditPipeline):
         ]
 
     def controller_seconds(self) -> float:
-        """Time spent in the controller between segments since the last :meth:`reset_clocks`."""
-        return sum(u.clock.seconds() for u in self._unets.values())
+        """Time spent in the controller since the last :meth:`reset_clocks`: between segments,
+        and around each fused call (its inputs in, the maps the controllers keep out)."""
+        unets = (*self._unets.values(), *self._fused.values())
+        return sum(u.clock.seconds() for u in unets)
 
     def reset_clocks(self) -> None:
-        for u in self._unets.values():
+        for u in (*self._unets.values(), *self._fused.values()):
             u.clock.reset()
 
     def close(self) -> None:

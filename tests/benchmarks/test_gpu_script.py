@@ -1,51 +1,242 @@
-"""The GPU script's dry run: every step it runs on a GPU (install layout, static export, graph
-check, latency, parity, result files) on the CPU with the tiny model, so the GPU run cannot die
-on what a CPU can catch."""
+"""The GPU commands' dry run: every step a lent GPU machine runs (install from carried files,
+backends, static exports, latency, parity, the peer, the TensorRT step) on the CPU with the tiny
+model, so a GPU loan cannot die on what a CPU can catch; and the limits a loan sets: the time of
+one command, the files that come back, a run killed part-way."""
 
 from __future__ import annotations
 
 import json
 import os
+import random
+import shutil
+import signal
 import subprocess
+import sys
+import tarfile
+import time
 from pathlib import Path
 
 import pytest
 
+from benchmarks import gpu_run
+
 ROOT = Path(__file__).resolve().parents[2]
 
 
-@pytest.mark.slow
-def test_gpu_script_dry_run_completes_and_records_everything(tmp_path):
-    env = {
-        **os.environ,
-        "GPU_DRY_RUN": "1",
-        "OUT_DIR": str(tmp_path / "out"),
-        "WORK": str(tmp_path / "work"),
-        "ADAPEDIT_SITE": str(tmp_path / "site"),
-        "STEPS": "2",
-    }
-    r = subprocess.run(
-        ["bash", "benchmarks/gpu.sh"], cwd=ROOT, env=env, capture_output=True, text=True
+def test_each_command_fits_one_call_of_the_machine(tmp_path):
+    for dry in ("0", "1"):
+        env = {"GPU_DRY_RUN": dry, "OUT_DIR": str(tmp_path), "WORK": str(tmp_path / "w")}
+        for number, steps in gpu_run.commands(gpu_run.Settings.from_env(env)).items():
+            total = sum(s.limit_s for s in steps)
+            assert total <= gpu_run.COMMAND_LIMIT_S <= 600 - 30, (number, total)
+            assert steps[0].name == "install"
+            names = [s.name for s in steps]
+            for s in steps:  # a step needs only steps before it
+                assert set(s.needs) <= set(names[: names.index(s.name)]), s.name
+    assert len({gpu_run.RESULTS, gpu_run.SUMMARY, gpu_run.LOGS, gpu_run.PLOT}) <= gpu_run.MAX_FILES
+
+
+def test_a_real_command_needs_its_output_folder(monkeypatch):
+    with pytest.raises(SystemExit, match="OUT_DIR"):
+        gpu_run.Settings.from_env({"GPU_DRY_RUN": "0"})
+
+
+def test_pack_and_unpack_round_trip_and_refuse_a_missing_part(tmp_path):
+    src = tmp_path / "wheel"
+    (src / "pkg").mkdir(parents=True)
+    (src / "pkg" / "__init__.py").write_text("VALUE = 1\n")
+    (src / "pkg" / "blob.bin").write_bytes(os.urandom(3 << 20))  # does not compress
+    parts = gpu_run.pack(src, tmp_path / "kit", part_mib=1, level=0)
+    assert len(parts) == 4 and all(p.stat().st_size <= 1 << 20 for p in parts)
+    site = gpu_run.unpack(tmp_path / "kit")
+    assert (site / "pkg" / "blob.bin").read_bytes() == (src / "pkg" / "blob.bin").read_bytes()
+    assert gpu_run.unpack(tmp_path / "kit") == site  # unpacked once per archive
+    shutil.rmtree(site)
+    parts[2].unlink()
+    with pytest.raises(SystemExit, match="do not add up"):
+        gpu_run.unpack(tmp_path / "kit")
+    assert not site.exists()
+
+
+@pytest.fixture(scope="module")
+def carried(tmp_path_factory):
+    """What travels to a GPU machine, made here offline: a wheel in ``whl/`` (a probe package)
+    and the onnxruntime installed here as the xz parts the transfer kit makes (``ort/``): the
+    machine has a CPU onnxruntime of its own, the carried one must be the one imported."""
+    import onnxruntime
+
+    root = tmp_path_factory.mktemp("carried")
+    project = root / "probe"
+    (project / "adapedit_carried_probe").mkdir(parents=True)
+    (project / "adapedit_carried_probe" / "__init__.py").write_text("CARRIED = True\n")
+    (project / "pyproject.toml").write_text(
+        '[project]\nname = "adapedit-carried-probe"\nversion = "1.0"\n'
+        '[build-system]\nrequires = ["setuptools"]\nbuild-backend = "setuptools.build_meta"\n'
     )
+    pip = [sys.executable, "-m", "pip", "wheel", "-q", "--no-index", "--no-deps"]
+    subprocess.run(
+        [*pip, "--no-build-isolation", "-w", str(root / "whl"), str(project)],
+        check=True,
+        env=_offline(os.environ),
+    )
+    package = Path(onnxruntime.__file__).parent
+    wheel = root / "ort-wheel"
+    wheel.mkdir()
+    shutil.copytree(package, wheel / "onnxruntime")
+    gpu_run.pack(wheel, root / "ort", part_mib=16, level=0)
+    return root
+
+
+def _offline(env) -> dict[str, str]:
+    """No network for what runs in it: pip's index off, every proxy a closed local port."""
+    dead = "http://127.0.0.1:9"
+    return {
+        **env,
+        "PIP_NO_INDEX": "1",
+        "http_proxy": dead,
+        "https_proxy": dead,
+        "HTTP_PROXY": dead,
+        "HTTPS_PROXY": dead,
+        "PYTHONDONTWRITEBYTECODE": "1",
+    }
+
+
+def _dry_env(tmp: Path, carried: Path) -> dict[str, str]:
+    return _offline(
+        {
+            **os.environ,
+            "GPU_DRY_RUN": "1",
+            "OUT_DIR": str(tmp / "out"),
+            "WORK": str(tmp / "work"),
+            "ADAPEDIT_SITE": str(tmp / "site"),
+            "WHL_DIR": str(carried / "whl"),
+            "ORT_DIR": str(tmp / "ort"),
+            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+            "OMP_NUM_THREADS": "1",
+        }
+    )
+
+
+def _command(number: int, env: dict[str, str], **kw):
+    return subprocess.run(
+        [sys.executable, "-m", "benchmarks.gpu_run", str(number)],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        **kw,
+    )
+
+
+def _check_out_folder(out: Path) -> list[dict]:
+    """What would come back: at most 8 files, none deeper than two folders; the JSON lines."""
+    files = [p for p in out.rglob("*") if p.is_file()]
+    assert len(files) <= gpu_run.MAX_FILES, files
+    assert all(len(p.relative_to(out).parts) <= 3 for p in files)
+    return gpu_run.read_lines(out / gpu_run.RESULTS)
+
+
+@pytest.mark.slow
+def test_both_commands_run_dry_from_carried_files_and_record_everything(tmp_path, carried):
+    shutil.copytree(carried / "ort", tmp_path / "ort")
+    env = _dry_env(tmp_path, carried)
+    r = _command(1, env)
     assert r.returncode == 0, r.stdout + r.stderr
-    out = tmp_path / "out"
-    for name in ("graph_check", "latency", "parity", "peer"):
-        assert (out / f"{name}.json").is_file() and (out / f"{name}.md").is_file()
-    assert (out / "latency.png").is_file() and (out / "backends.txt").is_file()
-    # the install layout: the installed package, not the repo's folder, was imported
+    lines = _check_out_folder(tmp_path / "out")
+    kinds = {x["kind"] for x in lines}
+    assert {"command", "step", "backends", "edit", "parity", "unet_call", "memory"} <= kinds
+    assert [x["status"] for x in lines if x["kind"] == "step"] == ["ok"] * 4
+    # installed from the carried files alone: the carried onnxruntime is the one imported
+    (probe,) = [x for x in lines if x["kind"] == "backends"]
+    assert probe["onnxruntime_file"].startswith(str(tmp_path / "ort" / "site"))
+    assert (tmp_path / "site" / "adapedit_carried_probe" / "__init__.py").is_file()
     assert (tmp_path / "site" / "adapedit" / "runtime" / "session.py").is_file()
-    graphs = json.loads((out / "graph_check.json").read_text())
-    assert graphs["shapes"] == "static"
-    assert graphs["unet_memcpy_nodes"] == 0 and graphs["unet_integer_cut_inputs"] == 0
-    latency = json.loads((out / "latency.json").read_text())
-    rows = {"ort-cpu-whole", "ort-cpu-segmented", "ort-cpu-fused", "torch-reference"}
-    assert rows <= set(latency["unet_call_s"])
-    assert {"ort-cpu-segmented", "ort-cpu-fused"} <= set(latency["goals"])
-    fused_vs_segmented = latency["parity"]["ort-cpu-segmented vs ort-cpu-fused"]
-    assert fused_vs_segmented["latents_max_abs"] <= 1e-4
-    assert latency["parity"]["ort-cpu-fused vs reference"]["tau_max_abs"] <= 1e-6
-    peer = json.loads((out / "peer.json").read_text())
-    assert {"torch-sdpa", "torch-fused"} <= set(peer["unet_call_s"])
-    parity = json.loads((out / "parity.json").read_text())
-    assert parity["cases"] and all(c["pass"] for c in parity["cases"])
-    assert not (tmp_path / "work").exists()  # the scratch export is removed
+    edits = {(x["path"], x["steps"]) for x in lines if x["kind"] == "edit"}
+    assert {(p, n) for p in ("reference", "ort-cpu-fused") for n in (2, 3)} <= edits
+    assert all(x["meets_goal"] for x in lines if x["kind"] == "parity")
+    calls = {x["path"] for x in lines if x["kind"] == "unet_call"}
+    assert {"torch-reference", "ort-cpu-fused", "ort-cpu-whole"} <= calls
+    assert any(x["kind"] == "syncs" and x["measured"] is False for x in lines)  # CUDA only
+    summary = (tmp_path / "out" / gpu_run.SUMMARY).read_text()
+    assert "| ort-cpu-fused vs reference | 3 |" in summary and "## Goals" in summary
+    with tarfile.open(tmp_path / "out" / gpu_run.LOGS) as tar:
+        names = set(tar.getnames())
+    assert {f"logs/1-{s}.log" for s in ("install", "backends", "export-fused", "latency")} <= names
+
+    (tmp_path / "out").rename(tmp_path / "out-1")  # the machine empties OUT between commands
+    r = _command(2, env)
+    assert r.returncode == 0, r.stdout + r.stderr
+    lines = _check_out_folder(tmp_path / "out")
+    steps = {x["name"]: x["status"] for x in lines if x["kind"] == "step"}
+    assert steps == dict.fromkeys(
+        ("install", "export-segmented", "latency-segmented", "peer", "tensorrt"), "ok"
+    )
+    assert any(x["kind"] == "edit" and x["path"] == "ort-cpu-segmented" for x in lines)
+    assert {"torch-sdpa", "torch-fused"} <= {x["path"] for x in lines if x["kind"] == "peer_call"}
+    assert any(x["kind"] == "skipped" and "trt" in x["path"] for x in lines)  # no TensorRT here
+    assert not (ROOT / "build").exists()
+
+
+@pytest.mark.slow
+def test_a_run_killed_at_a_random_moment_keeps_what_it_wrote(tmp_path, carried):
+    seed = random.randrange(1 << 30)
+    k = random.Random(seed).randint(1, 12)  # JSON lines to wait for, then kill
+    env = _dry_env(tmp_path, carried)
+    results = tmp_path / "out" / gpu_run.RESULTS
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "benchmarks.gpu_run", "1"],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    deadline = time.monotonic() + 600
+    seen: list[str] = []
+    while proc.poll() is None and time.monotonic() < deadline:
+        seen = results.read_text().splitlines() if results.is_file() else []
+        if len(seen) >= k:
+            os.killpg(proc.pid, signal.SIGKILL)
+            break
+        time.sleep(0.05)
+    proc.wait()
+    after = results.read_text().splitlines()
+    assert after[: len(seen)] == seen, f"seed {seed}: lines written before the kill changed"
+    assert all(json.loads(line) for line in after[: len(seen)])
+    lines = _check_out_folder(tmp_path / "out")
+    if any(x["kind"] == "step" for x in lines):  # a finished step left its summary and logs
+        assert (tmp_path / "out" / gpu_run.SUMMARY).read_text().startswith("# GPU run")
+        with tarfile.open(tmp_path / "out" / gpu_run.LOGS) as tar:
+            assert tar.getnames()
+
+
+@pytest.mark.slow
+def test_the_install_takes_a_clean_copy_of_the_sources(tmp_path):
+    """A module removed from the sources is gone from the install, and nothing is built inside
+    the tree (``pip install .`` from the repository wrote build/ and reused a stale build/lib)."""
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    for name in ("pyproject.toml", "README.md", "adapedit", "export", "engines", "runtime"):
+        copy = shutil.copytree if (ROOT / name).is_dir() else shutil.copy2
+        copy(ROOT / name, repo / name)
+    shutil.copytree(ROOT / "benchmarks", repo / "benchmarks")
+    (repo / "adapedit" / "stale_probe.py").write_text("HERE = True\n")
+    env = _offline(
+        {
+            **os.environ,
+            "ADAPEDIT_SITE": str(tmp_path / "site"),
+            "WHL_DIR": str(tmp_path / "none"),
+            "ORT_DIR": str(tmp_path / "none"),
+            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+        }
+    )
+    install = ["bash", "benchmarks/gpu/install.sh"]
+    imports = [sys.executable, "-c", "import adapedit.stale_probe"]
+    site_env = {**env, "PYTHONPATH": str(tmp_path / "site"), "PYTHONSAFEPATH": "1"}
+    subprocess.run(install, cwd=repo, env=env, check=True, capture_output=True)
+    assert subprocess.run(imports, env=site_env, capture_output=True).returncode == 0
+    (repo / "adapedit" / "stale_probe.py").unlink()
+    subprocess.run(install, cwd=repo, env=env, check=True, capture_output=True)
+    gone = subprocess.run(imports, env=site_env, capture_output=True, text=True)
+    assert gone.returncode != 0 and "stale_probe" in gone.stderr
+    assert not (repo / "build").exists() and not list(repo.glob("*.egg-info"))

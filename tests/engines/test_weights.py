@@ -103,3 +103,22 @@ def test_more_sessions_hold_no_more_weight_memory(gather_folder):
     weight = N * 4
     assert all(g < weight / 10 for g in shared), [g / weight for g in shared]
     assert all(g > weight / 2 for g in own), [g / weight for g in own]
+
+
+def test_the_exports_whole_unet_reads_the_engine_folders_buffers(
+    tiny_static_session, tiny_static_export, gather_folder
+):
+    """The latency benchmark's whole UNet (in the export, not the engine folder) shares the
+    session's pool instead of loading a second copy."""
+    from adapedit.errors import EngineError
+
+    folder, m = tiny_static_export
+    pool = WeightPool(tiny_static_session.folder, m.weights, torch.device("cpu"))
+    whole, segments = m.unet_graphs(4).whole, m.unet_graphs(4).segments
+    assert pool.initializers(whole.file) == {}  # the engine folder indexes what a session loads
+    pool.adopt(folder, m.weights)
+    got = {v.data_ptr() for v in pool.initializers(whole.file).values()}
+    seen = {v.data_ptr() for s in segments for v in pool.initializers(s.file).values()}
+    assert got and got == seen  # the same buffers, one copy
+    with pytest.raises(EngineError, match="not this pool's"):
+        pool.adopt(gather_folder[0], "weights.json")

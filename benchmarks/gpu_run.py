@@ -1,0 +1,643 @@
+"""The prepared commands for a lent GPU machine, and the dry run that checks them on the CPU.
+
+A lent machine is bare, has no network, runs one command for at most 600 s, and gives back only
+the files written into one output folder (at most 8, at most two folders deep); the whole loan
+is 15 minutes. So each command here is a list of steps, each with its own time limit (the limits
+of a command add up to at most :data:`COMMAND_LIMIT_S`, install included), each run in its own
+process, and every result is written into ``OUT_DIR`` as soon as it exists:
+
+- ``results.jsonl`` — one JSON object per measurement, appended by the steps as they take it
+  (and one per step by this script: its status and time);
+- ``summary.md`` — the measurements and the goals, rewritten after every step;
+- ``logs.tar.gz`` — every step's log and full records, rewritten after every step;
+- ``latency.png`` — the per-stage plot, when the latency step got that far.
+
+A run killed at any moment keeps every line and file written before. Exports are kept in
+``WORK`` (default ``.gpu-work``, git-ignored) for the next command while the machine is warm.
+
+    bash benchmarks/gpu.sh 1                   # = python3 -m benchmarks.gpu_run 1
+    bash benchmarks/gpu.sh 2
+    GPU_DRY_RUN=1 OUT_DIR=/tmp/o bash benchmarks/gpu.sh 1   # the same steps on the CPU
+
+Command 1 (what matters most, in this order): install, backends and card, the static fp16
+export (fused, batches 2 and 4; whole UNet), then one latency step: the reference and the fused
+runtime with CUDA graphs end to end at 20 and 50 steps, parity with the fp16 reference, one UNet
+call per form, controller time, GPU memory, host syncs per step. Command 2: the segmented form,
+the ``torch.compile`` peer, ONNX Runtime's TensorRT provider and native TensorRT when importable.
+
+Other verbs: ``probe`` (backends and card, run as a step), ``pack`` (the transfer kit: a package
+directory as xz parts) and ``unpack`` (their reassembly on the machine), both stdlib-only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import io
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tarfile
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+#: What one command may take on the lent machine (of the 600 s a command may run).
+COMMAND_LIMIT_S = 540
+#: What a command may leave in ``OUT_DIR`` (the device tool brings back at most 8 files).
+MAX_FILES = 8
+RESULTS, SUMMARY, LOGS, PLOT = "results.jsonl", "summary.md", "logs.tar.gz", "latency.png"
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Where things are and what is measured, from the environment (``GPU_DRY_RUN=1``: the
+    tiny model at 128 px in fp32 on the CPU, one timed run of each)."""
+
+    dry: bool
+    out: Path
+    work: Path
+    site: Path
+    whl: Path
+    ortgpu: Path
+    model: str = "sd14-random"
+    size: int = 512
+    precision: str = "fp16"
+    device: str = "cuda"
+    backends: tuple[str, ...] = ("ort-cuda",)
+    steps: tuple[int, ...] = (20, 50)
+    warmup: int = 1
+    repeats: int = 3
+    jobs: int = 3
+
+    @classmethod
+    def from_env(cls, env: dict[str, str] | None = None) -> Settings:
+        env = dict(os.environ if env is None else env)
+        dry = env.get("GPU_DRY_RUN") == "1"
+        out = env.get("OUT_DIR") or env.get("OUT")
+        if not out:
+            if not dry:
+                raise SystemExit("OUT_DIR (or the device tool's OUT) must name the output folder")
+            out = tempfile.mkdtemp(prefix="adapedit-gpu-dry-")
+        paths = {
+            "out": Path(out),
+            "work": Path(env.get("WORK", ROOT / ".gpu-work")),
+            "site": Path(env.get("ADAPEDIT_SITE", "/tmp/adapedit-site")),
+            "whl": Path(env.get("WHL_DIR", ROOT / ".whl")),
+            "ortgpu": Path(env.get("ORT_DIR", ROOT / ".ortgpu")),
+        }
+        if dry:
+            steps = tuple(int(s) for s in env.get("STEPS", "2 3").split())
+            return cls(
+                True,
+                **paths,
+                model="tiny",
+                size=128,
+                precision="fp32",
+                device="cpu",
+                backends=("ort-cpu",),
+                steps=steps,
+                warmup=0,
+                repeats=1,
+                jobs=1,
+            )
+        return cls(False, **paths)
+
+    @property
+    def exports(self) -> dict[str, Path]:
+        return {"fused": self.work / "export-fused", "segmented": self.work / "export-segmented"}
+
+
+@dataclass(frozen=True)
+class Step:
+    """One step of a command: a child process with a time limit; ``needs``: the steps whose
+    success it needs; ``done``: a path whose presence means its result is already there (an
+    export kept from the command before)."""
+
+    name: str
+    limit_s: int
+    argv: tuple[str, ...]
+    needs: tuple[str, ...] = ()
+    done: Path | None = None
+    env: dict[str, str] = field(default_factory=dict)
+
+
+def commands(s: Settings) -> dict[int, list[Step]]:
+    """The steps of command 1 and command 2."""
+    py = sys.executable
+    jsonl = str(s.out / RESULTS)
+    common = [
+        "--device",
+        s.device,
+        "--precision",
+        s.precision,
+        "--warmup",
+        str(s.warmup),
+        "--repeats",
+        str(s.repeats),
+        "--jsonl",
+        jsonl,
+    ]
+
+    def export(form: tuple[str, ...], folder: Path, limit: int) -> Step:
+        argv = (
+            py,
+            "-m",
+            "adapedit.cli",
+            "export",
+            "--model",
+            s.model,
+            "--out",
+            str(folder),
+            "--precision",
+            s.precision,
+            "--shapes",
+            "static",
+            "--batches",
+            "2",
+            "4",
+            "--height",
+            str(s.size),
+            "--width",
+            str(s.size),
+            "--form",
+            *form,
+            "--jobs",
+            str(s.jobs),
+            "--quiet",
+        )
+        return Step(
+            f"export-{folder.name.removeprefix('export-')}",
+            limit,
+            argv,
+            ("install",),
+            done=folder / "manifest.json",
+        )
+
+    install = Step(
+        "install",
+        90,
+        ("bash", str(ROOT / "benchmarks" / "gpu" / "install.sh")),
+        env={"WHL_DIR": str(s.whl), "ORT_DIR": str(s.ortgpu), "ADAPEDIT_SITE": str(s.site)},
+    )
+    fused, segmented = s.exports["fused"], s.exports["segmented"]
+    latency = (py, "-m", "benchmarks.latency", *common)
+    one = [
+        install,
+        Step(
+            "backends",
+            30,
+            (py, "-m", "benchmarks.gpu_run", "probe", "--jsonl", jsonl),
+            ("install",),
+        ),
+        export(("fused", "whole"), fused, 180),
+        Step(
+            "latency",
+            240,
+            (
+                *latency,
+                "--export-dir",
+                str(fused),
+                "--forms",
+                "fused",
+                "--syncs",
+                "--steps",
+                *map(str, s.steps),
+                "--backends",
+                *s.backends,
+                "--results",
+                str(s.work / "records"),
+                "--tag",
+                "latency",
+                "--plot-to",
+                str(s.out / PLOT),
+            ),
+            ("export-fused",),
+        ),
+    ]
+    two = [
+        install,
+        export(("segmented",), segmented, 170),
+        Step(
+            "latency-segmented",
+            130,
+            (
+                *latency,
+                "--export-dir",
+                str(segmented),
+                "--forms",
+                "segmented",
+                "--steps",
+                str(max(s.steps)),
+                "--backends",
+                *s.backends,
+                "--results",
+                str(s.work / "records"),
+                "--tag",
+                "latency-segmented",
+            ),
+            ("export-segmented",),
+        ),
+        Step(
+            "peer",
+            90,
+            (
+                py,
+                "-m",
+                "benchmarks.peer",
+                "--model",
+                s.model,
+                "--height",
+                str(s.size),
+                "--precision",
+                s.precision,
+                "--warmup",
+                str(s.warmup),
+                "--repeats",
+                str(3 * s.repeats),
+                *(() if s.dry else ("--compile",)),
+                "--jsonl",
+                jsonl,
+                "--results",
+                str(s.work / "records"),
+                "--tag",
+                "peer",
+            ),
+            ("install",),
+        ),
+        Step(
+            "tensorrt",
+            60,
+            (
+                *latency,
+                "--export-dir",
+                str(fused),
+                "--forms",
+                "fused",
+                "--steps",
+                str(max(s.steps)),
+                "--backends",
+                "ort-trt",
+                "trt",
+                "--only-if-available",
+                "--results",
+                str(s.work / "records"),
+                "--tag",
+                "latency-tensorrt",
+            ),
+            ("install",),
+        ),
+    ]
+    return {1: one, 2: two}
+
+
+def emit(path: Path, kind: str, **data) -> None:
+    """One JSON line appended to ``path``, flushed and synced."""
+    with open(path, "a") as f:
+        f.write(json.dumps({"kind": kind, "t": time.time(), **data}) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def read_lines(path: Path) -> list[dict]:
+    """The whole JSON lines of ``path`` (a line cut by a kill is skipped)."""
+    out = []
+    if path.is_file():
+        for line in path.read_text().splitlines():
+            try:
+                out.append(json.loads(line))
+            except ValueError:
+                continue
+    return out
+
+
+def _atomic(path: Path, data: bytes) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
+
+
+def pack_logs(s: Settings) -> None:
+    """Every log and record of the work folder in ``OUT_DIR/logs.tar.gz`` (atomically)."""
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w:gz") as tar:
+        for folder in (s.work / "logs", s.work / "records"):
+            if folder.is_dir():
+                for p in sorted(folder.rglob("*")):
+                    if p.is_file():
+                        tar.add(p, arcname=str(p.relative_to(s.work)))
+    _atomic(s.out / LOGS, buf.getvalue())
+
+
+def _env(s: Settings, step: Step) -> dict[str, str]:
+    """A step's environment: the installed project first (the repository's own ``adapedit/``
+    lacks the subpackages the install maps into it), the carried onnxruntime before any other,
+    the repository last (for ``benchmarks``)."""
+    paths = [str(s.ortgpu / "site"), str(s.site), str(ROOT)]
+    extra = os.environ.get("PYTHONPATH")
+    return {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join(paths + ([extra] if extra else [])),
+        "PYTHONSAFEPATH": "1",
+        "PYTHONUNBUFFERED": "1",
+        **step.env,
+    }
+
+
+def run_command(number: int, s: Settings) -> int:
+    """Run command ``number``: its steps in order, each within its limit; 0 if every step
+    succeeded (or its result was already there), 1 otherwise."""
+    steps = commands(s)[number]
+    s.out.mkdir(parents=True, exist_ok=True)
+    (s.work / "logs").mkdir(parents=True, exist_ok=True)
+    results = s.out / RESULTS
+    emit(
+        results,
+        "command",
+        number=number,
+        dry=s.dry,
+        model=s.model,
+        size=s.size,
+        precision=s.precision,
+        steps=list(s.steps),
+        limits={x.name: x.limit_s for x in steps},
+    )
+    status: dict[str, str] = {}
+    for step in steps:
+        missing = [n for n in step.needs if status.get(n) not in ("ok", "kept")]
+        t0 = time.perf_counter()
+        if missing:
+            state = f"skipped: needs {', '.join(missing)}"
+        elif step.done is not None and step.done.exists():
+            state = "kept"
+        else:
+            print(f"== {step.name} (limit {step.limit_s} s)", flush=True)
+            state = _run_step(s, number, step)
+        status[step.name] = state
+        emit(
+            results,
+            "step",
+            command=number,
+            name=step.name,
+            status=state,
+            seconds=round(time.perf_counter() - t0, 2),
+            limit_s=step.limit_s,
+        )
+        print(f"   {step.name}: {state}", flush=True)
+        write_summary(s)
+        pack_logs(s)
+    return 0 if all(v in ("ok", "kept") for v in status.values()) else 1
+
+
+def _run_step(s: Settings, number: int, step: Step) -> str:
+    log = s.work / "logs" / f"{number}-{step.name}.log"
+    with open(log, "wb") as f:
+        proc = subprocess.Popen(
+            step.argv,
+            cwd=ROOT,
+            env=_env(s, step),
+            stdout=f,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        try:
+            rc = proc.wait(timeout=step.limit_s)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+            return f"timeout after {step.limit_s} s"
+    if rc != 0:
+        tail = log.read_text(errors="replace").strip().splitlines()[-3:]
+        print("\n".join(f"   | {t}" for t in tail), flush=True)
+        return f"failed (exit {rc})"
+    return "ok"
+
+
+# -- the summary ------------------------------------------------------------------------------
+
+
+def _median(x: dict) -> str:
+    return f"{x['median']:.3f} ({x['p90']:.3f})" if x else "–"
+
+
+def write_summary(s: Settings) -> None:
+    """``summary.md`` from ``results.jsonl``: steps, machine, end to end, parity, UNet calls,
+    memory, syncs, peer and the goals (atomically)."""
+    lines = read_lines(s.out / RESULTS)
+    by: dict[str, list[dict]] = {}
+    for x in lines:
+        by.setdefault(x["kind"], []).append(x)
+    md = [f"# GPU run{' (dry run on the CPU)' if s.dry else ''}", ""]
+    for c in by.get("command", []):
+        md.append(
+            f"Command {c['number']}: {c['model']} at {c['size']}², {c['precision']}, "
+            f"steps {c['steps']}; step limits {c['limits']} (sum {sum(c['limits'].values())} s)."
+        )
+    for b in by.get("backends", [])[-1:]:
+        md += ["", f"Machine: {b['card']}; {b['versions']}; providers {b['providers']}."]
+    md += ["", "| step | status | s (limit) |", "|---|---|---|"]
+    md += [
+        f"| {x['command']}: {x['name']} | {x['status']} | {x['seconds']:.0f} ({x['limit_s']}) |"
+        for x in by.get("step", [])
+    ]
+    if by.get("edit"):
+        md += [
+            "",
+            "| end to end | steps | total median (p90) s | calibration | edit | "
+            "controller / call |",
+            "|---|---|---|---|---|---|",
+        ]
+        for e in by["edit"]:
+            st = e["stages_s"]
+            md.append(
+                f"| {e['path']} | {e['steps']} | {_median(st['total'])} | "
+                f"{st['calibration']['median']:.3f} | {st['edit']['median']:.3f} | "
+                f"{_median(st.get('controller_per_call', {}))} |"
+            )
+    if by.get("parity"):
+        md += [
+            "",
+            "| parity | steps | latents max abs | τ max abs | goal met |",
+            "|---|---|---|---|---|",
+        ]
+        md += [
+            f"| {p['path']} vs {p['against']} | {p['steps']} | {p['latents_max_abs']:.2e} | "
+            f"{max(p['tau_max_abs'], p['tau_self_abs']):.1e} | {p['meets_goal']} |"
+            for p in by["parity"]
+        ]
+    calls = [(c["path"], c) for c in by.get("unet_call", [])]
+    calls += [(f"peer: {c['path']}", c) for c in by.get("peer_call", [])]
+    if calls:
+        md += ["", "| one UNet call (batch 4) | median (p90) s |", "|---|---|"]
+        md += [f"| {name} | {_median(c['seconds'])} |" for name, c in calls]
+    for kind in ("memory", "weights", "syncs", "skipped", "failed"):
+        for x in by.get(kind, []):
+            rest = {k: v for k, v in x.items() if k not in ("kind", "t", "path")}
+            md.append(f"\n{kind} — {x.get('path', '')}: `{json.dumps(rest)}`")
+    md += ["", "## Goals", ""] + [f"- {g}" for g in goals(lines)]
+    _atomic(s.out / SUMMARY, ("\n".join(md) + "\n").encode())
+
+
+def goals(lines: list[dict]) -> list[str]:
+    """The GPU issue's goals against what was measured (those not measured say so)."""
+    edits = {
+        (x["path"], x["steps"]): x["stages_s"]["total"]["median"]
+        for x in lines
+        if x["kind"] == "edit"
+    }
+    calls = {x["path"]: x["seconds"]["median"] for x in lines if x["kind"] == "unet_call"}
+    out = []
+    for (path, n), total in sorted(edits.items()):
+        if path == "reference" or (n != 50 and not path.endswith("fused")):
+            continue
+        ref = edits.get(("reference", n))
+        speed = f"{ref / total:.2f}× the reference (goal ≥ 3.5×)" if ref else "no reference"
+        budget = f"; {total:.3f} s (goal ≤ 1.0 s on an H100)" if n == 50 else ""
+        out.append(f"{path} at {n} steps: {speed}{budget}")
+    for path, t in calls.items():
+        backend, _, form = path.rpartition("-")
+        whole = calls.get(f"{backend}-whole")
+        if form == "fused" and whole:
+            out.append(f"{path} UNet call {t / whole:.2f}× the whole UNet's (goal ≤ 1.1×)")
+    for x in lines:
+        if x["kind"] == "syncs" and x.get("passes"):
+            per = max(p["per_step"] for p in x["passes"].values())
+            out.append(f"{x['path']}: {per:.1f} host syncs per step (goal 0)")
+        if x["kind"] == "parity":
+            out.append(
+                f"{x['path']} parity at {x['steps']} steps: latents {x['latents_max_abs']:.1e} "
+                f"(≤ 5e-3), τ {max(x['tau_max_abs'], x['tau_self_abs']):.1e} (≤ 1e-3): "
+                + ("met" if x["meets_goal"] else "NOT met")
+            )
+    return out or ["nothing measured yet"]
+
+
+# -- verbs that run on the machine ------------------------------------------------------------
+
+
+def probe(jsonl: Path) -> None:
+    """Backends and card: versions, the GPU, the execution providers (a JSON line)."""
+    import importlib.util
+
+    import onnxruntime
+    import torch
+
+    from benchmarks.common import available_backends
+
+    card = "no GPU"
+    if torch.cuda.is_available():
+        p = torch.cuda.get_device_properties(0)
+        card = f"{p.name}, sm{p.major}{p.minor}, {p.total_memory / 2**30:.0f} GiB"
+    smi = shutil.which("nvidia-smi")
+    driver = (
+        subprocess.run(
+            [smi, "--query-gpu=driver_version", "--format=csv,noheader"],
+            capture_output=True,
+            text=True,
+        ).stdout.strip()
+        if smi
+        else None
+    )
+    trt = importlib.util.find_spec("tensorrt") is not None
+    record = {
+        "card": card,
+        "driver": driver,
+        "versions": {
+            "python": sys.version.split()[0],
+            "torch": torch.__version__,
+            "cuda": torch.version.cuda,
+            "onnxruntime": onnxruntime.__version__,
+            "tensorrt": __import__("tensorrt").__version__ if trt else None,
+        },
+        "onnxruntime_file": onnxruntime.__file__,
+        "providers": onnxruntime.get_available_providers(),
+        "backends": [b.name for b in available_backends()],
+    }
+    print(json.dumps(record, indent=1))
+    emit(jsonl, "backends", **record)
+
+
+def pack(source: Path, out: Path, part_mib: int, level: int = 9) -> list[Path]:
+    """The transfer kit: ``source``'s contents (an unpacked wheel: the package and its
+    ``.dist-info``) as one xz tar cut into parts of ``part_mib`` MiB (``part-00``, …) and a
+    ``SHA256`` of the whole, under ``out`` (old parts removed)."""
+    out.mkdir(parents=True, exist_ok=True)
+    for old in out.glob("part-*"):
+        old.unlink()
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w:xz", preset=level) as tar:
+        for p in sorted(source.iterdir()):
+            tar.add(p, arcname=p.name)
+    data = buf.getvalue()
+    size = part_mib << 20
+    parts = []
+    for i in range(0, len(data), size):
+        parts.append(out / f"part-{i // size:02d}")
+        parts[-1].write_bytes(data[i : i + size])
+    (out / "SHA256").write_text(hashlib.sha256(data).hexdigest() + "\n")
+    return parts
+
+
+def unpack(folder: Path) -> Path:
+    """Reassemble ``folder``'s parts, check them against ``SHA256`` and extract them into
+    ``folder/site`` (replaced as a whole; a stamp records which archive it holds)."""
+    parts = sorted(folder.glob("part-*"))
+    want = (folder / "SHA256").read_text().strip()
+    site, stamp = folder / "site", folder / "site" / ".installed"
+    if stamp.is_file() and stamp.read_text().strip() == want:
+        return site
+    data = b"".join(p.read_bytes() for p in parts)
+    got = hashlib.sha256(data).hexdigest()
+    if got != want:
+        raise SystemExit(
+            f"the carried parts do not add up | where: {folder} | expected: sha256 {want} | "
+            f"got: {got} from {len(parts)} parts (send every part, in order)"
+        )
+    tmp = folder / "site.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    with tarfile.open(fileobj=io.BytesIO(data), mode="r:xz") as tar:
+        tar.extractall(tmp, filter="data")
+    (tmp / ".installed").write_text(want + "\n")
+    shutil.rmtree(site, ignore_errors=True)
+    os.replace(tmp, site)
+    return site
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    sub = ap.add_subparsers(dest="verb", required=True)
+    for n in ("1", "2"):
+        sub.add_parser(n, help=f"run command {n}")
+    p = sub.add_parser("probe")
+    p.add_argument("--jsonl", required=True)
+    p = sub.add_parser("pack")
+    p.add_argument("source")
+    p.add_argument("--out", required=True)
+    p.add_argument("--part-mib", type=int, required=True)
+    p.add_argument("--level", type=int, default=9)
+    p = sub.add_parser("unpack")
+    p.add_argument("folder")
+    a = ap.parse_args(argv)
+    if a.verb in ("1", "2"):
+        s = Settings.from_env()
+        print(f"results in {s.out}", flush=True)
+        return run_command(int(a.verb), s)
+    if a.verb == "probe":
+        probe(Path(a.jsonl))
+    elif a.verb == "pack":
+        for part in pack(Path(a.source), Path(a.out), a.part_mib, a.level):
+            print(f"{part} {part.stat().st_size / 2**20:.1f} MiB")
+    else:
+        print(unpack(Path(a.folder)))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
