@@ -95,15 +95,13 @@ def test_without_tensorrt_the_runner_says_so(tiny_export):
 
 @pytest.mark.trt
 @pytest.mark.gpu
-def test_tensorrt_engines_match_onnxruntime(tiny_export, tmp_path):
-    import torch
-
+def test_tensorrt_engines_match_onnxruntime(tiny_static_export, tmp_path):
     from adapedit.engines.folder import build_engines
     from adapedit.engines.ort import OrtRunner
-    from adapedit.engines.trt import TrtRunner
 
-    folder, m = tiny_export
-    build_engines(folder, tmp_path / "trt", backend="trt", progress=False)
+    folder, m = tiny_static_export
+    # plans in this test's own cache, never the user's ~/.cache
+    build_engines(folder, tmp_path / "trt", backend="trt", cache_dir=tmp_path / "plans")
     spec = m.graphs["vae_decoder"]
     z = torch.randn(1, 4, 16, 16)
     with (

@@ -122,3 +122,24 @@ def test_the_exports_whole_unet_reads_the_engine_folders_buffers(
     assert got and got == seen  # the same buffers, one copy
     with pytest.raises(EngineError, match="not this pool's"):
         pool.adopt(gather_folder[0], "weights.json")
+
+
+@pytest.mark.gpu
+def test_on_cuda_the_sessions_read_the_pools_device_buffer(gather_folder):
+    """The same ownership path on the GPU: the pool's buffers are torch CUDA tensors that
+    ONNX Runtime's CUDA provider accepts as initializers and reads in place."""
+    import onnxruntime as ort
+
+    from adapedit.engines.ort import OrtOptions
+
+    if "CUDAExecutionProvider" not in ort.get_available_providers():
+        pytest.skip("needs onnxruntime-gpu")
+    folder, spec = gather_folder
+    pool = WeightPool(folder, "weights.json", torch.device("cuda"))
+    options = OrtOptions(providers=("cuda",))
+    x = torch.arange(0, N, STRIDE, device="cuda")
+    runners = [OrtRunner(folder / "g.onnx", spec, options, weights=pool) for _ in range(2)]
+    assert all((r.infer({"x": x})["y"] > 0).all() for r in runners)
+    assert pool.buffer("w").is_cuda
+    pool.buffer("w").zero_()
+    assert all((r.infer({"x": x})["y"] == 0).all() for r in runners)
