@@ -4,9 +4,51 @@
 from __future__ import annotations
 
 import importlib.util
+import os
+import tempfile
+from pathlib import Path
 
 import pytest
 import torch
+
+#: Written by tools, not by tests: byte code, caches of pytest and ruff, the install's metadata,
+#: the virtual environment, git, and the GPU transfer kit a developer made (benchmarks/README.md).
+_TOOL_PATHS = {".git", ".venv", "__pycache__", ".pytest_cache", ".ruff_cache", ".whl", ".ortgpu"}
+_ROOT = Path(__file__).resolve().parents[1]
+_HOME_CACHE = Path.home() / ".cache"
+
+
+def _files(root: Path, depth: int | None = None) -> set[str]:
+    """Paths under ``root`` (to ``depth`` levels), tool folders left out."""
+    out = set()
+    for folder, dirs, files in os.walk(root):
+        rel = Path(folder).relative_to(root)
+        dirs[:] = [d for d in dirs if d not in _TOOL_PATHS and not d.endswith(".egg-info")]
+        if depth is not None and len(rel.parts) >= depth:
+            out.update(str(rel / d) for d in dirs)
+            dirs[:] = []
+        out.update(str(rel / f) for f in files)
+    return out
+
+
+def pytest_configure(config):
+    # matplotlib's font cache goes to a folder of the run's, not ~/.cache/matplotlib
+    os.environ.setdefault("MPLCONFIGDIR", tempfile.mkdtemp(prefix="adapedit-mpl-"))
+    config._written_before = (_files(_ROOT), _files(_HOME_CACHE, 2))
+
+
+def pytest_sessionfinish(session, exitstatus):
+    """The test of the tests: nothing new in the repository tree or in ~/.cache after the run
+    (tests write under their tmp_path; the GPU kit and tool caches apart)."""
+    tree, home = session.config._written_before
+    new = sorted(_files(_ROOT) - tree) + sorted(
+        str(_HOME_CACHE / p) for p in _files(_HOME_CACHE, 2) - home
+    )
+    if new:
+        reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+        reporter.ensure_newline()
+        reporter.write_line(f"tests wrote outside their tmp_path: {new[:20]}", red=True)
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
 
 
 def pytest_collection_modifyitems(config, items):

@@ -93,6 +93,7 @@ def _offline(env) -> dict[str, str]:
     return {
         **env,
         "PIP_NO_INDEX": "1",
+        "PIP_NO_CACHE_DIR": "1",
         "http_proxy": dead,
         "https_proxy": dead,
         "HTTP_PROXY": dead,
