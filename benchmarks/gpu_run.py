@@ -181,7 +181,7 @@ def commands(s: Settings) -> dict[int, list[Step]]:
 
     install = Step(
         "install",
-        90,
+        70,
         ("bash", str(ROOT / "benchmarks" / "gpu" / "install.sh")),
         env={"WHL_DIR": str(s.whl), "ORT_DIR": str(s.ortgpu), "ADAPEDIT_SITE": str(s.site)},
     )
@@ -198,7 +198,7 @@ def commands(s: Settings) -> dict[int, list[Step]]:
         export(("fused", "whole"), fused, 180),
         Step(
             "latency",
-            240,
+            260,
             (
                 *latency,
                 "--export-dir",
@@ -222,7 +222,7 @@ def commands(s: Settings) -> dict[int, list[Step]]:
     ]
     two = [
         install,
-        export(("segmented",), segmented, 170),
+        export(("segmented",), segmented, 160),
         Step(
             "latency-segmented",
             130,
@@ -245,7 +245,7 @@ def commands(s: Settings) -> dict[int, list[Step]]:
         ),
         Step(
             "peer",
-            90,
+            130,
             (
                 py,
                 "-m",
@@ -272,7 +272,7 @@ def commands(s: Settings) -> dict[int, list[Step]]:
         ),
         Step(
             "tensorrt",
-            60,
+            50,
             (
                 *latency,
                 "--export-dir",

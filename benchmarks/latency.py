@@ -192,7 +192,10 @@ def run(a: argparse.Namespace) -> dict:
             a.model, export_dir, precision=a.precision, shapes=a.shapes, size=a.height, forms=forms
         )
         export_s = time.perf_counter() - t
-    given = Manifest.load(export_dir) if backends else None
+    if a.backends and not backends:
+        notes.append(f"none of the backends asked for is available here: {a.backends}")
+        JsonLines(a.jsonl).emit("skipped", path=" ".join(a.backends), reason=notes[-1])
+    given = Manifest.load(export_dir) if backends or a.export_dir else None
     model = given.model if given else a.model
     components = load_model(model).to(device, dtype)
     size = given.height if given else (a.height or components.default_size)
