@@ -143,3 +143,20 @@ def test_on_cuda_the_sessions_read_the_pools_device_buffer(gather_folder):
     assert pool.buffer("w").is_cuda
     pool.buffer("w").zero_()
     assert all((r.infer({"x": x})["y"] == 0).all() for r in runners)
+
+
+def test_a_buffer_onnx_runtime_owns_is_a_clear_error(gather_folder, monkeypatch):
+    """What the CUDA path did before (``ortvalue_from_numpy(array, "cuda")``: ONNX Runtime
+    allocates, and ``add_initializer`` refuses): an EngineError naming the graph, not a raw
+    RuntimeError from session creation."""
+    import onnxruntime as ort
+
+    from adapedit.errors import EngineError
+
+    folder, spec = gather_folder
+    pool = WeightPool(folder, "weights.json", torch.device("cpu"))
+    owned = ort.OrtValue.ortvalue_from_shape_and_type([1, N], np.float32, "cpu", 0)
+    monkeypatch.setattr(pool, "initializers", lambda graph: {"W": owned})
+    with pytest.raises(EngineError, match="could not load") as e:
+        OrtRunner(folder / "g.onnx", spec, weights=pool).activate()
+    assert "g.onnx" in e.value.where and "owned by the user" in e.value.got
