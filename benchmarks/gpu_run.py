@@ -26,7 +26,8 @@ call per form, controller time, GPU memory, host syncs per step. Command 2: the 
 the ``torch.compile`` peer, ONNX Runtime's TensorRT provider and native TensorRT when importable.
 
 Other verbs: ``probe`` (backends and card, run as a step), ``pack`` (the transfer kit: a package
-directory as xz parts) and ``unpack`` (their reassembly on the machine), both stdlib-only.
+directory as xz parts) and ``unpack`` (their reassembly on the machine). The script imports
+only the standard library and ``adapedit.io`` (no torch), so it runs before the install.
 """
 
 from __future__ import annotations
@@ -45,6 +46,8 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from adapedit.io import atomic_write_bytes
 
 ROOT = Path(__file__).resolve().parents[1]
 #: What one command may take on the lent machine (of the 600 s a command may run).
@@ -296,9 +299,10 @@ def commands(s: Settings) -> dict[int, list[Step]]:
     return {1: one, 2: two}
 
 
-def emit(path: Path, kind: str, **data) -> None:
-    """One JSON line appended to ``path``, flushed and synced."""
-    with open(path, "a") as f:
+def emit(file: Path, kind: str, /, **data) -> None:
+    """One JSON line ``{"kind": kind, "t": …, **data}`` appended to ``file``, flushed and synced
+    (``data`` may have any keys, ``path`` among them: the measured path)."""
+    with open(file, "a") as f:
         f.write(json.dumps({"kind": kind, "t": time.time(), **data}) + "\n")
         f.flush()
         os.fsync(f.fileno())
@@ -316,12 +320,6 @@ def read_lines(path: Path) -> list[dict]:
     return out
 
 
-def _atomic(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
-
-
 def pack_logs(s: Settings) -> None:
     """Every log and record of the work folder in ``OUT_DIR/logs.tar.gz`` (atomically)."""
     buf = io.BytesIO()
@@ -331,7 +329,7 @@ def pack_logs(s: Settings) -> None:
                 for p in sorted(folder.rglob("*")):
                     if p.is_file():
                         tar.add(p, arcname=str(p.relative_to(s.work)))
-    _atomic(s.out / LOGS, buf.getvalue())
+    atomic_write_bytes(s.out / LOGS, buf.getvalue())
 
 
 def _env(s: Settings, step: Step) -> dict[str, str]:
@@ -480,7 +478,7 @@ def write_summary(s: Settings) -> None:
             rest = {k: v for k, v in x.items() if k not in ("kind", "t", "path")}
             md.append(f"\n{kind} — {x.get('path', '')}: `{json.dumps(rest)}`")
     md += ["", "## Goals", ""] + [f"- {g}" for g in goals(lines)]
-    _atomic(s.out / SUMMARY, ("\n".join(md) + "\n").encode())
+    atomic_write_bytes(s.out / SUMMARY, ("\n".join(md) + "\n").encode())
 
 
 def goals(lines: list[dict]) -> list[str]:

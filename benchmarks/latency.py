@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import gc
 import json
-import os
 import resource
 import shutil
 import statistics
@@ -33,6 +32,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from benchmarks.common import available_backends, export_cli, machine_info, write_results
+from benchmarks.gpu_run import emit
 
 STAGES = ("text", "calibration", "edit", "decode", "total")
 SOURCE, TARGET = "a dog standing on the grass", "a dog sitting on the grass"
@@ -100,11 +100,7 @@ class JsonLines:
 
     def emit(self, kind: str, **data) -> None:
         if self.path:
-            line = json.dumps({"kind": kind, "t": time.time(), **data}) + "\n"
-            with open(self.path, "a") as f:
-                f.write(line)
-                f.flush()
-                os.fsync(f.fileno())
+            emit(Path(self.path), kind, **data)
 
 
 def count_syncs(session, edit, sampler) -> dict:

@@ -194,6 +194,17 @@ class Runner(ABC):
         """Run with checked feeds of the planned shapes; returns the output buffers."""
 
 
+def require_cuda(what: str, where: str, expected: str) -> None:
+    """Raises an :class:`EngineError` when torch sees no CUDA device, which ``what`` needs."""
+    if not torch.cuda.is_available():
+        raise EngineError(
+            f"{what} needs a CUDA device, and torch sees none",
+            where=where,
+            expected=expected,
+            got=f"torch {torch.__version__} without CUDA",
+        )
+
+
 class GraphSlots:
     """Which CUDA graph an engine call replays, by the device addresses it binds.
 

@@ -25,10 +25,15 @@ def file_digest(path: str | Path, chunk: int = 1 << 20) -> str:
     h = hashlib.sha256()
     for p in (Path(path), Path(f"{path}.data")):
         if p.is_file():
-            with open(p, "rb") as f:
-                while block := f.read(chunk):
-                    h.update(block)
+            _feed(h, p, chunk)
     return h.hexdigest()
+
+
+def _feed(h, path: str | Path, chunk: int) -> None:
+    """A file's bytes into the hash ``h``, ``chunk`` bytes at a time."""
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
 
 
 def graph_digest(path: str | Path) -> str:
@@ -62,9 +67,7 @@ def _sha256(path: Path, chunk: int = 1 << 20) -> str:
 @lru_cache(maxsize=256)
 def _sha256_of(path: str, size: int, mtime_ns: int, chunk: int) -> str:
     h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
+    _feed(h, path, chunk)
     return h.hexdigest()
 
 

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from adapedit.engines.base import TORCH_DTYPES, GraphSlots, Runner
+from adapedit.engines.base import TORCH_DTYPES, GraphSlots, Runner, require_cuda
 from adapedit.engines.weights import WeightPool
 from adapedit.errors import EngineError
 from adapedit.spec import GraphSpec
@@ -89,13 +89,8 @@ def check_providers(options: OrtOptions, where: str) -> None:
             expected=wanted,
             got=f"available: {available}",
         )
-    if options.device.type == "cuda" and not torch.cuda.is_available():
-        raise EngineError(
-            "a GPU execution provider needs a CUDA device, and torch sees none",
-            where=where,
-            expected=f"{wanted} with torch.cuda.is_available()",
-            got=f"torch {torch.__version__} without CUDA",
-        )
+    if options.device.type == "cuda":
+        require_cuda("a GPU execution provider", where, f"{wanted} with a CUDA device")
 
 
 @lru_cache(maxsize=1)

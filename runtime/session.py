@@ -11,7 +11,7 @@ import torch
 
 from adapedit.config import EditConfig, SamplerConfig
 from adapedit.controller import Controller
-from adapedit.engines.base import Runner
+from adapedit.engines.base import Runner, require_cuda
 from adapedit.engines.folder import load_engine_folder, make_runner
 from adapedit.engines.ort import OrtOptions, check_providers
 from adapedit.engines.weights import WeightPool
@@ -85,13 +85,8 @@ class EditSession(EditPipeline):
         options = ort or config.ort
         if config.backend == "ort":  # before any engine is made: no silent CPU run
             check_providers(options, f"engine folder {folder}")
-        elif not torch.cuda.is_available():
-            raise EngineError(
-                "a TensorRT engine folder needs a CUDA device, and torch sees none",
-                where=str(folder),
-                expected="an NVIDIA GPU with torch.cuda.is_available()",
-                got=f"torch {torch.__version__} without CUDA",
-            )
+        else:
+            require_cuda("a TensorRT engine folder", str(folder), "an NVIDIA GPU")
         self.device = options.device if config.backend == "ort" else torch.device("cuda")
         self.stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
         self.weights = (

@@ -36,7 +36,7 @@ def test_each_command_fits_one_call_of_the_machine(tmp_path):
     assert len({gpu_run.RESULTS, gpu_run.SUMMARY, gpu_run.LOGS, gpu_run.PLOT}) <= gpu_run.MAX_FILES
 
 
-def test_a_real_command_needs_its_output_folder(monkeypatch):
+def test_a_real_command_needs_its_output_folder():
     with pytest.raises(SystemExit, match="OUT_DIR"):
         gpu_run.Settings.from_env({"GPU_DRY_RUN": "0"})
 
