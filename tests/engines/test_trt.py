@@ -219,9 +219,11 @@ def test_aligned_buffers_start_on_256_bytes():
 def test_a_misaligned_input_is_staged_never_bound_as_it_is(monkeypatch):
     context = FakeContext()
     r, _ = _runner(monkeypatch, context)
-    rows = torch.randn(3, 2, 8).split(1)  # views: the second starts 64 bytes in
-    x = rows[1][0]
-    assert x.data_ptr() % 256 != 0
+    flat = torch.randn(2 * 8 + 64)
+    # A view starting 4 bytes past a 256-byte boundary, wherever the allocator put `flat`.
+    start = (-flat.data_ptr() % 256) // 4 + 1
+    x = flat[start : start + 16].view(2, 8)
+    assert x.data_ptr() % 256 == 4
     out = r.infer({"x": x})["y"]
     assert context.addresses["x"] % 256 == 0 and context.addresses["x"] != x.data_ptr()
     assert torch.equal(out, x)
