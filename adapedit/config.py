@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 from adapedit.errors import ConfigError
@@ -43,6 +43,11 @@ class EditConfig:
     Defaults are the paper's (§4.1): FWT and DPS on, ``λ_τ = 1``, ``λ_S = 0.9``, ``λ_SV = 1``,
     ``α_m = 0.03``. With ``use_fwt = use_dps = False`` the method is exactly P2P refine with
     ``cross_replace_steps = tau_fixed`` and ``self_replace_steps = tau_self_fixed``.
+
+    ``calibration_steps`` K runs the calibration pass at K steps of the edit's scheduler from the
+    same initial latent (None: the edit's steps, the paper's full pass); τ and ``E_k`` are
+    computed from it as from a full pass. It must not exceed the edit's steps
+    (:func:`check_calibration_steps`).
     """
 
     edit_type: str = "refine"
@@ -62,6 +67,7 @@ class EditConfig:
     local_blend_threshold: float = 0.3
     reweight: tuple[tuple[str, float], ...] = ()
     self_max_queries: int = 256
+    calibration_steps: int | None = None
 
     def __post_init__(self) -> None:
         w = "EditConfig"
@@ -89,6 +95,18 @@ class EditConfig:
                 where=w,
                 got=self.self_max_queries,
                 field="self_max_queries",
+            )
+        if self.calibration_steps is not None and not (
+            isinstance(self.calibration_steps, int)
+            and not isinstance(self.calibration_steps, bool)
+            and self.calibration_steps >= 1
+        ):
+            raise ConfigError(
+                "calibration_steps must be a positive integer (or None: the edit's steps)",
+                where=w,
+                expected="1 ≤ calibration_steps ≤ the edit's steps",
+                got=self.calibration_steps,
+                field="calibration_steps",
             )
         object.__setattr__(self, "local_blend", tuple(self.local_blend))
         object.__setattr__(self, "reweight", tuple((str(k), float(v)) for k, v in self.reweight))
@@ -170,6 +188,29 @@ class SamplerConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+def check_calibration_steps(edit: EditConfig, sampler: SamplerConfig) -> None:
+    """The calibration pass is no longer than the edit pass.
+
+    Raises:
+        ConfigError: ``calibration_steps`` > ``steps`` (field ``calibration_steps``).
+    """
+    k = edit.calibration_steps
+    if k is not None and k > sampler.steps:
+        raise ConfigError(
+            "calibration_steps exceeds the edit's steps",
+            where="EditConfig and SamplerConfig",
+            expected=f"1 ≤ calibration_steps ≤ steps ({sampler.steps})",
+            got=k,
+            field="calibration_steps",
+        )
+
+
+def calibration_sampler(edit: EditConfig, sampler: SamplerConfig) -> SamplerConfig:
+    """The calibration pass's sampler: the edit's, at ``calibration_steps`` steps if set."""
+    check_calibration_steps(edit, sampler)
+    return replace(sampler, steps=edit.calibration_steps or sampler.steps)
 
 
 @dataclass(frozen=True)

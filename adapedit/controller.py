@@ -115,9 +115,12 @@ class CalibrationRecorder:
         """The calibration pass is a plain generation: latents pass unchanged."""
         return latents
 
-    def finish(self, plan: EditPlan) -> tuple[TauPlan, dict[str, torch.Tensor] | None]:
-        """τ (FWT, or the fixed τ without it) and the per-layer keyword embeddings ``E_k^ℓ``
-        (DPS; None without DPS or without keywords)."""
+    def stats(self) -> CalibrationStats:
+        """What the pass recorded, as :class:`CalibrationStats`.
+
+        Raises:
+            ModelError: no cross-attention layer ran at the calibration resolution.
+        """
         cfg = self.config
         if self.map_sum is None:
             raise ModelError(
@@ -129,10 +132,51 @@ class CalibrationRecorder:
                     {layer_hw(self.latent_hw, m.shape[0]) for m in self.final_maps.values()}
                 ),
             )
+        return CalibrationStats(
+            self.map_sum / self.map_count,
+            self.final_hidden[self.last_calib_layer],
+            dict(self.final_maps),
+            dict(self.final_hidden),
+        )
+
+    def finish(self, plan: EditPlan) -> tuple[TauPlan, dict[str, torch.Tensor] | None]:
+        """τ and the keyword embeddings from what was recorded (:meth:`CalibrationStats.finish`
+        under this recorder's configuration)."""
+        return self.stats().finish(plan, self.config)
+
+
+@dataclass(frozen=True, eq=False)
+class CalibrationStats:
+    """What FWT and DPS take from a calibration pass, before any edit-side option is applied:
+    τ, ``τ_self`` and ``E_k^ℓ`` follow from it under any ``λ_τ``, τ rule, ``α_m``, mask and
+    keyword set, so one pass serves every edit of the same target (the calibration cache).
+
+    Attributes:
+        mean_map: [P, T] the conditional cross-attention map at the calibration resolution,
+            mean over heads, layers and steps (or the last step).
+        e_v: [P, d] the input hidden states of the last such layer at the final step.
+        final_maps / final_hidden: per cross-attention layer, its final-step map [P, T] and
+            input hidden states [P, C].
+    """
+
+    mean_map: torch.Tensor
+    e_v: torch.Tensor
+    final_maps: dict[str, torch.Tensor]
+    final_hidden: dict[str, torch.Tensor]
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes held (``e_v`` is one of ``final_hidden``'s tensors, counted once)."""
+        held = [self.mean_map, *self.final_maps.values(), *self.final_hidden.values()]
+        return sum(t.numel() * t.element_size() for t in held)
+
+    def finish(
+        self, plan: EditPlan, cfg: EditConfig
+    ) -> tuple[TauPlan, dict[str, torch.Tensor] | None]:
+        """τ (FWT, or the fixed τ without it) and the per-layer keyword embeddings ``E_k^ℓ``
+        (DPS; None without DPS or without keywords)."""
         if cfg.use_fwt:
-            mean_map = self.map_sum / self.map_count  # [P, T]
-            e_v = self.final_hidden[self.last_calib_layer]  # [P, d]
-            tau = compute_tau(plan, token_embeddings(mean_map, e_v, cfg.alpha_m), cfg)
+            tau = compute_tau(plan, token_embeddings(self.mean_map, self.e_v, cfg.alpha_m), cfg)
         else:
             tau = fixed_tau(plan, cfg, "FWT off")
         keys = None

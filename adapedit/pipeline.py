@@ -4,6 +4,8 @@ diffusers components, against which everything else in the project is measured."
 
 from __future__ import annotations
 
+import functools
+import hashlib
 import time
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
@@ -15,8 +17,9 @@ import torch
 from tqdm.auto import tqdm
 
 from adapedit.alignment import MAX_TOKENS, tokenize
-from adapedit.config import EditConfig, ImageConfig, SamplerConfig
-from adapedit.controller import CalibrationRecorder, Controller, EditController
+from adapedit.calibration_cache import DEFAULT_CACHE_BYTES, CalibrationCache, calibration_key
+from adapedit.config import EditConfig, ImageConfig, SamplerConfig, calibration_sampler
+from adapedit.controller import CalibrationRecorder, CalibrationStats, Controller, EditController
 from adapedit.errors import AdapEditError, ModelError
 from adapedit.fwt import TauPlan, fixed_tau
 from adapedit.image_io import InputImage, fit_image, load_image
@@ -61,6 +64,8 @@ class EditResult:
         input_image: the given image at the model's resolution, [H, W, 3] uint8 (or None).
         trajectory: the inversion's latents [N + 1, 4, h, w] (``z0`` first, then ``z*_{t_1}``
             … ``z*_{t_N}``; the edit starts from the last), or None.
+        calibration: ``computed`` (the pass ran), ``cached`` (its statistics came from the
+            calibration cache) or ``off`` (neither FWT nor DPS: no pass).
     """
 
     source_image: np.ndarray
@@ -77,6 +82,7 @@ class EditResult:
     image: dict[str, Any] | None = None
     input_image: np.ndarray | None = None
     trajectory: torch.Tensor | None = None
+    calibration: str = "computed"
 
     @property
     def keywords(self) -> list[str]:
@@ -96,6 +102,7 @@ class EditResult:
             "keywords": self.keywords,
             "config": {"edit": self.plan.config.to_dict(), "sampler": self.sampler.to_dict()},
             "timings_s": self.timings,
+            "calibration": self.calibration,
             "notes": self.notes,
         }
         if self.image is not None:
@@ -160,6 +167,28 @@ class EditPipeline(ABC):
     size_multiple: int
     default_size: int
     latent_channels: int
+    #: recent calibration passes' statistics (None: every edit calibrates)
+    calibration_cache: CalibrationCache | None = None
+
+    @property
+    @abstractmethod
+    def model_identity(self) -> str:
+        """A digest of what this backend computes with (model or engine folder, dtype,
+        device): the calibration cache's entries of another model never match."""
+
+    def use_calibration_cache(
+        self, cache: CalibrationCache | int | None = DEFAULT_CACHE_BYTES
+    ) -> None:
+        """Keep recent calibration statistics: ``cache`` is a :class:`CalibrationCache` (to
+        share one between backends), a bound in bytes for a new one, or None for none.
+
+        Raises:
+            ConfigError: a bound that is not a positive byte count.
+        """
+        if cache is None or isinstance(cache, CalibrationCache):
+            self.calibration_cache = cache
+        else:
+            self.calibration_cache = CalibrationCache(cache)
 
     @abstractmethod
     def encode(self, prompts: list[str]) -> torch.Tensor:
@@ -387,6 +416,7 @@ class EditPipeline(ABC):
         """
         t_start = time.perf_counter()
         plan = self.plan(source, target, edit)
+        calib_sampler = calibration_sampler(edit, sampler)
         x0 = self.initial_latent(sampler)  # validates the resolution
         latent_hw = tuple(x0.shape[-2:])
         pixels = image_record = None
@@ -416,17 +446,12 @@ class EditPipeline(ABC):
 
         t = time.perf_counter()
         keys = None
+        calibration = "off"
         if edit.needs_calibration:
-            recorder = CalibrationRecorder(latent_hw, n, edit)
-            self.denoise(
-                x0,
-                CALIBRATION.stack(uncond, {"edit": c_edt}),
-                sampler,
-                recorder,
-                desc="calibration",
-                progress=progress,
+            stats, calibration = self.calibrate(
+                x0, uncond, c_edt, target, edit, calib_sampler, progress=progress
             )
-            tau, keys = recorder.finish(plan)
+            tau, keys = stats.finish(plan, edit)
         else:
             tau = fixed_tau(plan, edit, "FWT off")
         if tau.fallback:
@@ -479,13 +504,59 @@ class EditPipeline(ABC):
             image_record,
             pixels,
             trajectory,
+            calibration,
         )
+
+    def calibrate(
+        self,
+        x0: torch.Tensor,
+        uncond: torch.Tensor,
+        c_edt: torch.Tensor,
+        target: str,
+        edit: EditConfig,
+        sampler: SamplerConfig,
+        *,
+        progress: bool = False,
+    ) -> tuple[CalibrationStats, str]:
+        """The calibration pass (:data:`~adapedit.layout.CALIBRATION`, ``[u_edt, c_edt]``) of
+        ``target`` from ``x0`` [1, 4, h, w] under ``sampler`` (at the calibration steps), or its
+        statistics from the calibration cache.
+
+        Returns:
+            The statistics and ``computed`` or ``cached``.
+        """
+        key = None
+        if self.calibration_cache is not None:
+            key = calibration_key(self.model_identity, target, x0, edit, sampler)
+            stats = self.calibration_cache.get(key)
+            if stats is not None:
+                return stats, "cached"
+        recorder = CalibrationRecorder(tuple(x0.shape[-2:]), self.num_steps(sampler), edit)
+        self.denoise(
+            x0,
+            CALIBRATION.stack(uncond, {"edit": c_edt}),
+            sampler,
+            recorder,
+            desc="calibration",
+            progress=progress,
+        )
+        stats = recorder.stats()
+        if key is not None:
+            self.calibration_cache.put(key, stats)
+        return stats, "computed"
 
 
 class ReferencePipeline(EditPipeline):
     """AdapEdit on diffusers modules with explicit attention in the controlled layers."""
 
-    def __init__(self, components: Components, device: str | torch.device = "cpu") -> None:
+    def __init__(
+        self,
+        components: Components,
+        device: str | torch.device = "cpu",
+        *,
+        calibration_cache: CalibrationCache | int | None = DEFAULT_CACHE_BYTES,
+    ) -> None:
+        self.use_calibration_cache(calibration_cache)
         self.components = components.to(device)
         self.name = components.name
         self.tokenizer = components.tokenizer
@@ -500,9 +571,25 @@ class ReferencePipeline(EditPipeline):
         install_processors(components.unet, self.slot)
 
     @classmethod
-    def from_model(cls, spec: str, device: str | torch.device = "cpu") -> ReferencePipeline:
+    def from_model(
+        cls, spec: str, device: str | torch.device = "cpu", **kwargs: Any
+    ) -> ReferencePipeline:
         """Build from a built-in model name or a local diffusers folder."""
-        return cls(load_model(spec), device)
+        return cls(load_model(spec), device, **kwargs)
+
+    @functools.cached_property
+    def model_identity(self) -> str:
+        """The model's name, architecture hash, dtype and device, and a fingerprint of every
+        weight tensor of the three models (its shape and first values)."""
+        h = hashlib.sha256(
+            f"reference:{self.name}:{self.components.config_hash()}:{self.dtype}:{self.device}".encode()
+        )
+        c = self.components
+        for module in (c.unet, c.text_encoder, c.vae):
+            for name, p in module.state_dict().items():
+                head = p.detach().reshape(-1)[:16].float().cpu().numpy().tobytes()
+                h.update(f"{name}{tuple(p.shape)}".encode() + head)
+        return h.hexdigest()
 
     def prepare(
         self, edit: EditConfig, latent_hw: tuple[int, int], batches: tuple[int, ...]

@@ -7,9 +7,9 @@ each configuration's :class:`~adapedit.controller.EditController` sees its own f
 ``[u_src, u_k, c_src, c_k]`` exactly as in :meth:`~adapedit.pipeline.EditPipeline.edit` (the
 pass's :class:`~adapedit.layout.BatchLayout` names the edit prompts ``edit:0 … edit:K-1``, and
 every index comes from it).
-Configurations that record the same calibration (same ``calibration`` mode and downscale)
+Configurations that record the same calibration (same ``calibration`` mode, downscale and steps)
 share one calibration pass: the recording does not depend on the other fields, which only
-enter ``CalibrationRecorder.finish``.
+enter ``CalibrationStats.finish``.
 
 The images equal those of separate ``edit`` calls bit for bit as long as the UNet's kernels
 compute a sample the same way in the larger batch: on this CPU (torch 2.13) they do up to
@@ -19,13 +19,13 @@ takes at most ``PER_PASS`` = 4 configurations (``tests/benchmarks/test_sweep.py`
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 
-from adapedit.config import EditConfig, SamplerConfig
-from adapedit.controller import CalibrationRecorder, EditController
+from adapedit.config import EditConfig, SamplerConfig, calibration_sampler
+from adapedit.controller import CalibrationStats, EditController
 from adapedit.errors import ConfigError
 from adapedit.fwt import fixed_tau
 from adapedit.layout import CALIBRATION, BatchLayout, numbered_edit
@@ -120,6 +120,7 @@ def sweep_edit(
             got=sorted({c.self_max_queries for c in configs}),
         )
     plans = [pipe.plan(source, target, c) for c in configs]  # bad prompts fail first
+    calib_samplers = [calibration_sampler(c, sampler) for c in configs]  # and bad steps
     x0 = pipe.initial_latent(sampler)  # [1, 4, h, w]
     latent_hw = tuple(x0.shape[-2:])
     chunks = [len(configs[i : i + per_pass]) for i in range(0, len(configs), per_pass)]
@@ -129,18 +130,15 @@ def sweep_edit(
     pipe.prepare(configs[0], latent_hw, tuple(sorted(batches)))
     n = pipe.num_steps(sampler)
     uncond, c_src, c_edt = pipe.encode(["", source, target]).split(1)
-    recorded: dict[tuple, CalibrationRecorder] = {}
+    calibrated: dict[tuple, CalibrationStats] = {}
     controllers = []
-    for config, plan in zip(configs, plans, strict=True):
+    for config, plan, calib in zip(configs, plans, calib_samplers, strict=True):
         keys = None
         if config.needs_calibration:
-            shared = (config.calibration, config.calibration_downscale)
-            if shared not in recorded:
-                recorder = CalibrationRecorder(latent_hw, n, config)
-                emb = CALIBRATION.stack(uncond, {"edit": c_edt})
-                pipe.denoise(x0, emb, sampler, recorder, desc="calibration")
-                recorded[shared] = recorder
-            tau, keys = replace(recorded[shared], config=config).finish(plan)
+            shared = (config.calibration, config.calibration_downscale, calib.steps)
+            if shared not in calibrated:
+                calibrated[shared], _ = pipe.calibrate(x0, uncond, c_edt, target, config, calib)
+            tau, keys = calibrated[shared].finish(plan, config)
         else:
             tau = fixed_tau(plan, config, "FWT off")
         controllers.append(EditController(plan, tau, keys, n, latent_hw))

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+import hashlib
 import json
 import threading
 from contextlib import nullcontext
@@ -9,6 +11,7 @@ from pathlib import Path
 
 import torch
 
+from adapedit.calibration_cache import DEFAULT_CACHE_BYTES, CalibrationCache
 from adapedit.config import EditConfig, SamplerConfig
 from adapedit.controller import Controller
 from adapedit.engines.base import Runner, require_cuda
@@ -45,6 +48,9 @@ class EditSession(EditPipeline):
         form: ``auto`` (fused where available), ``fused`` or ``segmented``.
         cuda_graphs: on a GPU, replay each fused UNet call as a CUDA graph (off: plain runs, to
             compare or to diagnose).
+        calibration_cache: keep recent calibration statistics, so that a re-edit of the same
+            target changing only edit-side options skips the calibration pass: a bound in bytes,
+            a :class:`~adapedit.calibration_cache.CalibrationCache` to share, or None.
     """
 
     def __init__(
@@ -56,7 +62,9 @@ class EditSession(EditPipeline):
         precision: str | None = None,
         form: str = "auto",
         cuda_graphs: bool = True,
+        calibration_cache: CalibrationCache | int | None = DEFAULT_CACHE_BYTES,
     ) -> None:
+        self.use_calibration_cache(calibration_cache)  # a bad bound fails before any loading
         folder = Path(engine_dir)
         manifest, config = load_engine_folder(folder, model_hash=model_hash, precision=precision)
         has = {"fused": manifest.has_fused, "segmented": manifest.has_segments}
@@ -100,6 +108,19 @@ class EditSession(EditPipeline):
         self._unets: dict[int | None, SegmentedUNet] = {}
         self._fused: dict[int, FusedUNet] = {}
         self._lock = threading.RLock()
+
+    @functools.cached_property
+    def model_identity(self) -> str:
+        """A digest of the engine folder (its manifest, and every file's path, size and
+        modification time), the UNet form, backend and device."""
+        h = hashlib.sha256((self.folder / "manifest.json").read_bytes())
+        h.update(
+            f"{self.folder.resolve()}:{self.form}:{self.config.backend}:{self.device}".encode()
+        )
+        for f in sorted(p for p in self.folder.rglob("*") if p.is_file()):
+            st = f.stat()
+            h.update(f"{f.relative_to(self.folder)}:{st.st_size}:{st.st_mtime_ns}".encode())
+        return h.hexdigest()
 
     def _runner(self, spec: GraphSpec, *, cuda_graph: bool = False) -> Runner:
         return make_runner(

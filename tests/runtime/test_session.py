@@ -130,3 +130,49 @@ def test_static_runtime_matches_the_reference(tiny_pipeline, tiny_static_session
     assert p["latents_max_abs"] <= 1e-4, p["per_step"]
     assert p["tau_max_abs"] <= 1e-5 and p["tau_self_abs"] <= 1e-5
     assert p["psnr_source_db"] >= 50 and p["psnr_edited_db"] >= 50
+
+
+@pytest.mark.parametrize("form", ["segmented", "fused"])
+def test_short_calibration_matches_the_reference_on_both_forms(
+    tiny_pipeline, tiny_engines, tiny_fused_engines, form
+):
+    cfg = EditConfig(alpha_m=0.0, calibration_steps=2)
+    folder = tiny_engines if form == "segmented" else tiny_fused_engines
+    with EditSession(folder, form=form, calibration_cache=None) as session:
+        run = session.edit(SRC, TGT, cfg, SAMPLER, record_latents=True)
+    ref = tiny_pipeline.edit(SRC, TGT, cfg, SAMPLER, record_latents=True)
+    full = tiny_pipeline.edit(SRC, TGT, EditConfig(alpha_m=0.0), SAMPLER)
+    p = compare_edits(ref, run)
+    assert len(run.latents) == 6 and p["latents_max_abs"] <= 1e-4, p["per_step"]
+    assert p["tau_max_abs"] <= 1e-5
+    assert [w.tau for w in ref.tau.words] != [w.tau for w in full.tau.words]
+
+
+def test_a_shared_cache_never_serves_another_engine_folder(
+    tiny_engines, tiny_fused_engines, tmp_path
+):
+    from adapedit.calibration_cache import CalibrationCache
+
+    cache = CalibrationCache()
+    copy = tmp_path / "copy"
+    shutil.copytree(tiny_engines, copy)
+    cfg = EditConfig(alpha_m=0.0)
+    with EditSession(tiny_engines, calibration_cache=cache) as a:
+        assert a.edit(SRC, TGT, cfg, SAMPLER).calibration == "computed"
+        again = a.edit(SRC, TGT, EditConfig(alpha_m=0.0, lambda_s=0.5), SAMPLER)
+        assert again.calibration == "cached" and again.timings["calibration"] < 0.05
+    for folder in (tiny_fused_engines, copy):
+        with EditSession(folder, calibration_cache=cache) as b:
+            assert b.calibration_cache is cache
+            assert b.edit(SRC, TGT, cfg, SAMPLER).calibration == "computed", folder
+    assert len(cache) == 3
+    (copy / "manifest.json").touch()  # the same folder, changed on disk: a new identity
+    with EditSession(copy, calibration_cache=cache) as c:
+        assert c.edit(SRC, TGT, cfg, SAMPLER).calibration == "computed"
+
+
+def test_a_bad_cache_size_is_refused_before_the_folder_is_read(tmp_path):
+    from adapedit.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="positive byte count"):
+        EditSession(tmp_path / "nowhere", calibration_cache=0)
