@@ -23,13 +23,35 @@ def _reweight(text: str) -> tuple[str, float]:
 
 
 def _add_sampler_args(p: argparse.ArgumentParser) -> None:
+    from adapedit.config import PRESETS
+
     g = p.add_argument_group("sampler")
+    g.add_argument(
+        "--preset",
+        choices=tuple(PRESETS),
+        default="paper",
+        help="steps, scheduler and calibration steps: "
+        + "; ".join(f"{k}: {v.description}" for k, v in PRESETS.items())
+        + " (each of --steps, --scheduler, --calibration-steps overrides it)",
+    )
     g.add_argument("--seed", type=int, default=0)
-    g.add_argument("--steps", type=int, default=50)
+    g.add_argument("--steps", type=int, default=None, help="sampling steps (default: the preset's)")
     g.add_argument("--guidance", type=float, default=7.5)
     g.add_argument("--height", type=int, default=None, help="pixels (default: the model's)")
     g.add_argument("--width", type=int, default=None, help="pixels (default: the model's)")
-    g.add_argument("--scheduler", choices=("ddim", "pndm", "euler", "dpmpp"), default="ddim")
+    g.add_argument(
+        "--scheduler",
+        choices=("ddim", "pndm", "euler", "dpmpp"),
+        default=None,
+        help="default: the preset's",
+    )
+    g.add_argument(
+        "--calibration-steps",
+        type=int,
+        default=None,
+        metavar="K",
+        help="steps of the calibration pass, 1 … --steps (default: the preset's)",
+    )
 
 
 def _add_engine_args(p: argparse.ArgumentParser) -> None:
@@ -67,6 +89,31 @@ def _add_edit_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--reweight", nargs="+", metavar="WORD=FACTOR", type=_reweight, default=[])
 
 
+def configs_from_args(a: argparse.Namespace):
+    """The edit and sampler configurations: the preset's, then every option given."""
+    from dataclasses import replace
+
+    from adapedit.config import SamplerConfig, check_calibration_steps, preset
+
+    chosen = preset(a.preset)
+    edit = replace(
+        edit_config_from_args(a),
+        calibration_steps=chosen.calibration_steps
+        if a.calibration_steps is None
+        else a.calibration_steps,
+    )
+    sampler = SamplerConfig(
+        steps=chosen.steps if a.steps is None else a.steps,
+        guidance=a.guidance,
+        scheduler=a.scheduler or chosen.scheduler,
+        seed=a.seed,
+        height=a.height,
+        width=a.width,
+    )
+    check_calibration_steps(edit, sampler)
+    return edit, sampler
+
+
 def edit_config_from_args(a: argparse.Namespace):
     from adapedit.config import EditConfig
 
@@ -85,19 +132,6 @@ def edit_config_from_args(a: argparse.Namespace):
         calibration=a.calibration,
         local_blend=tuple(a.local_blend),
         reweight=tuple(a.reweight),
-    )
-
-
-def sampler_config_from_args(a: argparse.Namespace):
-    from adapedit.config import SamplerConfig
-
-    return SamplerConfig(
-        steps=a.steps,
-        guidance=a.guidance,
-        scheduler=a.scheduler,
-        seed=a.seed,
-        height=a.height,
-        width=a.width,
     )
 
 
@@ -158,7 +192,7 @@ def _engine_options(a: argparse.Namespace):
 def cmd_edit(a: argparse.Namespace) -> int:
     from adapedit.io import write_edit_outputs
 
-    edit, sampler = edit_config_from_args(a), sampler_config_from_args(a)
+    edit, sampler = configs_from_args(a)
     image, image_config = image_from_args(a)  # a bad image fails before any model is loaded
     backend = a.backend or ("engine" if a.engine_dir else "torch")
     if backend == "engine":

@@ -214,6 +214,43 @@ def calibration_sampler(edit: EditConfig, sampler: SamplerConfig) -> SamplerConf
 
 
 @dataclass(frozen=True)
+class Preset:
+    """A named trade-off between UNet work and quality: the scheduler, its steps and the
+    calibration pass's steps (None: as many as the edit's)."""
+
+    scheduler: str
+    steps: int
+    calibration_steps: int | None
+    description: str
+
+    def apply(self, edit: EditConfig, sampler: SamplerConfig) -> tuple[EditConfig, SamplerConfig]:
+        """``edit`` and ``sampler`` with the preset's steps, scheduler and calibration steps."""
+        return (
+            replace(edit, calibration_steps=self.calibration_steps),
+            replace(sampler, scheduler=self.scheduler, steps=self.steps),
+        )
+
+
+#: ``paper``: the paper's setting. ``fast``: the cheapest setting whose success and preservation
+#: on hard and on soft edits stay within the paper's 95 % intervals on the quality suite
+#: (``benchmarks/quality_cost.py``; docs/benchmarks.md).
+PRESETS: dict[str, Preset] = {
+    "paper": Preset("ddim", 50, None, "DDIM 50 steps, a full calibration pass: 300 UNet samples"),
+    "fast": Preset("dpmpp", 20, 5, "FAST_DESCRIPTION"),
+}
+
+
+def preset(name: str, where: str = "preset") -> Preset:
+    """The preset called ``name``.
+
+    Raises:
+        ConfigError: an unknown name (field ``preset``).
+    """
+    _check_choice("preset", name, tuple(PRESETS), where)
+    return PRESETS[name]
+
+
+@dataclass(frozen=True)
 class ImageConfig:
     """How a real image is taken in (docs/algorithm.md "Editing a given image"; README
     "Editing your own images").

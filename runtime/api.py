@@ -40,7 +40,14 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from adapedit.config import EditConfig, ImageConfig, SamplerConfig
+from adapedit.config import (
+    PRESETS,
+    EditConfig,
+    ImageConfig,
+    SamplerConfig,
+    check_calibration_steps,
+    preset,
+)
 from adapedit.errors import AdapEditError, ConfigError, EngineError
 from adapedit.image_io import InputImage, decode_image, load_image
 from adapedit.inversion import check_model, check_sampler
@@ -56,7 +63,9 @@ PROMPT_FIELDS = ("source", "target")
 IMAGE_FIELDS = ("image", *(f.name for f in fields(ImageConfig)))
 EDIT_FIELDS = tuple(f.name for f in fields(EditConfig))
 SAMPLER_FIELDS = tuple(f.name for f in fields(SamplerConfig))
-OPTION_FIELDS = EDIT_FIELDS + SAMPLER_FIELDS
+#: ``preset``: a name of :data:`~adapedit.config.PRESETS`, the defaults of ``steps``,
+#: ``scheduler`` and ``calibration_steps``.
+OPTION_FIELDS = ("preset", *EDIT_FIELDS, *SAMPLER_FIELDS)
 
 
 def _is_int(v: Any) -> bool:
@@ -105,16 +114,32 @@ def parse_options(
 ) -> tuple[EditConfig, SamplerConfig]:
     """Edit and sampler configurations from plain options named after their fields.
 
-    Omitted fields take the configurations' defaults; ``local_blend`` is a list of words,
-    ``reweight`` an object ``{word: factor}`` (or ``[word, factor]`` pairs).
+    Omitted fields take the configurations' defaults, or the ``preset``'s for ``steps``,
+    ``scheduler`` and ``calibration_steps``; ``local_blend`` is a list of words, ``reweight``
+    an object ``{word: factor}`` (or ``[word, factor]`` pairs).
 
     Raises:
-        ConfigError: an unknown field, a value of the wrong JSON type, or one the configurations
-            refuse; the message names the field.
+        ConfigError: an unknown field, a value of the wrong JSON type, one the configurations
+            refuse, or ``calibration_steps`` over ``steps``; the message names the field.
     """
     edit: dict[str, Any] = {}
     sampler: dict[str, Any] = {}
+    if "preset" in options:
+        name = options["preset"]
+        if not isinstance(name, str):
+            raise ConfigError(
+                "field 'preset' has the wrong type",
+                where=where,
+                expected=f"one of {sorted(PRESETS)}",
+                got=f"{name!r} ({type(name).__name__})",
+                field="preset",
+            )
+        chosen = preset(name, where)
+        edit["calibration_steps"] = chosen.calibration_steps
+        sampler.update(steps=chosen.steps, scheduler=chosen.scheduler)
     for name, value in options.items():
+        if name == "preset":
+            continue
         if name not in _FIELD_KINDS:
             raise ConfigError(
                 f"unknown field {name!r}",
@@ -133,7 +158,9 @@ def parse_options(
                 field=name,
             )
         (edit if name in EDIT_FIELDS else sampler)[name] = convert(value)
-    return EditConfig(**edit), SamplerConfig(**sampler)
+    edit_config, sampler_config = EditConfig(**edit), SamplerConfig(**sampler)
+    check_calibration_steps(edit_config, sampler_config)
+    return edit_config, sampler_config
 
 
 def check_resolution(

@@ -72,6 +72,7 @@ struct Result {
     Image source, edited;
     std::vector<WordTau> tau;
     double tau_self = 0.0, total_s = 0.0;
+    std::string calibration;  // computed | cached | off
 };
 
 namespace {
@@ -124,14 +125,16 @@ public:
     }
 
     // image: the encoded file's bytes (none: a generated source); inversion: empty for the
-    // default.
+    // default; calibration_steps: none for a full calibration pass.
     Result edit(const std::string &source, const std::string &target, long long steps,
                 long long seed, const std::optional<std::string> &image = std::nullopt,
-                const std::string &inversion = {}) {
+                const std::string &inversion = {},
+                std::optional<long long> calibration_steps = std::nullopt) {
         return translated([&] {
             py::dict options;
             options["steps"] = steps;
             options["seed"] = seed;
+            if (calibration_steps) options["calibration_steps"] = *calibration_steps;
             if (image) options["image"] = py::bytes(*image);
             if (!inversion.empty()) options["inversion"] = inversion;
             py::dict r = api_.attr("plain_edit")(session_, source, target, **options);
@@ -143,6 +146,7 @@ public:
             }
             out.tau_self = r["tau_self"].cast<double>();
             out.total_s = r["timings_s"]["total"].cast<double>();
+            out.calibration = py::str(r["calibration"]);
             return out;
         });
     }
@@ -278,13 +282,15 @@ long long integer(const char *text, const char *name) {
 
 int main(int argc, char **argv) {
     std::vector<std::string> args;  // the positional arguments
-    std::string image_path, inversion;
+    std::string image_path, inversion, calibration_steps;
     bool usage = false;
     for (int i = 1; i < argc; ++i) {
         const std::string a = argv[i];
-        if (a == "--image" || a == "--inversion") {
+        if (a == "--image" || a == "--inversion" || a == "--calibration-steps") {
             if (i + 1 == argc) usage = true;
-            else (a == "--image" ? image_path : inversion) = argv[++i];
+            else (a == "--image" ? image_path
+                  : a == "--inversion" ? inversion
+                                       : calibration_steps) = argv[++i];
         } else {
             args.push_back(a);
         }
@@ -292,13 +298,15 @@ int main(int argc, char **argv) {
     if (usage || args.size() < 4 || args.size() > 6 || (!inversion.empty() && image_path.empty())) {
         std::cerr << "usage: " << argv[0]
                   << " ENGINE_DIR SOURCE TARGET OUT_DIR [STEPS] [SEED] [--image PATH "
-                     "[--inversion direct|ddim|npi]]\n";
+                     "[--inversion direct|ddim|npi]] [--calibration-steps K]\n";
         return 2;
     }
     long long steps = 50, seed = 0;
+    std::optional<long long> k;
     std::optional<std::string> image;
     try {
         if (args.size() > 4) steps = integer(args[4].c_str(), "STEPS");
+        if (!calibration_steps.empty()) k = integer(calibration_steps.c_str(), "K");
         if (args.size() > 5) seed = integer(args[5].c_str(), "SEED");
         if (!image_path.empty()) image = read_file(image_path);
     } catch (const std::invalid_argument &e) {
@@ -312,7 +320,7 @@ int main(int argc, char **argv) {
             PyConfig config = adapedit::python_config();
             py::scoped_interpreter python(&config, 0, nullptr, false);
             adapedit::Session session(args[0]);
-            r = session.edit(args[1], args[2], steps, seed, image, inversion);
+            r = session.edit(args[1], args[2], steps, seed, image, inversion, k);
         }  // every Python object is gone before the interpreter ends
 
         std::filesystem::create_directories(out_dir);
@@ -321,7 +329,7 @@ int main(int argc, char **argv) {
         std::cout << "τ:";
         for (const auto &w : r.tau) std::cout << ' ' << w.word << '=' << w.tau;
         std::cout << "; τ_self=" << r.tau_self << "; " << r.edited.width << "×" << r.edited.height
-                  << " px; " << r.total_s << " s → " << (out_dir / "source.png").string() << ", "
+                  << " px; calibration " << r.calibration << "; " << r.total_s << " s → " << (out_dir / "source.png").string() << ", "
                   << (out_dir / "edited.png").string() << '\n';
         return 0;
     } catch (const adapedit::Error &e) {

@@ -69,6 +69,8 @@ LONG = " ".join(["dog"] * 80)
         ([SRC, TGT, "--height", "100"], "multiple of 8"),
         ([SRC, TGT, "--height", "72"], "multiple of 64"),
         ([SRC, TGT, "--lambda-s", "1.5"], "lambda_s is out of range"),
+        ([SRC, TGT, "--calibration-steps", "3"], "calibration_steps exceeds the edit's steps"),
+        ([SRC, TGT, "--calibration-steps", "0"], "calibration_steps must be a positive"),
     ],
 )
 def test_bad_input_is_a_clear_error_with_no_output(
@@ -237,3 +239,29 @@ def test_bad_image_input_is_a_clear_error_with_no_output(
     assert message in err and "where: " in err and "got: " in err
     assert not out.exists()
     assert forbid_model_work == []  # no text encoder, VAE or UNet ran before the refusal
+
+
+def test_a_preset_sets_steps_scheduler_and_calibration_and_options_override_it(tmp_path):
+    from adapedit.config import PRESETS
+
+    fast = PRESETS["fast"]
+    out = tmp_path / "fast"
+    assert main(["edit", SRC, TGT, "--preset", "fast", "--quiet", "--out", str(out)]) == 0
+    doc = json.loads((out / "result.json").read_text())
+    assert doc["config"]["sampler"]["steps"] == fast.steps
+    assert doc["config"]["sampler"]["scheduler"] == fast.scheduler
+    assert doc["config"]["edit"]["calibration_steps"] == fast.calibration_steps
+    out = tmp_path / "over"
+    args = ["--preset", "fast", "--steps", "3", "--calibration-steps", "2", "--scheduler", "ddim"]
+    assert main(["edit", SRC, TGT, *args, "--quiet", "--out", str(out)]) == 0
+    doc = json.loads((out / "result.json").read_text())
+    assert doc["config"]["sampler"]["steps"] == 3
+    assert doc["config"]["sampler"]["scheduler"] == "ddim"
+    assert doc["config"]["edit"]["calibration_steps"] == 2
+    assert doc["calibration"] in ("computed", "cached")
+
+
+def test_an_unknown_preset_is_refused_by_the_parser(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["edit", SRC, TGT, "--preset", "fastest"])
+    assert e.value.code == 2 and "invalid choice: 'fastest'" in capsys.readouterr().err

@@ -103,3 +103,19 @@ def test_cpp_refuses_a_bad_image_with_exit_2_and_writes_nothing(program, tiny_en
     p = run(program, tiny_engines, SRC, TGT, out, "--inversion", "ddim")
     assert p.returncode == 2 and "usage:" in p.stderr
     assert not out.exists()
+
+
+def test_cpp_passes_calibration_steps_and_its_refusal(
+    program, tiny_engines, tiny_session, tmp_path
+):
+    p = run(program, tiny_engines, SRC, TGT, tmp_path, 3, 5, "--calibration-steps", 1)
+    assert p.returncode == 0, p.stderr
+    assert "calibration computed" in p.stdout
+    ref = plain_edit(tiny_session, SRC, TGT, steps=3, seed=5, calibration_steps=1)
+    with Image.open(tmp_path / "edited.png") as im:
+        assert np.array_equal(np.asarray(im), ref["edited_image"])
+    p = run(program, tiny_engines, SRC, TGT, tmp_path / "out", 3, "--calibration-steps", 4)
+    assert p.returncode == 2 and "calibration_steps exceeds the edit's steps" in p.stderr
+    assert not (tmp_path / "out").exists()
+    p = run(program, tiny_engines, SRC, TGT, tmp_path / "out", 3, "--calibration-steps", 0)
+    assert p.returncode == 2 and "calibration_steps must be a positive integer" in p.stderr

@@ -60,6 +60,17 @@ def test_parse_options_maps_plain_values_onto_the_configs():
     assert parse_options({}) == (EditConfig(), SamplerConfig())
 
 
+def test_a_preset_gives_steps_scheduler_and_calibration_and_fields_override_it():
+    from adapedit.config import PRESETS
+
+    for name, p in PRESETS.items():
+        edit, sampler = parse_options({"preset": name, "lambda_s": 0.5})
+        assert (sampler.steps, sampler.scheduler) == (p.steps, p.scheduler)
+        assert edit == EditConfig(lambda_s=0.5, calibration_steps=p.calibration_steps)
+    edit, sampler = parse_options({"preset": "fast", "steps": 8, "calibration_steps": None})
+    assert sampler.steps == 8 and edit.calibration_steps is None
+
+
 @pytest.mark.parametrize(
     ("options", "field", "match"),
     [
@@ -75,6 +86,12 @@ def test_parse_options_maps_plain_values_onto_the_configs():
         ({"width": 100}, "width", "multiple of 8"),
         ({"edit_type": "reweight"}, "edit_type", "needs at least one word"),
         ({"reweight": {"grass": 2.0}}, "reweight", "edit_type is not 'reweight'"),
+        ({"calibration_steps": 0}, "calibration_steps", "must be a positive integer"),
+        ({"calibration_steps": 51}, "calibration_steps", r"≤ steps \(50\)"),
+        ({"calibration_steps": "5"}, "calibration_steps", "an integer or null"),
+        ({"preset": "fastest"}, "preset", "unknown preset"),
+        ({"preset": 1}, "preset", "wrong type"),
+        ({"preset": "fast", "steps": 2}, "calibration_steps", "exceeds the edit's steps"),
     ],
 )
 def test_bad_options_raise_config_errors_naming_the_field(options, field, match):

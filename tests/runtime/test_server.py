@@ -196,6 +196,8 @@ def test_edit_equals_the_python_api(url, tiny_session):
         ({"source": " ".join(["dog"] * 80)}, "source"),
         ({"local_blend": ["cat"]}, "local_blend"),
         ({"height": 256}, "height"),
+        ({"calibration_steps": 99}, "calibration_steps"),
+        ({"preset": "fastest"}, "preset"),
     ],
 )
 def test_invalid_input_is_422_naming_the_field(url, change, field):
