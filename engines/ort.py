@@ -33,7 +33,10 @@ class OrtOptions:
     Runtime optimised it for its providers (to check, e.g., that no Memcpy node is left);
     ``cuda_graph`` captures the graph's kernels as a CUDA graph on the first runs and replays it
     (CUDA and TensorRT providers; one graph per set of bound addresses, see
-    :class:`~adapedit.engines.base.GraphSlots`: the fused UNet binds fixed buffers, so one)."""
+    :class:`~adapedit.engines.base.GraphSlots`: the fused UNet binds fixed buffers, so one);
+    ``prepacking`` off stops CPU kernels from keeping a re-laid-out copy of their weights per
+    session (``session.disable_prepacking``: less memory where sessions share weights, each
+    kernel packs on the fly)."""
 
     providers: tuple[str, ...] = ("cpu",)
     threads: int = 0
@@ -42,6 +45,7 @@ class OrtOptions:
     profile_prefix: str | None = None
     optimized_model_prefix: str | None = None
     cuda_graph: bool = False
+    prepacking: bool = True
 
     def __post_init__(self) -> None:
         unknown = [p for p in self.providers if p not in PROVIDERS]
@@ -174,6 +178,8 @@ class OrtRunner(Runner):
         so.add_session_config_entry(
             "session.intra_op.allow_spinning", "1" if self.options.spinning else "0"
         )
+        if not self.options.prepacking:
+            so.add_session_config_entry("session.disable_prepacking", "1")
         if self.options.profile_prefix:
             so.enable_profiling = True
             so.profile_file_prefix = self.options.profile_prefix
