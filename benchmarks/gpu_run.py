@@ -228,7 +228,7 @@ def commands(s: Settings) -> dict[int, list[Step]]:
         export(("segmented",), segmented, 160),
         Step(
             "latency-segmented",
-            130,
+            120,
             (
                 *latency,
                 "--export-dir",
@@ -248,7 +248,7 @@ def commands(s: Settings) -> dict[int, list[Step]]:
         ),
         Step(
             "peer",
-            130,
+            120,
             (
                 py,
                 "-m",
@@ -275,7 +275,7 @@ def commands(s: Settings) -> dict[int, list[Step]]:
         ),
         Step(
             "tensorrt",
-            50,
+            30,
             (
                 *latency,
                 "--export-dir",
@@ -292,6 +292,25 @@ def commands(s: Settings) -> dict[int, list[Step]]:
                 str(s.work / "records"),
                 "--tag",
                 "latency-tensorrt",
+            ),
+            ("install",),
+        ),
+        Step(
+            "presets",
+            40,
+            (
+                py,
+                "-m",
+                "benchmarks.presets",
+                "--paths",
+                f"build:{fused}:fused:{s.backends[0]}",
+                "--repeats",
+                str(s.repeats),
+                "--cached",
+                "--jsonl",
+                jsonl,
+                "--out",
+                str(s.work / "records"),
             ),
             ("install",),
         ),

@@ -3,8 +3,10 @@
 interleaved in one run; a re-edit served by the calibration cache against the first edit of
 the same target; and each path's peak memory in a process of its own.
 
-Paths are ``reference:MODEL`` or ``runtime:ENGINE_DIR:FORM[:noprepack]`` (FORM ``fused`` |
-``segmented``; ``noprepack``: ONNX Runtime's CPU kernels keep no packed weight copies)::
+Paths are ``reference:MODEL``, ``runtime:ENGINE_DIR:FORM[:noprepack]`` (FORM ``fused`` |
+``segmented``; ``noprepack``: ONNX Runtime's CPU kernels keep no packed weight copies) or
+``build:EXPORT_DIR:FORM:BACKEND`` (engines built from an export for a backend of
+:func:`benchmarks.common.available_backends`, e.g. ``ort-cuda``, in a temporary folder)::
 
     OMP_NUM_THREADS=1 python -m benchmarks.presets --paths reference:shapes \\
         runtime:ENGINES:fused runtime:ENGINES:segmented --repeats 3 --cached --memory
@@ -15,16 +17,20 @@ Writes ``<stem>.json``, ``<stem>.md`` and ``<stem>.png`` (seconds per edit per p
 from __future__ import annotations
 
 import argparse
+import atexit
 import json
 import resource
+import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import replace
 from pathlib import Path
 
 from adapedit.config import PRESETS, EditConfig, SamplerConfig
-from benchmarks.common import machine_info, write_results
+from benchmarks.common import available_backends, machine_info, write_results
+from benchmarks.gpu_run import emit
 from benchmarks.latency import stats
 
 SOURCE, TARGET = "a red circle on the left", "a blue circle on the left"
@@ -49,7 +55,23 @@ def load(path: str, *, cache: bool):
         if "noprepack" in flags:  # CPU kernels keep no packed copy of their weights
             ort = replace(ort, prepacking=False)
         return EditSession(folder, form=form, calibration_cache=bound, ort=ort)
-    raise SystemExit(f"unknown path {path!r}: expected reference:MODEL or runtime:DIR:FORM")
+    if kind == "build":
+        from adapedit.engines.folder import build_engines
+        from adapedit.runtime.session import EditSession
+
+        export, form, name = rest.split(":")
+        backends = {b.name: b for b in available_backends()}
+        if name not in backends:
+            raise SystemExit(f"backend {name!r} is not available here: {sorted(backends)}")
+        folder = Path(tempfile.mkdtemp(prefix="adapedit-presets-")) / "engines"
+        atexit.register(shutil.rmtree, folder.parent, True)
+        b = backends[name]
+        build_engines(Path(export), folder, backend=b.build, ort=b.ort, progress=False)
+        return EditSession(folder, form=form, calibration_cache=bound)
+    raise SystemExit(
+        f"unknown path {path!r}: expected reference:MODEL, runtime:DIR:FORM or "
+        "build:EXPORT:FORM:BACKEND"
+    )
 
 
 def edit_seconds(pipe, preset: str, seed: int, edit: EditConfig = EditConfig()) -> float:
@@ -179,6 +201,7 @@ def main(argv: list[str] | None = None) -> dict | None:
     ap.add_argument("--memory", action="store_true", help="peak RSS, one process per path")
     ap.add_argument("--out", default=str(RESULTS))
     ap.add_argument("--stem", default="presets")
+    ap.add_argument("--jsonl", default=None, help="append each path's record here as it is taken")
     ap.add_argument("--child-memory", default=None, help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
     if a.child_memory:
@@ -197,9 +220,13 @@ def main(argv: list[str] | None = None) -> dict | None:
     for path in a.paths:
         pipe = load(path, cache=False)
         rec["presets"][path] = time_presets(pipe, a.repeats)
+        if a.jsonl:
+            emit(Path(a.jsonl), "presets", path=path, **rec["presets"][path])
         if a.cached:
             pipe.use_calibration_cache()
             rec["cached"][path] = time_cached(pipe, a.repeats, a.cached_preset)
+            if a.jsonl:
+                emit(Path(a.jsonl), "cached", path=path, **rec["cached"][path])
         del pipe
     if a.memory:
         for path in a.paths:

@@ -170,8 +170,11 @@ def test_both_commands_run_dry_from_carried_files_and_record_everything(tmp_path
     lines = _check_out_folder(tmp_path / "out")
     steps = {x["name"]: x["status"] for x in lines if x["kind"] == "step"}
     assert steps == dict.fromkeys(
-        ("install", "export-segmented", "latency-segmented", "peer", "tensorrt"), "ok"
+        ("install", "export-segmented", "latency-segmented", "peer", "tensorrt", "presets"), "ok"
     )
+    (fused,) = [x for x in lines if x["kind"] == "presets"]  # the fused export of command 1
+    assert fused["path"].endswith(":fused:ort-cpu") and {"paper", "fast"} <= set(fused)
+    assert any(x["kind"] == "cached" for x in lines)
     assert any(x["kind"] == "edit" and x["path"] == "ort-cpu-segmented" for x in lines)
     assert {"torch-sdpa", "torch-fused"} <= {x["path"] for x in lines if x["kind"] == "peer_call"}
     assert any(x["kind"] == "skipped" and "trt" in x["path"] for x in lines)  # no TensorRT here
