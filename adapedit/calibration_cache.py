@@ -16,13 +16,9 @@ from dataclasses import dataclass
 
 import torch
 
-from adapedit.config import EditConfig, SamplerConfig
+from adapedit.config import DEFAULT_CACHE_BYTES, EditConfig, SamplerConfig
 from adapedit.controller import CalibrationStats
 from adapedit.errors import ConfigError
-
-#: Default bound: 256 MiB, a few 512 px SD 1.4 entries (each ~40 MB in fp32) or hundreds of
-#: ``shapes`` ones; small beside a GPU serving replica's UNet.
-DEFAULT_CACHE_BYTES = 256 << 20
 
 
 @dataclass(frozen=True)

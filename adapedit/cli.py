@@ -8,6 +8,7 @@ import sys
 import traceback
 from collections.abc import Sequence
 
+from adapedit.config import DEFAULT_CACHE_BYTES
 from adapedit.defaults import BUILTIN_MODELS, DEFAULT_MODEL, DEMO_SOURCE, DEMO_TARGET
 from adapedit.errors import AdapEditError, ConfigError
 
@@ -315,6 +316,12 @@ def cmd_export(a: argparse.Namespace) -> int:
 SCALE_OPTIONS = ("replicas", "min_replicas", "max_replicas", "gpus_per_replica", "cpus_per_replica")
 
 
+def _cache_bytes(a: argparse.Namespace) -> int | None:
+    """The calibration cache bound of ``--calibration-cache-mb`` (None: ``--no-calibration-cache``);
+    the session refuses a bound that is not positive."""
+    return None if a.no_calibration_cache else int(a.calibration_cache_mb * 2**20)
+
+
 def cmd_serve(a: argparse.Namespace) -> int:
     import logging
 
@@ -334,6 +341,7 @@ def cmd_serve(a: argparse.Namespace) -> int:
             options=options,
             ort=_engine_options(a),
             access_log=not a.quiet,
+            calibration_cache=_cache_bytes(a),
         )
         return 0
     if importlib.util.find_spec("ray") is None:
@@ -350,6 +358,7 @@ def cmd_serve(a: argparse.Namespace) -> int:
         queue_size=options.queue_size,
         timeout=options.timeout,
         ort=_engine_options(a),
+        calibration_cache=_cache_bytes(a),
         **scale,
     )
     serve_ray(config, address=a.ray_address, host=a.host, port=a.port, quiet=a.quiet)
@@ -493,6 +502,16 @@ def build_parser() -> argparse.ArgumentParser:
         default=120.0,
         help="seconds from a request's arrival to its answer; later: 504 (default: 120)",
     )
+    p.add_argument(
+        "--calibration-cache-mb",
+        type=float,
+        default=DEFAULT_CACHE_BYTES / 2**20,
+        metavar="MB",
+        help="bound of each session's calibration cache: a re-edit of the same target, seed "
+        "and sampler changing only edit-side options skips the calibration pass (default: "
+        f"{DEFAULT_CACHE_BYTES >> 20})",
+    )
+    p.add_argument("--no-calibration-cache", action="store_true", help="every edit calibrates")
     g = p.add_argument_group(
         "Ray Serve (any of these deploys on Ray; pip install 'adapedit[serve]')"
     )

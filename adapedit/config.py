@@ -14,6 +14,9 @@ CALIBRATION_MODES = ("mean", "last")
 SCHEDULERS = ("ddim", "pndm", "euler", "dpmpp")
 INVERSIONS = ("direct", "ddim", "npi")
 RESIZE_POLICIES = ("crop", "pad", "stretch")
+#: The calibration cache's default bound (:mod:`adapedit.calibration_cache`): 256 MiB, a few
+#: 512 px SD 1.4 entries or hundreds of ``shapes`` ones; small beside a GPU replica's UNet.
+DEFAULT_CACHE_BYTES = 256 << 20
 
 
 def _check_range(

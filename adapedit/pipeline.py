@@ -17,8 +17,14 @@ import torch
 from tqdm.auto import tqdm
 
 from adapedit.alignment import MAX_TOKENS, tokenize
-from adapedit.calibration_cache import DEFAULT_CACHE_BYTES, CalibrationCache, calibration_key
-from adapedit.config import EditConfig, ImageConfig, SamplerConfig, calibration_sampler
+from adapedit.calibration_cache import CalibrationCache, calibration_key
+from adapedit.config import (
+    DEFAULT_CACHE_BYTES,
+    EditConfig,
+    ImageConfig,
+    SamplerConfig,
+    calibration_sampler,
+)
 from adapedit.controller import CalibrationRecorder, CalibrationStats, Controller, EditController
 from adapedit.errors import AdapEditError, ModelError
 from adapedit.fwt import TauPlan, fixed_tau

@@ -40,6 +40,7 @@ from ray import serve
 from ray.exceptions import RayActorError
 from ray.serve.exceptions import BackPressureError
 
+from adapedit.config import DEFAULT_CACHE_BYTES
 from adapedit.errors import ConfigError
 from adapedit.runtime.api import EditRequest
 from adapedit.runtime.server import (
@@ -83,6 +84,8 @@ class ScaleOut:
         queue_size: edits that may wait at the ingress; one more is answered 503.
         timeout: seconds from a request's arrival to its answer; later, 504.
         ort: ONNX Runtime options overriding the engine folder's (not in :func:`build` args).
+        calibration_cache: each replica's calibration cache bound in bytes (None: none); a
+            replica keeps its own.
     """
 
     engine_dir: str
@@ -94,6 +97,7 @@ class ScaleOut:
     queue_size: int = 8
     timeout: float = 120.0
     ort: OrtOptions | None = None
+    calibration_cache: int | None = DEFAULT_CACHE_BYTES
 
     http: HttpOptions = field(init=False, repr=False)
 
@@ -206,8 +210,10 @@ class RayEditor:
 class EditorReplica:
     """One session, engines loaded at start; its edits run one at a time."""
 
-    def __init__(self, engine_dir: str, ort: OrtOptions | None) -> None:
-        self.session = open_session(engine_dir, ort)
+    def __init__(
+        self, engine_dir: str, ort: OrtOptions | None, calibration_cache: int | None
+    ) -> None:
+        self.session = open_session(engine_dir, ort, calibration_cache)
 
     async def edit(self, job: EditRequest) -> Answer:
         """The answer to one job (see :func:`~adapedit.runtime.server.run_edit`)."""
@@ -239,7 +245,9 @@ def application(config: ScaleOut) -> Application:
     if gpus is None:
         gpus = 1 if ray.is_initialized() and ray.cluster_resources().get("GPU", 0) >= 1 else 0
     editor = EditorReplica.options(**config.editor_options(gpus))
-    return Ingress.bind(editor.bind(config.engine_dir, config.ort), config)
+    return Ingress.bind(
+        editor.bind(config.engine_dir, config.ort, config.calibration_cache), config
+    )
 
 
 BUILD_ARGS = tuple(f.name for f in fields(ScaleOut) if f.init and f.name != "ort")

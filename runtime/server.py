@@ -67,6 +67,7 @@ from starlette.responses import Response
 from starlette.routing import Route
 from starlette.types import Receive
 
+from adapedit.config import DEFAULT_CACHE_BYTES
 from adapedit.errors import AdapEditError, ConfigError, InputError
 from adapedit.io import png_bytes
 from adapedit.runtime.api import EditRequest, Validator, parse_edit_request, to_plain
@@ -154,12 +155,17 @@ def queue_full(queue_size: int) -> Answer:
     return Answer(503, _error(503, f"the queue is full ({queue_size} waiting); retry later"))
 
 
-def open_session(engine_dir: str | Path, ort: OrtOptions | None = None) -> EditSession:
+def open_session(
+    engine_dir: str | Path,
+    ort: OrtOptions | None = None,
+    calibration_cache: int | None = DEFAULT_CACHE_BYTES,
+) -> EditSession:
     """An :class:`~adapedit.runtime.session.EditSession` with every engine loaded now (not at the
-    first edit), for a server that should be ready when it says so."""
+    first edit), for a server that should be ready when it says so; ``calibration_cache``: its
+    bound in bytes (None: no cache)."""
     from adapedit.runtime.session import EditSession
 
-    session = EditSession(engine_dir, ort=ort)
+    session = EditSession(engine_dir, ort=ort, calibration_cache=calibration_cache)
     for runner in session.runners:
         runner.activate()
     return session
@@ -449,13 +455,15 @@ def serve(
     options: HttpOptions = HttpOptions(),
     ort: OrtOptions | None = None,
     access_log: bool = True,
+    calibration_cache: int | None = DEFAULT_CACHE_BYTES,
 ) -> None:
     """Load the engine folder once and serve it with uvicorn until interrupted (Ctrl-C or
     SIGTERM); prints the URL (``serving http://HOST:PORT …``) on stdout once listening. Port 0
-    takes a free port."""
+    takes a free port. ``calibration_cache``: the session's calibration cache bound in bytes
+    (None: none)."""
     import uvicorn
 
-    session = open_session(engine_dir, ort)
+    session = open_session(engine_dir, ort, calibration_cache)
     editor = LocalEditor(session, options.queue_size)
     config = uvicorn.Config(
         create_app(session, editor, options),

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import torch
 
-from adapedit.calibration_cache import DEFAULT_CACHE_BYTES, CalibrationCache
-from adapedit.config import EditConfig, SamplerConfig
+from adapedit.calibration_cache import CalibrationCache
+from adapedit.config import DEFAULT_CACHE_BYTES, EditConfig, SamplerConfig
 from adapedit.controller import Controller
 from adapedit.engines.base import Runner, require_cuda
 from adapedit.engines.folder import load_engine_folder, make_runner

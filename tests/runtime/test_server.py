@@ -417,6 +417,28 @@ def test_serve_command(tiny_engines):
         assert proc.wait(30) == 0
 
 
+def test_a_re_edit_changing_only_edit_side_options_says_calibration_cached(url):
+    body = {**REQUEST, "seed": 4242}  # a seed no other test uses: this target is new here
+    first = request(url, "POST", "/edit", body)[2]
+    again = request(url, "POST", "/edit", {**body, "lambda_s": 0.5, "lambda_tau": 2.0})[2]
+    assert (first["calibration"], again["calibration"]) == ("computed", "cached")
+    assert again["config"]["edit"]["lambda_s"] == 0.5
+
+
+def test_serve_refuses_a_cache_bound_that_is_not_positive(tiny_engines):
+    p = subprocess.run(
+        [
+            *(sys.executable, "-m", "adapedit.cli", "serve", "--engine-dir", tiny_engines),
+            *("--port", "0", "--calibration-cache-mb", "0", "--quiet"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert p.returncode == 2, p.stderr
+    assert "calibration cache's size must be a positive byte count" in p.stderr
+
+
 def test_the_command_line_stays_light():
     code = (
         "import sys; from adapedit.cli import build_parser; "
