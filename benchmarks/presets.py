@@ -3,8 +3,9 @@
 interleaved in one run; a re-edit served by the calibration cache against the first edit of
 the same target; and each path's peak memory in a process of its own.
 
-Paths are ``reference:MODEL``, ``runtime:ENGINE_DIR:FORM[:noprepack]`` (FORM ``fused`` |
-``segmented``; ``noprepack``: ONNX Runtime's CPU kernels keep no packed weight copies) or
+Paths are ``reference:MODEL``, ``runtime:ENGINE_DIR:FORM[:FLAG…]`` (FORM ``fused`` |
+``segmented``; FLAG ``noprepack``: ONNX Runtime's CPU kernels keep no packed weight copies,
+``extended``, ``basic`` or ``disable``: that graph optimisation level instead of the folder's) or
 ``build:EXPORT_DIR:FORM:BACKEND`` (engines built from an export for a backend of
 :func:`benchmarks.common.available_backends`, e.g. ``ort-cuda``, in a temporary folder)::
 
@@ -54,6 +55,9 @@ def load(path: str, *, cache: bool):
         ort = load_engine_folder(Path(folder))[1].ort
         if "noprepack" in flags:  # CPU kernels keep no packed copy of their weights
             ort = replace(ort, prepacking=False)
+        for level in ("disable", "basic", "extended"):  # below "all": no NCHWc weight copies
+            if level in flags:
+                ort = replace(ort, optimization=level)
         return EditSession(folder, form=form, calibration_cache=bound, ort=ort)
     if kind == "build":
         from adapedit.engines.folder import build_engines
@@ -106,7 +110,7 @@ def time_cached(pipe, repeats: int, preset: str) -> dict:
 
 
 def peak_rss_child(path: str) -> dict:
-    """``path`` loaded and one fast edit run in a process of its own: its peak RSS."""
+    """``path`` loaded and one short edit run in a process of its own: its peak RSS."""
     out = subprocess.run(
         [sys.executable, "-m", "benchmarks.presets", "--child-memory", path],
         check=True,
@@ -117,8 +121,10 @@ def peak_rss_child(path: str) -> dict:
 
 
 def child_memory(path: str) -> None:
+    """Load ``path`` and run one short edit (2 steps, calibration at 1: both UNet batches run,
+    and memory does not grow with steps); print the process's peak RSS."""
     pipe = load(path, cache=False)
-    edit_seconds(pipe, "fast", 0)
+    pipe.edit(SOURCE, TARGET, EditConfig(calibration_steps=1), SamplerConfig(steps=2))
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
     print(json.dumps({"peak_rss_gb": peak}))
 
@@ -156,7 +162,7 @@ def markdown(rec: dict) -> str:
         ref = [v["peak_rss_gb"] for k, v in rec["memory"].items() if k.startswith("reference")]
         lines += [
             "",
-            "Peak resident memory, each path in a process of its own (load + one fast edit).",
+            "Peak resident memory, each path in a process of its own (load + one 2-step edit).",
             "",
             "| path | peak RSS GB | / reference (goal ≤ 1.3) |",
             "|---|---|---|",

@@ -24,6 +24,8 @@ samples)::
 from __future__ import annotations
 
 import argparse
+import json
+import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,9 +34,8 @@ import numpy as np
 
 from adapedit.config import EditConfig, SamplerConfig
 from benchmarks.common import machine_info, write_results
-from benchmarks.quality import RESULTS, SUITE, in_group, read_image, score
+from benchmarks.quality import GROUPS, RESULTS, SUITE, in_group, read_image, score
 
-GROUPS = ("all", "hard", "soft", "one of two")
 LOW_TAU = 0.1  # FWT's "low" words (docs/algorithm.md: τ_default counts them)
 
 
@@ -50,6 +51,11 @@ class Setting:
     @property
     def name(self) -> str:
         return f"{self.scheduler} {self.steps}, K {'full' if self.k == self.steps else self.k}"
+
+    @property
+    def spec(self) -> str:
+        """``scheduler:steps:k``, as :meth:`parse` reads it."""
+        return f"{self.scheduler}:{self.steps}:{self.k}"
 
     @classmethod
     def parse(cls, text: str) -> Setting:
@@ -148,6 +154,7 @@ def run(a: argparse.Namespace) -> dict:
         "seeds": list(a.seeds),
         "cases": len(cases),
         "settings": [s.name for s in settings],
+        "setting_specs": [s.spec for s in settings],
         "paper": settings[0].name,
         "bootstrap": a.bootstrap,
         "wall_s": round(wall, 1),
@@ -217,6 +224,17 @@ def summarise(rows: list[dict], cases, seeds: list[int], settings, resamples: in
     return out
 
 
+def resummarise(record: dict, resamples: int) -> dict:
+    """``record`` (a ``quality_cost.json``) with its summary computed again from its rows."""
+    specs = record.get("setting_specs") or [
+        re.sub(r"^(\w+) (\d+), K (\w+)$", r"\1:\2:\3", n) for n in record["settings"]
+    ]  # records written before the specs were
+    settings = [Setting.parse(x) for x in specs]
+    cases = SUITE[: record["cases"]]
+    summary = summarise(record["rows"], cases, record["seeds"], settings, resamples)
+    return {**record, "setting_specs": [x.spec for x in settings], "summary": summary}
+
+
 def fast_setting(summary: dict) -> str | None:
     """The cheapest setting that holds on hard and on soft edits (None if none does)."""
     ok = [
@@ -225,6 +243,15 @@ def fast_setting(summary: dict) -> str | None:
         if all(v["groups"].get(g, {}).get("holds", False) for g in ("hard", "soft"))
     ]
     return min(ok)[1] if ok else None
+
+
+def holds_everywhere(summary: dict, name: str) -> bool:
+    """Whether setting ``name`` holds on every group of the suite (kinds included)."""
+    return all(g.get("holds", False) for g in summary[name]["groups"].values())
+
+
+#: The groups of the main table; the others (each kind) have a table of their own.
+MAIN_GROUPS = ("all", "hard", "soft", "one of two")
 
 
 def markdown(record: dict) -> str:
@@ -248,14 +275,17 @@ def markdown(record: dict) -> str:
             else "."
         ),
         "",
+        "It holds on every group, each kind included: "
+        + ("yes." if fast and holds_everywhere(s, fast) else "no."),
+        "",
         "| setting | UNet samples | s/edit (CPU) | "
-        + " | ".join(f"{g}: success / preservation (Δ [95 % CI])" for g in GROUPS)
+        + " | ".join(f"{g}: success / preservation (Δ [95 % CI])" for g in MAIN_GROUPS)
         + " |",
-        "|---|---|---|" + "---|" * len(GROUPS),
+        "|---|---|---|" + "---|" * len(MAIN_GROUPS),
     ]
     for name, v in s.items():
         cells = []
-        for g in GROUPS:
+        for g in MAIN_GROUPS:
             x = v["groups"].get(g)
             if x is None:
                 cells.append("–")
@@ -273,6 +303,24 @@ def markdown(record: dict) -> str:
             + " | ".join(cells)
             + " |"
         )
+    kinds = [g for g in GROUPS if g not in MAIN_GROUPS and paper and g in paper["groups"]]
+    lines += [
+        "",
+        "## Per kind of edit: Δ success / Δ preservation from the paper's setting (✓ holds)",
+        "",
+        "| setting | " + " | ".join(f"{g} (n = {paper['groups'][g]['n']})" for g in kinds) + " |",
+        "|---|" + "---|" * len(kinds),
+    ]
+    for name, v in list(s.items())[1:]:
+        cells = []
+        for g in kinds:
+            x = v["groups"].get(g)
+            cells.append(
+                "–"
+                if x is None
+                else f"{x['diff'][0]:+.1f} / {x['diff'][1]:+.1f} {'✓' if x['holds'] else '✗'}"
+            )
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
     lines += [
         "",
         "## τ of a short calibration against the full pass of the same sampler",
@@ -336,8 +384,18 @@ def main(argv: list[str] | None = None) -> dict:
     )
     ap.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples")
     ap.add_argument("--out", default=str(RESULTS))
+    ap.add_argument(
+        "--from-json",
+        default=None,
+        metavar="PATH",
+        help="no edits: summarise the rows of an earlier run's quality_cost.json again",
+    )
     a = ap.parse_args(argv)
-    record = run(a)
+    record = (
+        resummarise(json.loads(Path(a.from_json).read_text()), a.bootstrap)
+        if a.from_json
+        else run(a)
+    )
     out = Path(a.out)
     write_results(out, "quality_cost", record, markdown(record))
     plot(record, out / "quality_cost.png")

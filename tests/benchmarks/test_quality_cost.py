@@ -109,6 +109,17 @@ def test_a_two_edit_run_writes_its_report(tmp_path):
     assert {r["calibration"] for r in doc["rows"]} == {"computed"}
     assert "| ddim 2, K 1 | 10 |" in (tmp_path / "quality_cost.md").read_text()
     assert (tmp_path / "quality_cost.png").stat().st_size > 0
+    again = quality_cost.main(
+        [
+            "--from-json",
+            str(tmp_path / "quality_cost.json"),
+            "--bootstrap",
+            "20",
+            "--out",
+            str(tmp_path / "again"),
+        ]
+    )  # no edits: the same rows summarised again
+    assert again["summary"] == doc["summary"] and again["rows"] == doc["rows"]
 
 
 def test_the_presets_report_names_its_goals(tmp_path):
