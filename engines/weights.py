@@ -34,7 +34,6 @@ class WeightPool:
         self.device = torch.device(device)
         self._owned: dict[str, torch.Tensor] = {}  # key → the buffer ONNX Runtime reads
         self._values: dict[str, Any] = {}  # key → OrtValue over that buffer
-        self._maps: dict[str, np.memmap] = {}
 
     def adopt(self, folder: Path, index: str) -> None:
         """Serve the graphs of another index over the same stored tensors too (the export an
@@ -69,16 +68,34 @@ class WeightPool:
         self._value(key)
         return self._owned[key]
 
+    def _read(self, t: dict[str, Any]) -> np.ndarray:
+        """Stored tensor ``t`` read from its file into memory of its own: a plain read, never a
+        mapping, so the file's pages are not counted again in the process's resident memory.
+
+        Raises:
+            EngineError: the file ends before the tensor does.
+        """
+        array = np.empty(t["shape"], dtype=t["dtype"])
+        path = self.folder / t["file"]
+        with open(path, "rb") as f:
+            f.seek(t["offset"])
+            got = f.readinto(array.reshape(-1).view(np.uint8))
+        if got != t["length"]:
+            raise EngineError(
+                "a weights file ends before one of its tensors",
+                where=str(path),
+                expected=f"{t['length']} bytes at offset {t['offset']}",
+                got=f"{got} bytes",
+            )
+        return array
+
     def _value(self, key: str):
         import onnxruntime as ort
 
         value = self._values.get(key)
         if value is None:
             t = self.tensors[key]
-            if t["file"] not in self._maps:
-                self._maps[t["file"]] = np.memmap(self.folder / t["file"], mode="r")
-            raw = self._maps[t["file"]][t["offset"] : t["offset"] + t["length"]]
-            host = torch.from_numpy(np.array(raw.view(t["dtype"]).reshape(t["shape"])))
+            host = torch.from_numpy(self._read(t))
             owned = host.to(self.device) if self.device.type != "cpu" else host
             value = ort.OrtValue.from_dlpack(owned)
             self._owned[key], self._values[key] = owned, value

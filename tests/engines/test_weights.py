@@ -81,6 +81,34 @@ def test_sessions_read_the_one_buffer_in_place(gather_folder):
 
 
 @pytest.mark.skipif(not os.path.exists("/proc/self/statm"), reason="reads /proc/self/statm")
+def test_loading_the_pool_adds_one_copy_of_the_weights_not_two(gather_folder):
+    """The pool reads the file into its own buffer: the file's pages are not mapped into the
+    process besides (a mapping read in full counts the weight twice in resident memory)."""
+    folder, _ = gather_folder
+    pool = WeightPool(folder, "weights.json", torch.device("cpu"))
+    before = _resident_bytes()
+    buf = pool.buffer("w")
+    grown = _resident_bytes() - before
+    assert 0.9 * N * 4 < grown < 1.2 * N * 4, grown / (N * 4)
+    assert buf[0, :7].tolist() == [1, 2, 3, 4, 5, 6, 7]
+
+
+def test_a_weights_file_shorter_than_its_index_is_a_clear_error(gather_folder, tmp_path):
+    import shutil
+
+    from adapedit.errors import EngineError
+
+    folder, _ = gather_folder
+    for name in ("weights.json", "g.onnx"):
+        shutil.copy(folder / name, tmp_path / name)
+    (tmp_path / "weights-0.bin").write_bytes((folder / "weights-0.bin").read_bytes()[:1000])
+    pool = WeightPool(tmp_path, "weights.json", torch.device("cpu"))
+    with pytest.raises(EngineError, match="ends before") as e:
+        pool.buffer("w")
+    assert e.value.got == "1000 bytes" and "weights-0.bin" in e.value.where
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/statm"), reason="reads /proc/self/statm")
 def test_more_sessions_hold_no_more_weight_memory(gather_folder):
     """Four sessions of one graph: after the first, each adds under a tenth of the weight to
     the process; the same sessions without the pool add a whole copy each (the control shows
