@@ -492,6 +492,21 @@ def write_summary(s: Settings) -> None:
     if calls:
         md += ["", "| one UNet call (batch 4) | median (p90) s |", "|---|---|"]
         md += [f"| {name} | {_median(c['seconds'])} |" for name, c in calls]
+    if by.get("presets"):
+        md += [
+            "",
+            "| presets | paper median s | fast median s | paper / fast |",
+            "|---|---|---|---|",
+        ]
+        for x in by["presets"]:
+            paper, fast = x["paper"]["median"], x["fast"]["median"]
+            md.append(f"| {x['path']} | {paper:.3f} | {fast:.3f} | {paper / fast:.2f} |")
+    for x in by.get("cached", []):
+        first, cached = x["first"]["median"], x["cached"]["median"]
+        md.append(
+            f"\ncalibration cache — {x['path']}: first edit {first:.3f} s, cached re-edit "
+            f"{cached:.3f} s ({cached / first:.2f}×)"
+        )
     for kind in ("memory", "weights", "syncs", "skipped", "failed"):
         for x in by.get(kind, []):
             rest = {k: v for k, v in x.items() if k not in ("kind", "t", "path")}

@@ -5,6 +5,7 @@ the same target; and each path's peak memory in a process of its own.
 
 Paths are ``reference:MODEL``, ``runtime:ENGINE_DIR:FORM[:FLAG…]`` (FORM ``fused`` |
 ``segmented``; FLAG ``noprepack``: ONNX Runtime's CPU kernels keep no packed weight copies,
+``noarena``: no CPU memory arena per session,
 ``extended``, ``basic`` or ``disable``: that graph optimisation level instead of the folder's) or
 ``build:EXPORT_DIR:FORM:BACKEND`` (engines built from an export for a backend of
 :func:`benchmarks.common.available_backends`, e.g. ``ort-cuda``, in a temporary folder)::
@@ -55,6 +56,8 @@ def load(path: str, *, cache: bool):
         ort = load_engine_folder(Path(folder))[1].ort
         if "noprepack" in flags:  # CPU kernels keep no packed copy of their weights
             ort = replace(ort, prepacking=False)
+        if "noarena" in flags:  # no CPU memory arena per session
+            ort = replace(ort, cpu_arena=False)
         for level in ("disable", "basic", "extended"):  # below "all": no NCHWc weight copies
             if level in flags:
                 ort = replace(ort, optimization=level)
@@ -88,13 +91,13 @@ def edit_seconds(pipe, preset: str, seed: int, edit: EditConfig = EditConfig()) 
     return seconds
 
 
-def time_presets(pipe, repeats: int) -> dict:
-    """Warm-up (one fast edit), then ``repeats`` rounds of paper and fast, alternating which
-    goes first."""
+def time_presets(pipe, repeats: int, names: tuple[str, ...] = tuple(PRESETS)) -> dict:
+    """Warm-up (one fast edit), then ``repeats`` rounds of the presets ``names``, alternating
+    which goes first."""
     edit_seconds(pipe, "fast", 0)
-    times: dict[str, list[float]] = {p: [] for p in PRESETS}
+    times: dict[str, list[float]] = {p: [] for p in names}
     for r in range(repeats):
-        order = list(PRESETS) if r % 2 == 0 else list(reversed(PRESETS))
+        order = list(names) if r % 2 == 0 else list(reversed(names))
         for p in order:
             times[p].append(edit_seconds(pipe, p, r + 1))
     return {p: stats(v) for p, v in times.items()}
@@ -143,9 +146,9 @@ def markdown(rec: dict) -> str:
         "|---|" + "---|" * (len(PRESETS) + 1),
     ]
     for path, t in rec["presets"].items():
-        cells = [f"{t[p]['median']:.2f} ({t[p]['p90']:.2f})" for p in PRESETS]
-        ratio = t["paper"]["median"] / t["fast"]["median"]
-        lines.append(f"| {path} | " + " | ".join(cells) + f" | {ratio:.2f} |")
+        cells = [f"{t[p]['median']:.2f} ({t[p]['p90']:.2f})" if p in t else "–" for p in PRESETS]
+        ratio = f"{t['paper']['median'] / t['fast']['median']:.2f}" if len(t) == 2 else "–"
+        lines.append(f"| {path} | " + " | ".join(cells) + f" | {ratio} |")
     if rec["cached"]:
         lines += [
             "",
@@ -185,7 +188,7 @@ def plot(rec: dict, path: Path) -> None:
     fig, ax = plt.subplots(figsize=(1.8 + 2.2 * len(paths), 4))
     width = 0.8 / len(PRESETS)
     for i, p in enumerate(PRESETS):
-        ys = [rec["presets"][k][p]["median"] for k in paths]
+        ys = [rec["presets"][k].get(p, {}).get("median", 0.0) for k in paths]
         ax.bar(x + i * width, ys, width, label=f"{p}: {PRESETS[p].description}")
     ax.set_xticks(x + width * (len(PRESETS) - 1) / 2, paths, fontsize=7)
     ax.set_ylabel("seconds per edit (median)")
@@ -202,6 +205,9 @@ def main(argv: list[str] | None = None) -> dict | None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--paths", nargs="+", default=["reference:shapes"])
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument(
+        "--presets", nargs="+", choices=tuple(PRESETS), default=list(PRESETS), help="to time"
+    )
     ap.add_argument("--cached", action="store_true", help="time the calibration cache too")
     ap.add_argument("--cached-preset", choices=tuple(PRESETS), default="paper")
     ap.add_argument("--memory", action="store_true", help="peak RSS, one process per path")
@@ -225,7 +231,7 @@ def main(argv: list[str] | None = None) -> dict | None:
     }
     for path in a.paths:
         pipe = load(path, cache=False)
-        rec["presets"][path] = time_presets(pipe, a.repeats)
+        rec["presets"][path] = time_presets(pipe, a.repeats, tuple(a.presets))
         if a.jsonl:
             emit(Path(a.jsonl), "presets", path=path, **rec["presets"][path])
         if a.cached:

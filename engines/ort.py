@@ -36,7 +36,9 @@ class OrtOptions:
     :class:`~adapedit.engines.base.GraphSlots`: the fused UNet binds fixed buffers, so one);
     ``prepacking`` off stops CPU kernels from keeping a re-laid-out copy of their weights per
     session (``session.disable_prepacking``: less memory where sessions share weights, each
-    kernel packs on the fly)."""
+    kernel packs on the fly); ``cpu_arena`` off frees each CPU session's activations after
+    every run instead of keeping them in an arena of its own (many sessions, as the segmented
+    UNet has, each keep their peak otherwise)."""
 
     providers: tuple[str, ...] = ("cpu",)
     threads: int = 0
@@ -46,6 +48,7 @@ class OrtOptions:
     optimized_model_prefix: str | None = None
     cuda_graph: bool = False
     prepacking: bool = True
+    cpu_arena: bool = True
 
     def __post_init__(self) -> None:
         unknown = [p for p in self.providers if p not in PROVIDERS]
@@ -180,6 +183,7 @@ class OrtRunner(Runner):
         )
         if not self.options.prepacking:
             so.add_session_config_entry("session.disable_prepacking", "1")
+        so.enable_cpu_mem_arena = self.options.cpu_arena
         if self.options.profile_prefix:
             so.enable_profiling = True
             so.profile_file_prefix = self.options.profile_prefix

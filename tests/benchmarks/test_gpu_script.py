@@ -175,6 +175,8 @@ def test_both_commands_run_dry_from_carried_files_and_record_everything(tmp_path
     (fused,) = [x for x in lines if x["kind"] == "presets"]  # the fused export of command 1
     assert fused["path"].endswith(":fused:ort-cpu") and {"paper", "fast"} <= set(fused)
     assert any(x["kind"] == "cached" for x in lines)
+    summary = (tmp_path / "out" / gpu_run.SUMMARY).read_text()
+    assert "| presets | paper median s |" in summary and "calibration cache — build:" in summary
     assert any(x["kind"] == "edit" and x["path"] == "ort-cpu-segmented" for x in lines)
     assert {"torch-sdpa", "torch-fused"} <= {x["path"] for x in lines if x["kind"] == "peer_call"}
     assert any(x["kind"] == "skipped" and "trt" in x["path"] for x in lines)  # no TensorRT here
