@@ -181,8 +181,9 @@ class OrtRunner(Runner):
         so.add_session_config_entry(
             "session.intra_op.allow_spinning", "1" if self.options.spinning else "0"
         )
-        if not self.options.prepacking:
-            so.add_session_config_entry("session.disable_prepacking", "1")
+        so.add_session_config_entry(
+            "session.disable_prepacking", "0" if self.options.prepacking else "1"
+        )
         so.enable_cpu_mem_arena = self.options.cpu_arena
         if self.options.profile_prefix:
             so.enable_profiling = True

@@ -208,3 +208,16 @@ def test_cuda_graphs_follow_the_bound_addresses(decoder_file, monkeypatch):
     out = r.infer({"latent": a})["image"]
     assert ids == ["0", "0", "1", "0"]
     assert torch.allclose(out, reference.infer({"latent": a})["image"], atol=1e-5)
+
+
+@pytest.mark.parametrize(("prepacking", "arena"), [(True, True), (False, False)])
+def test_prepacking_and_the_cpu_arena_reach_the_session(decoder_file, prepacking, arena):
+    file, spec = decoder_file
+    options = OrtOptions(prepacking=prepacking, cpu_arena=arena, optimization="extended")
+    with OrtRunner(file, spec, options) as r:
+        so = r.session.get_session_options()
+        assert so.enable_cpu_mem_arena is arena
+        assert so.get_session_config_entry("session.disable_prepacking") == (
+            "0" if prepacking else "1"
+        )
+        assert so.graph_optimization_level.name == "ORT_ENABLE_EXTENDED"
