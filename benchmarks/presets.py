@@ -5,7 +5,7 @@ the same target; and each path's peak memory in a process of its own.
 
 Paths are ``reference:MODEL``, ``runtime:ENGINE_DIR:FORM[:FLAG…]`` (FORM ``fused`` |
 ``segmented``; FLAG ``noprepack``: ONNX Runtime's CPU kernels keep no packed weight copies,
-``noarena``: no CPU memory arena per session,
+``arena-shared`` / ``arena-off``: one CPU arena for all sessions / none,
 ``extended``, ``basic`` or ``disable``: that graph optimisation level instead of the folder's) or
 ``build:EXPORT_DIR:FORM:BACKEND`` (engines built from an export for a backend of
 :func:`benchmarks.common.available_backends`, e.g. ``ort-cuda``, in a temporary folder)::
@@ -56,8 +56,9 @@ def load(path: str, *, cache: bool):
         ort = load_engine_folder(Path(folder))[1].ort
         if "noprepack" in flags:  # CPU kernels keep no packed copy of their weights
             ort = replace(ort, prepacking=False)
-        if "noarena" in flags:  # no CPU memory arena per session
-            ort = replace(ort, cpu_arena=False)
+        for arena in ("shared", "off"):  # CPU activations: one arena for all, or none
+            if f"arena-{arena}" in flags:
+                ort = replace(ort, cpu_arena=arena)
         for level in ("disable", "basic", "extended"):  # below "all": no NCHWc weight copies
             if level in flags:
                 ort = replace(ort, optimization=level)
@@ -141,10 +142,13 @@ def markdown(rec: dict) -> str:
         f"torch {m['versions']['torch']}, onnxruntime {m['versions']['onnxruntime']}; "
         f"OMP_NUM_THREADS={rec['omp_threads']}. Median (p90) seconds of {rec['repeats']} "
         "interleaved edits after one warm-up; calibration cache off for the preset timings.",
-        "",
-        "| path | " + " | ".join(f"{p} s" for p in PRESETS) + " | paper / fast (goal ≥ 2.5) |",
-        "|---|" + "---|" * (len(PRESETS) + 1),
     ]
+    if rec["presets"]:
+        lines += [
+            "",
+            "| path | " + " | ".join(f"{p} s" for p in PRESETS) + " | paper / fast (goal ≥ 2.5) |",
+            "|---|" + "---|" * (len(PRESETS) + 1),
+        ]
     for path, t in rec["presets"].items():
         cells = [f"{t[p]['median']:.2f} ({t[p]['p90']:.2f})" if p in t else "–" for p in PRESETS]
         ratio = f"{t['paper']['median'] / t['fast']['median']:.2f}" if len(t) == 2 else "–"
@@ -204,7 +208,7 @@ def main(argv: list[str] | None = None) -> dict | None:
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--paths", nargs="+", default=["reference:shapes"])
-    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--repeats", type=int, default=3, help="0: no timing (with --memory)")
     ap.add_argument(
         "--presets", nargs="+", choices=tuple(PRESETS), default=list(PRESETS), help="to time"
     )
@@ -229,7 +233,7 @@ def main(argv: list[str] | None = None) -> dict | None:
         "cached_preset": a.cached_preset,
         "memory": {},
     }
-    for path in a.paths:
+    for path in a.paths if a.repeats > 0 else ():  # --repeats 0: memory alone
         pipe = load(path, cache=False)
         rec["presets"][path] = time_presets(pipe, a.repeats, tuple(a.presets))
         if a.jsonl:
@@ -245,7 +249,8 @@ def main(argv: list[str] | None = None) -> dict | None:
             rec["memory"][path] = peak_rss_child(path)
     out = Path(a.out)
     write_results(out, a.stem, rec, markdown(rec))
-    plot(rec, out / f"{a.stem}.png")
+    if rec["presets"]:
+        plot(rec, out / f"{a.stem}.png")
     return rec
 
 

@@ -77,6 +77,8 @@ def test_options_and_providers(tiny_export):
         OrtOptions(providers=("rocm",))
     with pytest.raises(EngineError, match="optimisation level"):
         OrtOptions(optimization="max")
+    with pytest.raises(EngineError, match="unknown CPU arena"):
+        OrtOptions(cpu_arena="pooled")
     assert OrtOptions(providers=("cuda", "cpu")).device.type == "cuda"
     folder, m = tiny_export
     import onnxruntime as ort
@@ -210,13 +212,17 @@ def test_cuda_graphs_follow_the_bound_addresses(decoder_file, monkeypatch):
     assert torch.allclose(out, reference.infer({"latent": a})["image"], atol=1e-5)
 
 
-@pytest.mark.parametrize(("prepacking", "arena"), [(True, True), (False, False)])
+@pytest.mark.parametrize(
+    ("prepacking", "arena"), [(True, "session"), (False, "off"), (False, "shared")]
+)
 def test_prepacking_and_the_cpu_arena_reach_the_session(decoder_file, prepacking, arena):
     file, spec = decoder_file
     options = OrtOptions(prepacking=prepacking, cpu_arena=arena, optimization="extended")
     with OrtRunner(file, spec, options) as r:
         so = r.session.get_session_options()
-        assert so.enable_cpu_mem_arena is arena
+        assert so.enable_cpu_mem_arena is (arena != "off")
+        if arena == "shared":
+            assert so.get_session_config_entry("session.use_env_allocators") == "1"
         assert so.get_session_config_entry("session.disable_prepacking") == (
             "0" if prepacking else "1"
         )
