@@ -64,6 +64,59 @@ JOBS = (
     },
 )
 COMPARED = ("tau", "tau_self", "keywords")
+
+
+def mixed_jobs(targets: int) -> list[dict[str, Any]]:
+    """``targets`` distinct (prompt pair, seed) edits, each also asked again with edit-side
+    options changed (λ_S, λ_τ: the calibration cache's case); the fixed three with 0."""
+    if targets == 0:
+        return [dict(job) for job in JOBS]
+    jobs = []
+    for i in range(targets):
+        job = {**JOBS[i % len(JOBS)], "seed": 100 + i}
+        jobs += [job, {**job, "lambda_s": 0.5, "lambda_tau": 2.0}]
+    return jobs
+
+
+class RssSampler:
+    """The resident memory of process ``pid`` (``/proc/PID/status``, VmRSS) every ``every``
+    seconds, in a thread, as (monotonic time, MB) pairs."""
+
+    def __init__(self, pid: int, every: float = 2.0) -> None:
+        self.pid, self.every, self.samples = pid, every, []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                for line in Path(f"/proc/{self.pid}/status").read_text().splitlines():
+                    if line.startswith("VmRSS:"):
+                        self.samples.append((time.monotonic(), int(line.split()[1]) / 1024))
+            except OSError:
+                return
+            self._stop.wait(self.every)
+
+    def stop(self, warm_at: float | None) -> dict[str, Any]:
+        """Stop; the samples and a summary: RSS when the warm-up ended, at the end, the most
+        after the warm-up, and growth after the warm-up (MB)."""
+        self._stop.set()
+        self._thread.join()
+        after = [mb for t, mb in self.samples if warm_at is not None and t >= warm_at]
+        t0 = self.samples[0][0] if self.samples else 0.0
+        out: dict[str, Any] = {"every_s": self.every}
+        out["samples"] = [[round(t - t0, 1), round(mb, 1)] for t, mb in self.samples]
+        if after:
+            out.update(
+                after_warmup_mb=after[0],
+                end_mb=after[-1],
+                max_after_warmup_mb=max(after),
+                growth_after_warmup_mb=max(after) - after[0],
+            )
+        return out
+
+
 FAULT_OK = {"200", "503", "504"}  # what a request may get while a replica is killed
 REPLACEMENT_S = 180.0  # how long a new replica may take to answer after the kill
 
@@ -129,7 +182,12 @@ def free_port() -> int:
 
 
 def start_server(
-    engine_dir: Path, queue: int, timeout: float, replicas: int | None, threads: int | None
+    engine_dir: Path,
+    queue: int,
+    timeout: float,
+    replicas: int | None,
+    threads: int | None,
+    cache_mb: float | None = None,
 ) -> tuple[subprocess.Popen, str]:
     """``adapedit serve`` on 127.0.0.1 (uvicorn, any free port; with ``replicas``, Ray Serve on a
     local cluster and a free port picked here); (process, URL) once it serves."""
@@ -139,6 +197,7 @@ def start_server(
         *("--timeout", str(timeout), "--quiet"),
         *(("--replicas", str(replicas)) if replicas else ()),
         *(("--threads", str(threads)) if threads else ()),
+        *(("--calibration-cache-mb", str(cache_mb)) if cache_mb is not None else ()),
     ]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
     end, line = time.monotonic() + 300, ""
@@ -181,10 +240,12 @@ def load(
     timeout: float,
     deadline: float,
     kill_after: float | None = None,
+    targets: int = 0,
 ) -> dict[str, Any]:
     """Single-request answers first, then the concurrent phase (killing a replica
-    ``kill_after`` seconds into it, if given); the record. Clients wait ``timeout`` + 30 s."""
-    jobs = [{**job, "steps": steps} for job in JOBS]
+    ``kill_after`` seconds into it, if given); the record. Clients wait ``timeout`` + 30 s.
+    ``targets``: the inputs of :func:`mixed_jobs` instead of the fixed three."""
+    jobs = [{**job, "steps": steps} for job in mixed_jobs(targets)]
     reference, alone_s, known = [], [], set()
     for job in jobs:
         status, doc, seconds = post_edit(url, job, timeout + 30)
@@ -213,6 +274,7 @@ def load(
             row = {"index": i, "job": k, "status": status, "latency_s": seconds}
             if status == 200:
                 row["equal"] = same(decoded(doc), reference[k])
+                row["calibration"] = doc.get("calibration")
                 row["server_edit_s"] = doc["timings_s"]["total"]
                 row["server_queue_s"] = doc["server"]["queue_s"]
                 row["worker"] = doc["server"]["worker"]
@@ -232,6 +294,7 @@ def load(
             fault["replicas_before"] = sorted(known)
         kill_replica(fault["killed"])
 
+    warm_at = time.monotonic()
     t = time.perf_counter()
     threads = [threading.Thread(target=client) for _ in range(clients)]
     if kill_after is not None:
@@ -259,6 +322,8 @@ def load(
         "requests_asked": requests,
         "requests_done": len(results),
         "distinct_inputs": len(jobs),
+        "warmup_done_monotonic": warm_at,
+        "calibration_counts": dict(Counter(r.get("calibration") for r in ok)),
         "steps": steps,
         "image_hw": list(reference[0]["edited_png"].shape[:2]),
         "wall_s": wall,
@@ -305,6 +370,19 @@ def _fault_rows(r: dict[str, Any]) -> str:
 """
 
 
+def _rss_rows(record: dict[str, Any]) -> str:
+    m = record.get("server_rss")
+    if not m or "end_mb" not in m:
+        return ""
+    values = " / ".join(f"{m[k]:.0f}" for k in ("after_warmup_mb", "end_mb", "max_after_warmup_mb"))
+    bound = record["cache_mb"] or "the default"
+    return (
+        f"| server RSS after warm-up / at the end / most after warm-up | {values} MB (sampled "
+        f"every {m['every_s']:g} s; calibration cache bound {bound} MB) |\n"
+        f"| server RSS growth after warm-up | {m['growth_after_warmup_mb']:.1f} MB |\n"
+    )
+
+
 def markdown(record: dict[str, Any]) -> str:
     r, lat, ms = record["load"], record["load"]["latency_s"], _ms
     alone = ", ".join(ms(s) for s in r["single_request_s"])
@@ -349,7 +427,8 @@ on the same machine, over loopback. Load average (1, 5, 15 min) when it started:
 | lost (no HTTP status) | {r["lost"]} |
 | 200s equal to the single-request answer | {r["equal_to_single_request"]} of {n_ok} |
 | processes that answered | {", ".join(f"`{w}`" for w in r["workers"])} |
-{_fault_rows(r)}
+| calibration (200s) | {", ".join(f"{k}: {v}" for k, v in r["calibration_counts"].items())} |
+{_rss_rows(record)}{_fault_rows(r)}
 p99 is nearest-rank (the {math.ceil(0.99 * r["requests_done"])}th of {r["requests_done"]} latencies
 in order). Each session runs one edit at a time, so throughput is about replicas / edit time and
 latency grows with the clients waiting in the queue.
@@ -384,11 +463,23 @@ def main(argv: list[str] | None = None) -> int:
         "--kill-after", type=float, default=None, help="seconds into the load; kill a replica"
     )
     p.add_argument("--max-seconds", type=float, default=900.0, help="no request starts after")
+    p.add_argument(
+        "--targets",
+        type=int,
+        default=0,
+        help="N distinct targets, each also re-asked with edit-side options changed (default: "
+        "the fixed three inputs)",
+    )
+    p.add_argument(
+        "--cache-mb", type=float, default=None, help="the server's calibration cache bound"
+    )
     p.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     p.add_argument("--stem", default="loadtest_tiny")
     a = p.parse_args(argv)
-    if not (1 <= a.clients <= 64 and 1 <= a.requests <= 1000 and a.max_seconds > 0):
-        p.error("needs 1 ≤ clients ≤ 64, 1 ≤ requests ≤ 1000, max-seconds > 0")
+    if not (1 <= a.clients <= 64 and 1 <= a.requests <= 10000 and a.max_seconds > 0):
+        p.error("needs 1 ≤ clients ≤ 64, 1 ≤ requests ≤ 10000, max-seconds > 0")
+    if not 0 <= a.targets <= 500:
+        p.error("needs 0 ≤ targets ≤ 500")
     if a.url and urlsplit(a.url).hostname not in LOOPBACK:
         p.error(f"--url must be on loopback ({', '.join(LOOPBACK)}), got {a.url}")
     if a.kill_after is not None and (a.url or (a.replicas or 0) < 2):
@@ -400,7 +491,8 @@ def main(argv: list[str] | None = None) -> int:
         url = a.url
         if url is None:
             engines = a.engine_dir or tiny_engines(Path(tmp))
-            proc, url = start_server(engines, a.queue, a.timeout, a.replicas, a.threads)
+            proc, url = start_server(engines, a.queue, a.timeout, a.replicas, a.threads, a.cache_mb)
+        rss = RssSampler(proc.pid) if proc is not None and not a.replicas else None
         try:
             health = json.loads(get_text(url, "/healthz"))
             record = {
@@ -416,10 +508,20 @@ def main(argv: list[str] | None = None) -> int:
                 "threads": a.threads,
                 "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
                 "load": load(
-                    url, a.clients, a.requests, a.steps, a.timeout, deadline, a.kill_after
+                    url,
+                    a.clients,
+                    a.requests,
+                    a.steps,
+                    a.timeout,
+                    deadline,
+                    a.kill_after,
+                    a.targets,
                 ),
                 "metrics": get_text(url, "/metrics"),
+                "cache_mb": a.cache_mb,
             }
+            if rss is not None:
+                record["server_rss"] = rss.stop(record["load"]["warmup_done_monotonic"])
             if fault := record["load"]["fault"]:
                 resent = re.search(r"^adapedit_edits_resent_total (\S+)$", record["metrics"], re.M)
                 fault["resent"] = int(float(resent.group(1))) if resent else None
