@@ -455,7 +455,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--out", default=str(RESULTS))
     a = ap.parse_args(argv)
 
-    pipe = ReferencePipeline.from_model(a.model)
+    # each method's cost is measured: no calibration cache shared between them
+    pipe = ReferencePipeline.from_model(a.model, calibration_cache=None)
     t0 = time.perf_counter()
     rows, grid = run_renders(pipe, a)
     photo_rows, photo_grid, skipped = run_photos(pipe, a) if a.photos else ([], [], "not run")
