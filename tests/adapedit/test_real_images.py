@@ -83,6 +83,7 @@ def test_inversion_adds_one_batch_one_call_per_step(tiny_pipeline, image, monkey
         return unet(x, *args)
 
     monkeypatch.setattr(tiny_pipeline, "unet", counting)
+    monkeypatch.setattr(tiny_pipeline, "calibration_cache", None)  # every pass runs
     edit_image(tiny_pipeline, image, "direct")
     n = SAMPLER.steps
     assert batches == [1] * n + [2] * n + [4] * n
