@@ -89,7 +89,6 @@ class CalibrationCache:
         self._entries: OrderedDict[CalibrationKey, CalibrationStats] = OrderedDict()
         self._bytes = 0
         self._lock = threading.Lock()
-        self.hits = self.misses = 0
 
     @property
     def nbytes(self) -> int:
@@ -103,11 +102,8 @@ class CalibrationCache:
         """The statistics stored under ``key`` (now the most recently used), or None."""
         with self._lock:
             stats = self._entries.get(key)
-            if stats is None:
-                self.misses += 1
-                return None
-            self._entries.move_to_end(key)
-            self.hits += 1
+            if stats is not None:
+                self._entries.move_to_end(key)
             return stats
 
     def put(self, key: CalibrationKey, stats: CalibrationStats) -> None:
@@ -125,9 +121,3 @@ class CalibrationCache:
                 self._bytes -= dropped.nbytes
             self._entries[key] = stats
             self._bytes += size
-
-    def clear(self) -> None:
-        """Drop every entry."""
-        with self._lock:
-            self._entries.clear()
-            self._bytes = 0

@@ -139,11 +139,6 @@ class CalibrationRecorder:
             dict(self.final_hidden),
         )
 
-    def finish(self, plan: EditPlan) -> tuple[TauPlan, dict[str, torch.Tensor] | None]:
-        """τ and the keyword embeddings from what was recorded (:meth:`CalibrationStats.finish`
-        under this recorder's configuration)."""
-        return self.stats().finish(plan, self.config)
-
 
 @dataclass(frozen=True, eq=False)
 class CalibrationStats:

@@ -30,7 +30,7 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-from adapedit.config import PRESETS, EditConfig, SamplerConfig
+from adapedit.config import DEFAULT_CACHE_BYTES, PRESETS, EditConfig, SamplerConfig
 from benchmarks.common import available_backends, machine_info, write_results
 from benchmarks.gpu_run import emit
 from benchmarks.latency import stats
@@ -43,7 +43,7 @@ def load(path: str, *, cache: bool):
     """The pipeline of ``reference:MODEL`` or ``runtime:DIR:FORM`` (calibration cache on or
     off)."""
     kind, _, rest = path.partition(":")
-    bound = None if not cache else 256 << 20
+    bound = DEFAULT_CACHE_BYTES if cache else None
     if kind == "reference":
         from adapedit.pipeline import ReferencePipeline
 
@@ -82,13 +82,21 @@ def load(path: str, *, cache: bool):
     )
 
 
-def edit_seconds(pipe, preset: str, seed: int, edit: EditConfig = EditConfig()) -> float:
-    """One edit at ``preset`` (its steps, scheduler and calibration steps); seconds."""
+def edit_seconds(
+    pipe, preset: str, seed: int, edit: EditConfig = EditConfig(), calibration: str = "computed"
+) -> float:
+    """One edit at ``preset`` (its steps, scheduler and calibration steps); seconds.
+
+    Raises:
+        RuntimeError: its calibration pass was not ``calibration`` (``computed`` or ``cached``):
+            the time would not be what it is reported as.
+    """
     config, sampler = PRESETS[preset].apply(edit, SamplerConfig(seed=seed))
     t = time.perf_counter()
     result = pipe.edit(SOURCE, TARGET, config, sampler)
     seconds = time.perf_counter() - t
-    assert result.calibration in ("computed", "cached", "off")
+    if result.calibration != calibration:
+        raise RuntimeError(f"calibration {result.calibration}, timed as {calibration}")
     return seconds
 
 
@@ -109,7 +117,7 @@ def time_cached(pipe, repeats: int, preset: str) -> dict:
     first, again = [], []
     for r in range(repeats):
         first.append(edit_seconds(pipe, preset, 1000 + r))
-        again.append(edit_seconds(pipe, preset, 1000 + r, EditConfig(lambda_s=0.5)))
+        again.append(edit_seconds(pipe, preset, 1000 + r, EditConfig(lambda_s=0.5), "cached"))
     return {"first": stats(first), "cached": stats(again)}
 
 

@@ -69,20 +69,14 @@ class OrtOptions:
                 expected=" | ".join(PROVIDERS),
                 got=list(self.providers),
             )
-        if self.optimization not in OPT_LEVELS:
-            raise EngineError(
-                "unknown graph optimisation level",
-                where="OrtOptions",
-                expected=" | ".join(OPT_LEVELS),
-                got=self.optimization,
-            )
-        if self.cpu_arena not in CPU_ARENAS:
-            raise EngineError(
-                "unknown CPU arena",
-                where="OrtOptions",
-                expected=" | ".join(CPU_ARENAS),
-                got=self.cpu_arena,
-            )
+        for what, value, choices in (
+            ("graph optimisation level", self.optimization, OPT_LEVELS),
+            ("CPU arena", self.cpu_arena, CPU_ARENAS),
+        ):
+            if value not in choices:
+                raise EngineError(
+                    f"unknown {what}", where="OrtOptions", expected=" | ".join(choices), got=value
+                )
         if self.threads < 0:
             raise EngineError("threads must be ≥ 0", where="OrtOptions", got=self.threads)
 

@@ -285,7 +285,7 @@ def test_adapedit_controllers_equal_the_straight_line_oracle(tiny_pipeline):
         for layer in CROSS:
             probs, hidden = inputs[(layer, s)]
             assert recorder(layer, True, probs, hidden, s) is probs
-    tau, keys = recorder.finish(plan)
+    tau, keys = recorder.stats().finish(plan, cfg)
     assert torch.equal(tau.token_tau, tau_ref)
     assert tau.tau_default == tau.tau_self == tau_default_ref
     assert keys.keys() == keys_ref.keys()
