@@ -30,6 +30,7 @@ import torch
 
 from adapedit.blend import apply_local_blend, local_blend_mask
 from adapedit.config import EditConfig
+from adapedit.dps import pixel_similarity
 from adapedit.edit import branch_mean, edit_probs
 from adapedit.errors import ModelError
 from adapedit.fwt import (
@@ -313,6 +314,8 @@ class EditController:
     blend_maps: torch.Tensor | None = None  # [2, h, w] accumulated over steps
     vis_sum: torch.Tensor | None = None  # [h*w, T] edit-branch maps after the edit
     vis_count: int = 0
+    dps_sum: torch.Tensor | None = None  # [h*w] DPS's S at the last step, summed over layers
+    dps_count: int = 0
     _cast: dict[tuple[torch.device, torch.dtype], tuple[EditControls, EditSchedule]] = field(
         init=False, default_factory=dict
     )
@@ -349,6 +352,11 @@ class EditController:
             self.record_maps(
                 branch_mean(probs, self.layout, "source"), branch_mean(out, self.layout, "edit")
             )
+            if self.keys is not None and step == self.num_steps - 1:
+                e_k = c.key(layer_id, hidden.shape[-1], probs)
+                s_map = pixel_similarity(hidden[self.layout.index("edit")], e_k, c.lambda_sv)
+                self.dps_sum = s_map.float() + (0 if self.dps_sum is None else self.dps_sum)
+                self.dps_count += 1
         return out
 
     def record_maps(self, src_map: torch.Tensor, edt_map: torch.Tensor, layers: int = 1) -> None:
@@ -395,6 +403,15 @@ class EditController:
         out = latents.clone()
         out[j] = apply_local_blend(latents[i], latents[j], mask)
         return out
+
+    def dps_weight(self) -> torch.Tensor | None:
+        """DPS's pixel weight ``S`` (Eq. 9) at the last step of the pass, averaged over the
+        LocalBlend-resolution layers: [h, w] in [0, 1]; None without DPS, or where the layers
+        were not seen one by one (the fused UNet)."""
+        if self.dps_sum is None:
+            return None
+        hw = layer_hw(self.latent_hw, self.dps_sum.shape[0])
+        return (self.dps_sum / self.dps_count).reshape(hw)
 
     def attention_maps(self) -> torch.Tensor:
         """Mean edit-branch maps per token at the LocalBlend resolution: [T, h, w]."""

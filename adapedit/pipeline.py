@@ -6,8 +6,10 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import itertools
 import time
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -43,6 +45,52 @@ from adapedit.plan import EditPlan, build_plan
 from adapedit.processors import ControlSlot, install_processors
 
 
+@dataclass(frozen=True)
+class Progress:
+    """Where an edit is, after one more UNet step (or a stage served at once).
+
+    Attributes:
+        stage: ``inversion``, ``calibration`` or ``edit``.
+        step / steps: UNet steps of this stage done, and in all.
+        done / total: UNet steps of the whole edit done, and in all (a calibration served from
+            the calibration cache counts as done at once).
+    """
+
+    stage: str
+    step: int
+    steps: int
+    done: int
+    total: int
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: getattr(self, k) for k in ("stage", "step", "steps", "done", "total")}
+
+
+#: Called with each :class:`Progress` of an edit, on the thread that runs it.
+ProgressCallback = Callable[[Progress], None]
+#: Called after each UNet step of a pass with the number of steps done.
+StepCallback = Callable[[int], None]
+
+
+class _Tracker:
+    """Turns the steps of each stage of one edit into :class:`Progress` for ``callback``."""
+
+    def __init__(self, callback: ProgressCallback, stages: dict[str, int]) -> None:
+        self.callback, self.stages = callback, {k: v for k, v in stages.items() if v}
+        self.total = sum(self.stages.values())
+        starts = [0, *itertools.accumulate(self.stages.values())][:-1]
+        self.before = dict(zip(self.stages, starts, strict=True))
+
+    def stage(self, name: str) -> StepCallback:
+        """The step callback of stage ``name``."""
+        steps = self.stages[name]
+
+        def on_step(step: int) -> None:
+            self.callback(Progress(name, step, steps, self.before[name] + step, self.total))
+
+        return on_step
+
+
 @dataclass
 class GenerationResult:
     """A plain generation: the image [H, W, 3] uint8 and, if asked, the latents after each
@@ -72,6 +120,8 @@ class EditResult:
             … ``z*_{t_N}``; the edit starts from the last), or None.
         calibration: ``computed`` (the pass ran), ``cached`` (its statistics came from the
             calibration cache) or ``off`` (neither FWT nor DPS: no pass).
+        dps_weight: DPS's pixel weight ``S`` [h, w] at the last edit step, averaged over the
+            LocalBlend-resolution layers (None without DPS, or from the fused UNet).
     """
 
     source_image: np.ndarray
@@ -89,6 +139,7 @@ class EditResult:
     input_image: np.ndarray | None = None
     trajectory: torch.Tensor | None = None
     calibration: str = "computed"
+    dps_weight: torch.Tensor | None = None
 
     @property
     def keywords(self) -> list[str]:
@@ -150,9 +201,6 @@ class _Observer:
 
     def after_step(self, step: int, latents: torch.Tensor) -> torch.Tensor:
         return self.inner.after_step(step, latents)
-
-    def attention_maps(self) -> torch.Tensor:
-        return self.inner.attention_maps()
 
 
 class EditPipeline(ABC):
@@ -288,10 +336,12 @@ class EditPipeline(ABC):
         record: list[torch.Tensor] | None = None,
         start: int = 0,
         noise: torch.Tensor | None = None,
+        on_step: StepCallback | None = None,
     ) -> torch.Tensor:
         """The CFG sampling loop. ``latents`` [B, 4, h, w]; ``embeddings`` [2B, 77, D] laid out
         ``[uncond…, cond…]`` (a guided :class:`~adapedit.layout.BatchLayout`). The controller
-        sees every controlled attention layer, with the index of the UNet call in the pass.
+        sees every controlled attention layer, with the index of the UNet call in the pass;
+        ``on_step`` is called after each step with the number of steps done.
 
         With ``start > 0`` (SDEdit) ``latents`` are clean: they are noised with ``noise`` to
         the ``start``-th timestep and denoised from there.
@@ -326,6 +376,8 @@ class EditPipeline(ABC):
                 latents = controller.after_step(step, latents)
             if record is not None:
                 record.append(latents.detach().cpu().clone())
+            if on_step is not None:
+                on_step(step + 1)
         return latents
 
     def to_device(self, x: torch.Tensor) -> torch.Tensor:
@@ -349,6 +401,7 @@ class EditPipeline(ABC):
         sampler: SamplerConfig,
         *,
         progress: bool = False,
+        on_step: StepCallback | None = None,
     ) -> torch.Tensor:
         """DDIM inversion (:mod:`adapedit.inversion`) of a clean latent ``z0`` [1, 4, h, w] with
         the text embedding ``cond`` [1, 77, D] at guidance 1, over the DDIM timesteps of
@@ -369,6 +422,8 @@ class EditPipeline(ABC):
             eps = to_epsilon(output, z, alphas[i], kind)  # ε_θ(z_{t_i}, t_i, c)
             z = ddim_inversion_step(z, eps, alphas[i], alphas[i + 1])  # z_{t_{i+1}}
             out.append(z)
+            if on_step is not None:
+                on_step(i + 1)
         return torch.cat(out)
 
     # -- public API --------------------------------------------------------------------------
@@ -407,6 +462,7 @@ class EditPipeline(ABC):
         record_latents: bool = False,
         progress: bool = False,
         observe_step: int | None = None,
+        on_progress: ProgressCallback | None = None,
     ) -> EditResult:
         """Edit ``source`` into ``target``: calibration pass (if FWT or DPS is on), then the
         edit pass; returns both images, τ, attention maps and stage timings (and, if asked, the
@@ -419,6 +475,9 @@ class EditPipeline(ABC):
         inverted latent; ``image_config.inversion`` says how the source branch keeps to the
         image (:class:`~adapedit.config.ImageConfig`). DDIM only. Every check on the image and
         the backend's VAE encoder is made before any model work.
+
+        ``on_progress`` is called with a :class:`Progress` after each UNet step (inversion,
+        calibration, edit), on this thread.
         """
         t_start = time.perf_counter()
         plan = self.plan(source, target, edit)
@@ -435,6 +494,12 @@ class EditPipeline(ABC):
             image_record = {"inversion": image_config.inversion, **fitted}
         self.prepare(edit, latent_hw, self.edit_batches(edit, image=image is not None))
         n = self.num_steps(sampler)
+        stages = {
+            "inversion": n if image is not None else 0,  # DDIM: one call per step
+            "calibration": self.num_steps(calib_sampler) if edit.needs_calibration else 0,
+            "edit": n,
+        }
+        track = _Tracker(on_progress, stages).stage if on_progress is not None else None
         timings: dict[str, float] = {}
         notes: list[str] = []
 
@@ -446,7 +511,9 @@ class EditPipeline(ABC):
         if pixels is not None:
             t = time.perf_counter()
             z0 = self.encode_image_one(from_uint8(pixels).to(self.device)).to(self.dtype)
-            trajectory = self.invert(z0, c_src, sampler, progress=progress)  # [N + 1, 4, h, w]
+            trajectory = self.invert(  # [N + 1, 4, h, w]
+                z0, c_src, sampler, progress=progress, on_step=track and track("inversion")
+            )
             x0 = trajectory[-1:]
             timings["inversion"] = time.perf_counter() - t
 
@@ -455,7 +522,14 @@ class EditPipeline(ABC):
         calibration = "off"
         if edit.needs_calibration:
             stats, calibration = self.calibrate(
-                x0, uncond, c_edt, target, edit, calib_sampler, progress=progress
+                x0,
+                uncond,
+                c_edt,
+                target,
+                edit,
+                calib_sampler,
+                progress=progress,
+                on_step=track and track("calibration"),
             )
             tau, keys = stats.finish(plan, edit)
         else:
@@ -468,11 +542,10 @@ class EditPipeline(ABC):
 
         t = time.perf_counter()
         inversion = image_config.inversion if trajectory is not None else None
-        controller = EditController(
+        editor = EditController(
             plan, tau, keys, n, latent_hw, trajectory=trajectory if inversion == "direct" else None
         )
-        if observe_step is not None:
-            controller = _Observer(controller, observe_step)
+        controller = editor if observe_step is None else _Observer(editor, observe_step)
         record: list[torch.Tensor] | None = [] if record_latents else None
         own_uncond = {"source": c_src} if inversion == "npi" else None
         latents = self.denoise(
@@ -483,6 +556,7 @@ class EditPipeline(ABC):
             desc="edit",
             progress=progress,
             record=record,
+            on_step=track and track("edit"),
         )
         timings["edit"] = time.perf_counter() - t
 
@@ -493,7 +567,7 @@ class EditPipeline(ABC):
         timings["total"] = time.perf_counter() - t_start
 
         n_tok = plan.target.length - 1  # tokens 1 … end
-        maps = controller.attention_maps()[1 : n_tok + 1].cpu()
+        maps = editor.attention_maps()[1 : n_tok + 1].cpu()
         labels = [self.tokenizer.decode([i]) for i in plan.target.ids[1 : n_tok + 1]]
         return EditResult(
             src_img,
@@ -511,6 +585,7 @@ class EditPipeline(ABC):
             pixels,
             trajectory,
             calibration,
+            None if (s := editor.dps_weight()) is None else s.cpu(),
         )
 
     def calibrate(
@@ -523,21 +598,25 @@ class EditPipeline(ABC):
         sampler: SamplerConfig,
         *,
         progress: bool = False,
+        on_step: StepCallback | None = None,
     ) -> tuple[CalibrationStats, str]:
         """The calibration pass (:data:`~adapedit.layout.CALIBRATION`, ``[u_edt, c_edt]``) of
         ``target`` from ``x0`` [1, 4, h, w] under ``sampler`` (at the calibration steps), or its
-        statistics from the calibration cache.
+        statistics from the calibration cache (``on_step`` then hears of every step at once).
 
         Returns:
             The statistics and ``computed`` or ``cached``.
         """
         key = None
+        steps = self.num_steps(sampler)
         if self.calibration_cache is not None:
             key = calibration_key(self.model_identity, target, x0, edit, sampler)
             stats = self.calibration_cache.get(key)
             if stats is not None:
+                if on_step is not None:
+                    on_step(steps)
                 return stats, "cached"
-        recorder = CalibrationRecorder(tuple(x0.shape[-2:]), self.num_steps(sampler), edit)
+        recorder = CalibrationRecorder(tuple(x0.shape[-2:]), steps, edit)
         self.denoise(
             x0,
             CALIBRATION.stack(uncond, {"edit": c_edt}),
@@ -545,6 +624,7 @@ class EditPipeline(ABC):
             recorder,
             desc="calibration",
             progress=progress,
+            on_step=on_step,
         )
         stats = recorder.stats()
         if key is not None:

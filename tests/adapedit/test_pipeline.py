@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from adapedit.blend import local_blend_mask
-from adapedit.config import EditConfig, SamplerConfig
+from adapedit.config import DEFAULT_CACHE_BYTES, EditConfig, SamplerConfig
 from adapedit.controller import EditController
 from adapedit.fwt import fixed_tau
 
@@ -101,3 +101,63 @@ def test_local_blend_keeps_the_source_outside_the_mask(tiny_pipeline):
     assert 0 < mask.sum() < mask.numel()
     assert torch.equal(out[1][:, ~mask], out[0][:, ~mask])
     assert not torch.equal(out[1][:, mask], out[0][:, mask])
+
+
+def test_progress_reports_each_unet_step_and_changes_nothing(tiny_pipeline, photo):
+    tiny_pipeline.use_calibration_cache(None)  # a cached calibration would skip its steps
+    try:
+        cfg, sampler = EditConfig(calibration_steps=2), SamplerConfig(steps=3, seed=11)
+        seen: list = []
+        r = tiny_pipeline.edit(
+            "a cat on a mat", "a dog on a mat", cfg, sampler, on_progress=seen.append
+        )
+        quiet = tiny_pipeline.edit("a cat on a mat", "a dog on a mat", cfg, sampler)
+        assert torch.equal(torch.as_tensor(r.edited_image), torch.as_tensor(quiet.edited_image))
+        assert [(p.stage, p.step, p.steps, p.done, p.total) for p in seen] == [
+            ("calibration", 1, 2, 1, 5),
+            ("calibration", 2, 2, 2, 5),
+            ("edit", 1, 3, 3, 5),
+            ("edit", 2, 3, 4, 5),
+            ("edit", 3, 3, 5, 5),
+        ]
+        # an edit of a given image inverts it first (one call per DDIM step); no FWT, no DPS:
+        # no calibration pass
+        seen.clear()
+        off = EditConfig(use_fwt=False, use_dps=False)
+        tiny_pipeline.edit(
+            "a cat", "a dog", off, SamplerConfig(steps=2), image=photo(128), on_progress=seen.append
+        )
+        assert [(p.stage, p.done, p.total) for p in seen] == [
+            ("inversion", 1, 4),
+            ("inversion", 2, 4),
+            ("edit", 3, 4),
+            ("edit", 4, 4),
+        ]
+    finally:
+        tiny_pipeline.use_calibration_cache(DEFAULT_CACHE_BYTES)
+
+
+def test_dps_weight_is_s_at_the_last_step_of_the_blend_layers(monkeypatch):
+    """On the trained model (the tiny one's random S is clamped to 0 everywhere): the result's
+    map is the mean of the S that Eq. 8 used at the last step in the 1/4-resolution layers."""
+    import adapedit.edit
+    from adapedit.dps import pixel_similarity
+    from adapedit.pipeline import ReferencePipeline
+
+    pipe = ReferencePipeline.from_model("shapes")
+    used: list[torch.Tensor] = []
+
+    def spy(*args, **kwargs):
+        used.append(pixel_similarity(*args, **kwargs))
+        return used[-1]
+
+    monkeypatch.setattr(adapedit.edit, "pixel_similarity", spy)
+    source, target = "a small red circle on the left", "a big red circle on the left"
+    r = pipe.edit(source, target, EditConfig(), SamplerConfig(steps=3, seed=2))
+    blend = [s for s in used if s.numel() == r.attention_maps[0].numel()]  # 4×4 of 16×16
+    last = blend[-len(blend) // 3 :]  # one step's worth: the last
+    assert r.dps_weight.shape == r.attention_maps.shape[1:]
+    assert torch.allclose(r.dps_weight.flatten(), torch.stack(last).float().mean(0))
+    assert r.dps_weight.max() > 0
+    off = pipe.edit(source, target, EditConfig(use_dps=False), SamplerConfig(steps=3, seed=2))
+    assert off.dps_weight is None
