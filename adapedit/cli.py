@@ -329,7 +329,7 @@ def cmd_serve(a: argparse.Namespace) -> int:
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     from adapedit.runtime.server import HttpOptions
 
-    options = HttpOptions(queue_size=a.queue, timeout=a.timeout)
+    options = HttpOptions(queue_size=a.queue, timeout=a.timeout, page=not a.no_page)
     scale = {k: v for k in SCALE_OPTIONS if (v := getattr(a, k)) is not None}
     if not scale and a.ray_address is None:
         from adapedit.runtime.server import serve
@@ -512,6 +512,7 @@ def build_parser() -> argparse.ArgumentParser:
         f"{DEFAULT_CACHE_BYTES >> 20})",
     )
     p.add_argument("--no-calibration-cache", action="store_true", help="every edit calibrates")
+    p.add_argument("--no-page", action="store_true", help="API only: no playground page at GET /")
     g = p.add_argument_group(
         "Ray Serve (any of these deploys on Ray; pip install 'adapedit[serve]')"
     )

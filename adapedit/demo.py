@@ -5,6 +5,7 @@ the source and edited images)."""
 
 from __future__ import annotations
 
+import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -28,7 +29,8 @@ def run_demo(
     progress: bool = True,
 ) -> str:
     """Run the demo into ``out`` (``runtime/`` and ``reference/`` edit outputs, ``demo.json``,
-    ``demo.md``); returns the markdown summary."""
+    ``demo.md``, and the engine folder it built, ``engines/``, which ``adapedit serve`` takes);
+    returns the markdown summary."""
     from adapedit.engines.folder import build_engines
     from adapedit.export.api import ExportOptions, export_model
     from adapedit.runtime.session import EditSession
@@ -55,6 +57,11 @@ def run_demo(
             run = session.edit(
                 source, target, edit, sampler, record_latents=True, progress=progress
             )
+        engines = out / "engines"  # kept for `adapedit serve --engine-dir OUT/engines`
+        if engines.exists():
+            shutil.rmtree(engines)
+        out.mkdir(parents=True, exist_ok=True)
+        shutil.move(Path(work) / "engines", engines)
     ref = reference.edit(source, target, edit, sampler, record_latents=True, progress=progress)
     parity = compare_edits(ref, run)
     write_edit_outputs(run, out / "runtime", model)
@@ -96,7 +103,8 @@ def run_demo(
         f"{parity['psnr_source_db']:.1f} dB / edited {parity['psnr_edited_db']:.1f} dB, max "
         f"pixel difference {parity['max_pixel_diff']}.\n\n"
         "τ per word: " + ", ".join(f"{w.word} {w.tau:.2f}" for w in run.tau.words) + "\n\n"
-        f"Images: `{out / 'runtime'}` and `{out / 'reference'}`.\n"
+        f"Images: `{out / 'runtime'}` and `{out / 'reference'}`. Engines: `{engines}` "
+        f"(`adapedit serve --engine-dir {engines}`, then open the page it prints).\n"
     )
     if reads:
         md += "\nRead back from the runtime's images (`adapedit.shapes.reader`):\n\n" + "".join(

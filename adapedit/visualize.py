@@ -11,11 +11,24 @@ CELL = 128
 LABEL_H = 20
 
 
-def _heat(values: np.ndarray) -> np.ndarray:
+def heat(values: np.ndarray) -> np.ndarray:
     """[h, w] in [0, 1] → [h, w, 3] uint8 through matplotlib's ``inferno`` colour map."""
     from matplotlib import colormaps
 
     return (colormaps["inferno"](values)[..., :3] * 255).astype(np.uint8)
+
+
+def stretch(m: torch.Tensor) -> np.ndarray:
+    """A map [h, w] stretched to its own [min, max] → [0, 1] (all zeros if flat), float32."""
+    m = m.float()
+    span = m.max() - m.min()
+    return ((m - m.min()) / span if span > 0 else torch.zeros_like(m)).numpy()
+
+
+def token_heat(maps: torch.Tensor) -> list[np.ndarray]:
+    """Per-token maps [n, h, w], each stretched to its own [min, max] and coloured: n images
+    [h, w, 3] uint8 at the maps' own resolution (what the server's page lays over the edit)."""
+    return [heat(stretch(m)) for m in maps]
 
 
 def attention_grid(
@@ -35,9 +48,7 @@ def attention_grid(
     for k in range(n):
         m = maps[k].float()[None, None]  # [1, 1, h, w]
         m = F.interpolate(m, size=(CELL, CELL), mode="bilinear", align_corners=False)[0, 0]
-        span = m.max() - m.min()
-        m = ((m - m.min()) / span if span > 0 else torch.zeros_like(m)).numpy()
-        cell = _heat(m).astype(np.float32)
+        cell = heat(stretch(m)).astype(np.float32)
         if base is not None:
             cell = 0.6 * cell + 0.4 * base
         x, y = (k % per_row) * CELL, (k // per_row) * (CELL + LABEL_H)

@@ -29,7 +29,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
-from collections.abc import Iterator, Mapping
+from collections.abc import AsyncIterator, Iterator, Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -42,6 +42,7 @@ from ray.serve.exceptions import BackPressureError
 
 from adapedit.config import DEFAULT_CACHE_BYTES
 from adapedit.errors import ConfigError
+from adapedit.pipeline import Progress, ProgressCallback
 from adapedit.runtime.api import EditRequest
 from adapedit.runtime.server import (
     Answer,
@@ -51,6 +52,7 @@ from adapedit.runtime.server import (
     open_session,
     queue_full,
     run_edit,
+    with_progress,
 )
 
 if TYPE_CHECKING:
@@ -160,20 +162,28 @@ class RayEditor:
     """The application's :class:`~adapedit.runtime.server.Editor` over the ``Editor``
     deployment: Ray Serve queues each edit (503 past ``queue_size``) and routes it to a free
     replica; an edit whose replica died is sent again. Cancelling :meth:`edit` cancels the call
-    (a waiting edit is dropped)."""
+    (a waiting edit is dropped). With ``progress``, the replica streams each
+    :class:`~adapedit.pipeline.Progress` back before the answer."""
 
     def __init__(self, handle: DeploymentHandle, queue_size: int) -> None:
         self.handle, self.queue_size = handle, queue_size
         self.in_flight = 0
         self.resent = 0
 
-    async def edit(self, job: EditRequest) -> Answer:
+    async def edit(self, job: EditRequest, progress: ProgressCallback | None = None) -> Answer:
         self.in_flight += 1
         try:
             while True:
-                response = self.handle.edit.remote(job)
+                stream = progress is not None
+                call = self.handle.options(stream=True).edit_stream if stream else self.handle.edit
+                response = call.remote(job)
                 try:
-                    return await response
+                    if not stream:
+                        return await response
+                    async for item in response:
+                        if isinstance(item, Answer):
+                            return item
+                        progress(item)
                 except BackPressureError:
                     return queue_full(self.queue_size)
                 except RayActorError as e:
@@ -218,6 +228,12 @@ class EditorReplica:
     async def edit(self, job: EditRequest) -> Answer:
         """The answer to one job (see :func:`~adapedit.runtime.server.run_edit`)."""
         return await asyncio.to_thread(run_edit, self.session, job)
+
+    async def edit_stream(self, job: EditRequest) -> AsyncIterator[Progress | Answer]:
+        """Each :class:`~adapedit.pipeline.Progress` of one job, then its answer."""
+        run = with_progress(lambda report: asyncio.to_thread(run_edit, self.session, job, report))
+        async for item in run:
+            yield item
 
 
 @serve.deployment(

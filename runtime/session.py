@@ -8,6 +8,7 @@ import json
 import threading
 from contextlib import nullcontext
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -121,6 +122,23 @@ class EditSession(EditPipeline):
             st = f.stat()
             h.update(f"{f.relative_to(self.folder)}:{st.st_size}:{st.st_mtime_ns}".encode())
         return h.hexdigest()
+
+    def describe(self) -> dict[str, Any]:
+        """The engines in plain values: ``model``, ``backend`` (``ort`` | ``trt``), ``form``
+        (the UNet that runs: ``fused`` or ``segmented``), ``precision``, ``shapes`` (``static``
+        | ``dynamic``), ``device`` and the model's ``height`` and ``width``."""
+        m = self.manifest
+        form = self.form if self.form != "auto" else ("fused" if m.has_fused else "segmented")
+        return {
+            "model": m.model,
+            "backend": self.config.backend,
+            "form": form,
+            "precision": m.precision,
+            "shapes": m.shapes,
+            "device": str(self.device),
+            "height": m.height,
+            "width": m.width,
+        }
 
     def _runner(self, spec: GraphSpec, *, cuda_graph: bool = False) -> Runner:
         return make_runner(

@@ -25,7 +25,7 @@ from adapedit.errors import ConfigError
 from adapedit.runtime.api import EditRequest, plain_edit
 from adapedit.runtime.rayserve import BUILD_ARGS, RayEditor, ScaleOut, build, start, stop
 from adapedit.runtime.server import Answer
-from tests.runtime.test_server import image, request
+from tests.runtime.test_server import events, image, request
 
 JOB = EditRequest("a cat on a mat", "a black cat on a mat", EditConfig(), SamplerConfig(steps=1))
 OK = Answer(200, {"done": True}, 0.1, "host:1")
@@ -244,12 +244,13 @@ def test_two_cpu_replicas_on_a_local_cluster(tiny_engines, tiny_session):
         url = start(config, port=free_port(), init={**init, "log_to_driver": False})
         processes = descendants(os.getpid())
         status, _, doc = request(url, "GET", "/healthz")
-        assert status == 200 and doc == {
+        assert status == 200 and {k: doc[k] for k in doc if k not in ("engine", "limits")} == {
             "status": "ok",
             "model": "tiny",
             "in_flight": 0,
             "queue_size": 2,
         }
+        assert doc["engine"]["form"] == "segmented" and "max_image_body" in doc["limits"]
         status, _, doc = request(url, "POST", "/edit", {"source": body["source"]})
         assert status == 422 and doc["error"]["field"] == "target"
 
@@ -278,6 +279,13 @@ def test_two_cpu_replicas_on_a_local_cluster(tiny_engines, tiny_session):
         metrics = request(url, "GET", "/metrics")[2]
         assert f'adapedit_requests_total{{code="503",path="/edit"}} {len(busy)}.0' in metrics
         assert f'adapedit_requests_total{{code="200",path="/edit"}} {len(ok)}.0' in metrics
+        # progress streamed from a replica through the ingress, then the same answer; the page
+        status, _, found = events(url, {**body, "seed": 6})  # a new target: it calibrates
+        assert [e["done"] for kind, e in found if kind == "progress"] == list(range(1, 9))
+        assert found[-1][0] == "result"
+        ref6 = plain_edit(tiny_session, body["source"], body["target"], steps=4, seed=6)
+        assert np.array_equal(image(found[-1][1]["edited_png"]), ref6["edited_image"])
+        assert "/static/app.js" in request(url, "GET", "/")[2]
     finally:
         stop(cluster=True)
     assert processes, "the cluster's processes were not found"

@@ -16,20 +16,18 @@ import sys
 import threading
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
 from email.message import Message
 from typing import Any
 from urllib.parse import urlsplit
 
 import numpy as np
 import pytest
-import uvicorn
 from PIL import Image
 
 from adapedit.cli import build_parser
 from adapedit.errors import ConfigError, EngineError
 from adapedit.runtime.api import plain_edit
-from adapedit.runtime.server import HttpOptions, LocalEditor, create_app
+from adapedit.runtime.server import HttpOptions, serving_in_thread
 
 SRC, TGT = "a dog standing on the grass", "a dog sitting on the grass"
 REQUEST = {"source": SRC, "target": TGT, "steps": 2, "seed": 3, "lambda_s": 0.8}
@@ -83,25 +81,10 @@ def wait_for(predicate, timeout: float = 30.0) -> None:
         time.sleep(0.02)
 
 
-@contextmanager
-def running(session, **options: Any) -> Iterator[tuple[str, Any]]:
-    """The application on ``session`` served by uvicorn from a thread on 127.0.0.1, any free
-    port: (URL, application). Stopped, and its editor closed, on exit."""
-    opts = HttpOptions(**options)
-    app = create_app(session, LocalEditor(session, opts.queue_size), opts)
-    config = uvicorn.Config(app, port=0, log_level="warning")
-    server = uvicorn.Server(config)
-    sock = config.bind_socket()
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    try:
-        wait_for(lambda: server.started)
-        yield f"http://127.0.0.1:{sock.getsockname()[1]}", app
-    finally:
-        server.should_exit = True
-        thread.join(30)
-        sock.close()
-        app.state.editor.close()
+def running(session, **options: Any):
+    """The application on ``session`` with ``HttpOptions(**options)``, served from a thread on
+    127.0.0.1, any free port: (URL, application)."""
+    return serving_in_thread(session, HttpOptions(**options))
 
 
 class GatedSession:
@@ -448,3 +431,129 @@ def test_the_command_line_stays_light():
         "assert not heavy, heavy"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def events(url: str, body: dict | bytes) -> tuple[int, str, list[tuple[str, dict]]]:
+    """POST ``body`` to /edit asking for server-sent events: (status, content type, events as
+    (kind, document))."""
+    status, headers, text = request(
+        url, "POST", "/edit", body, headers={"Accept": "text/event-stream"}
+    )
+    found = []
+    for block in text.split("\n\n"):
+        if block.strip():
+            lines = dict(line.split(": ", 1) for line in block.splitlines())
+            found.append((lines["event"], json.loads(lines["data"])))
+    return status, headers["Content-Type"], found
+
+
+def test_a_streamed_edit_reports_every_step_then_the_plain_answer(url, tiny_session):
+    body = {**REQUEST, "seed": 5151, "steps": 3, "calibration_steps": 2}
+    status, kind, found = events(url, body)
+    assert status == 200 and kind.startswith("text/event-stream")
+    progress = [doc for k, doc in found[:-1] if k == "progress"]
+    assert len(progress) == len(found) - 1 == 5  # 2 calibration steps + 3 edit steps
+    assert [p["done"] for p in progress] == [1, 2, 3, 4, 5]
+    assert {p["total"] for p in progress} == {5}
+    assert [(p["stage"], p["step"], p["steps"]) for p in progress] == [
+        ("calibration", 1, 2),
+        ("calibration", 2, 2),
+        ("edit", 1, 3),
+        ("edit", 2, 3),
+        ("edit", 3, 3),
+    ]
+    last, doc = found[-1]
+    assert last == "result"
+    plain = request(url, "POST", "/edit", body)[2]
+    for key in ("source_png", "edited_png", "tau", "keywords", "attention_maps"):
+        assert doc[key] == plain[key], key
+    # the re-edit's calibration comes from the cache: its steps are done at once
+    again = events(url, {**body, "lambda_s": 0.5})[2]
+    assert again[0] == (
+        "progress",
+        {"stage": "calibration", "step": 2, "steps": 2, "done": 2, "total": 5},
+    )
+    assert again[-1][1]["calibration"] == "cached"
+
+
+def test_a_streamed_edit_that_is_refused_says_so_in_its_last_event(server):
+    url, app = server
+    before = count(app, "/edit", 422)
+    status, _, found = events(url, {**QUICK, "target": "word " * 90})
+    assert status == 200 and len(found) == 1
+    kind, doc = found[0]
+    assert kind == "error" and doc["error"]["status"] == 422
+    assert doc["error"]["field"] == "target"
+    assert count(app, "/edit", 422) == before + 1  # the metrics count what the edit came to
+    # a body the server does not read is refused as without a stream
+    head = b"POST /edit HTTP/1.1\r\nHost: x\r\nAccept: text/event-stream\r\n"
+    assert raw(url, head + b"Content-Length: 100000000\r\n\r\n{").startswith(b"HTTP/1.1 413")
+
+
+def test_an_answer_has_each_tokens_map_and_dps_weight(url, tiny_session, tiny_fused_session):
+    doc = request(url, "POST", "/edit", REQUEST)[2]
+    target_tokens = len(tiny_session.tokenizer(TGT).input_ids) - 1  # the start token left out
+    maps = doc["attention_maps"]
+    assert [m["token"] for m in maps][:3] == ["a", "dog", "sitting"]
+    assert len(maps) == target_tokens
+    sizes = {image(m["png"]).shape for m in maps}
+    assert sizes == {(4, 4, 3)}  # 1/4 of the 16×16 latent
+    assert image(doc["dps_weight_png"]).shape == (4, 4, 3)
+    assert request(url, "POST", "/edit", {**REQUEST, "use_dps": False})[2]["dps_weight_png"] is None
+    # the fused UNet runs its layers inside one graph: no S to show
+    with running(tiny_fused_session) as (fused_url, _):
+        fused = request(fused_url, "POST", "/edit", REQUEST)[2]
+    assert fused["dps_weight_png"] is None and len(fused["attention_maps"]) == target_tokens
+
+
+@pytest.mark.parametrize("levels", [1000, 100_000])
+def test_a_body_nested_too_deeply_is_400_naming_the_body(url, levels):
+    for body in ("[" * levels + "]" * levels, '{"a":' * levels + "1" + "}" * levels):
+        status, _, doc = request(url, "POST", "/edit", body.encode())
+        assert status == 400, doc
+        assert doc["error"]["message"].startswith("the JSON body nests too deeply")
+        assert "where: POST /edit: the body" in doc["error"]["message"]
+    healthy(url)
+
+
+def test_brackets_inside_strings_are_not_nesting(url):
+    deep = '{"source": "a cat", "target": "a cat on a mat", "steps": 1, "x": "' + "[{" * 500
+    status, _, doc = request(url, "POST", "/edit", (deep + '"}').encode())
+    assert status == 422 and doc["error"]["field"] == "x"  # parsed: an unknown field
+
+
+def test_the_page_and_its_files_carry_a_content_security_policy(url):
+    for path, kind in (("/", "text/html"), ("/static/app.js", "text/javascript")):
+        status, headers, _ = request(url, "GET", path)
+        assert status == 200 and headers["Content-Type"].startswith(kind)
+        assert "script-src 'self'" in headers["Content-Security-Policy"]
+        assert "default-src 'none'" in headers["Content-Security-Policy"]
+        assert headers["X-Content-Type-Options"] == "nosniff"
+    assert "/static/app.js" in request(url, "GET", "/")[2]
+    for path in ("/static/server.py", "/static/..%2Fserver.py", "/static/%2e%2e/page.py"):
+        status, _, doc = request(url, "GET", path)
+        assert status == 404 and doc["error"]["status"] == 404, path
+
+
+def test_an_api_only_server_has_no_page(tiny_session):
+    with running(tiny_session, page=False) as (url, _):
+        assert request(url, "GET", "/")[0] == 404
+        assert request(url, "GET", "/static/app.js")[0] == 404
+        healthy(url)
+    with pytest.raises(ConfigError, match="page must be true or false"):
+        HttpOptions(page="no")
+
+
+def test_healthz_describes_the_engines_and_the_limits(url):
+    doc = request(url, "GET", "/healthz")[2]
+    assert doc["engine"] == {
+        "model": "tiny",
+        "backend": "ort",
+        "form": "segmented",
+        "precision": "fp32",
+        "shapes": "dynamic",
+        "device": "cpu",
+        "height": 128,
+        "width": 128,
+    }
+    assert doc["limits"] == {"max_body": 4096, "max_image_body": 16 * 1024 * 1024}
