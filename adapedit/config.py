@@ -255,8 +255,8 @@ def preset(name: str, where: str = "preset") -> Preset:
 
 @dataclass(frozen=True)
 class ImageConfig:
-    """How a real image is taken in (docs/algorithm.md "Editing a given image"; README
-    "Editing your own images").
+    """How a real image is taken in (docs/algorithm.md "Editing a given image";
+    docs/usage.md "Editing your own images").
 
     Attributes:
         inversion: ``direct`` (default: DDIM inversion, then the edit pass's source branch is
