@@ -173,10 +173,11 @@ function onProgress(p) {
 
 // -- the answer ------------------------------------------------------------------------------
 
-function showResult(doc) {
+async function showResult(doc, started) {
   state.result = doc;
   $("source-img").src = `data:image/png;base64,${doc.source_png}`;
   $("edited-img").src = `data:image/png;base64,${doc.edited_png}`;
+  await Promise.all([$("source-img").decode(), $("edited-img").decode()]);
   $("overlay").hidden = true;
   text($("edited-caption"), "edited");
   if (doc.dps_weight_png) {
@@ -190,7 +191,9 @@ function showResult(doc) {
   showNote(doc);
   const bar = $("progress");
   bar.value = bar.max;
-  text($("stage"), "done");
+  const seconds = (performance.now() - started) / 1000;
+  bar.dataset.seconds = seconds.toFixed(3); // from the action to the images shown
+  text($("stage"), `done in ${seconds.toFixed(2)} s`);
 }
 
 function showWords(doc) {
@@ -297,6 +300,7 @@ async function run() {
   $("run").disabled = true;
   $("progress").dataset.state = "running";
   setProgress(0, 1, "waiting for the server");
+  const started = performance.now();
   let finished = false;
   try {
     const response = await fetch("/edit", {
@@ -322,7 +326,10 @@ async function run() {
         const event = parseEvent(buffer.slice(0, end));
         buffer = buffer.slice(end + 2);
         if (event.kind === "progress") onProgress(event.doc);
-        else if (event.kind === "result") { showResult(event.doc); finished = true; }
+        else if (event.kind === "result") {
+          finished = true;
+          await showResult(event.doc, started);
+        }
         else if (event.kind === "error") {
           const e = event.doc.error;
           showError(e.message, e.field, e.status);
