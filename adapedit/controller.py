@@ -254,10 +254,13 @@ class EditSchedule:
     self: torch.Tensor
 
     @classmethod
-    def build(cls, tau: TauPlan, num_steps: int) -> EditSchedule:
-        n_self = self_steps(tau.tau_self, num_steps)
+    def build(cls, tau: TauPlan, num_steps: int, steps: int | None = None) -> EditSchedule:
+        """Gates for a pass of ``num_steps`` UNet calls of a sampler of ``steps`` nominal
+        steps (default ``num_steps``; PNDM makes one call more), counted as P2P counts."""
+        steps = num_steps if steps is None else steps
+        n_self = self_steps(tau.tau_self, steps)
         return cls(
-            cross_gates(tau.token_tau, num_steps), (torch.arange(num_steps) < n_self).float()
+            cross_gates(tau.token_tau, steps, num_steps), (torch.arange(num_steps) < n_self).float()
         )
 
 
@@ -309,6 +312,7 @@ class EditController:
     latent_hw: tuple[int, int]
     layout: BatchLayout = EDIT
     trajectory: torch.Tensor | None = None
+    steps: int | None = None  # the sampler's nominal steps (None: num_steps)
     controls: EditControls = field(init=False)
     schedule: EditSchedule = field(init=False)
     blend_maps: torch.Tensor | None = None  # [2, h, w] accumulated over steps
@@ -325,7 +329,7 @@ class EditController:
 
     def __post_init__(self) -> None:
         self.controls = EditControls.build(self.plan, self.keys)
-        self.schedule = EditSchedule.build(self.tau, self.num_steps)
+        self.schedule = EditSchedule.build(self.tau, self.num_steps, self.steps)
 
     def controls_like(self, like: torch.Tensor) -> tuple[EditControls, EditSchedule]:
         """The controls and the schedule on ``like``'s device and dtype (cast once each)."""

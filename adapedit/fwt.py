@@ -110,12 +110,18 @@ def compute_tau(plan: EditPlan, token_emb: torch.Tensor, config: EditConfig) -> 
     return TauPlan(tuple(words), token_tau, tau_default, tau_default)
 
 
-def cross_gates(token_tau: torch.Tensor, num_steps: int) -> torch.Tensor:
-    """Injection gates [N, T]: 1 where ``s < ⌊τ_j · (N + 1)⌋`` (P2P's count), else 0."""
-    ends = torch.tensor([int(t * (num_steps + 1)) for t in token_tau.tolist()])  # [T]
-    return (torch.arange(num_steps)[:, None] < ends[None, :]).float()
+def cross_gates(token_tau: torch.Tensor, steps: int, calls: int | None = None) -> torch.Tensor:
+    """Injection gates [calls, T]: 1 at UNet call ``s`` where ``s < ⌊τ_j · (N + 1)⌋``, else 0.
+
+    ``N`` is the sampler's nominal number of steps, as P2P counts (its alphas have ``N + 1``
+    rows, indexed by UNet call); ``calls`` the UNet calls of the pass (``N``, or ``N + 1`` with
+    PNDM's PLMS warm-up; default ``N``)."""
+    calls = steps if calls is None else calls
+    ends = torch.tensor([int(t * (steps + 1)) for t in token_tau.tolist()])  # [T]
+    return (torch.arange(calls)[:, None] < ends[None, :]).float()
 
 
-def self_steps(tau_self: float, num_steps: int) -> int:
-    """Number of leading steps whose edit-branch self-attention is the source's: ``⌊τ_self·N⌋``."""
-    return int(tau_self * num_steps)
+def self_steps(tau_self: float, steps: int) -> int:
+    """Number of leading UNet calls whose edit-branch self-attention is the source's:
+    ``⌊τ_self · N⌋`` of the sampler's nominal ``N`` steps (P2P's count)."""
+    return int(tau_self * steps)

@@ -543,7 +543,13 @@ class EditPipeline(ABC):
         t = time.perf_counter()
         inversion = image_config.inversion if trajectory is not None else None
         editor = EditController(
-            plan, tau, keys, n, latent_hw, trajectory=trajectory if inversion == "direct" else None
+            plan,
+            tau,
+            keys,
+            n,
+            latent_hw,
+            trajectory=trajectory if inversion == "direct" else None,
+            steps=sampler.steps,
         )
         controller = editor if observe_step is None else _Observer(editor, observe_step)
         record: list[torch.Tensor] | None = [] if record_latents else None

@@ -141,7 +141,7 @@ def sweep_edit(
             tau, keys = calibrated[shared].finish(plan, config)
         else:
             tau = fixed_tau(plan, config, "FWT off")
-        controllers.append(EditController(plan, tau, keys, n, latent_hw))
+        controllers.append(EditController(plan, tau, keys, n, latent_hw, steps=sampler.steps))
     images: list[np.ndarray] = []
     for i in range(0, len(controllers), per_pass):
         multi = MultiEdit(controllers[i : i + per_pass])

@@ -8,7 +8,9 @@ import pytest
 import torch
 
 from adapedit.config import EditConfig
+from adapedit.controller import EditSchedule
 from adapedit.fwt import (
+    TauPlan,
     compute_tau,
     cross_gates,
     fixed_tau,
@@ -280,6 +282,20 @@ def test_cross_gates_fixed_tau_window_is_exact(tokenizer):
     g = cross_gates(fixed_tau(plan, cfg, "FWT off").token_tau, 9)
     # ⌊0.7·(9+1)⌋ = 7 injected steps for every token, as P2P's int(0.7 * 10)
     assert g.sum(dim=0).tolist() == [7.0] * 77
+
+
+def test_steps_are_counted_by_the_sampler_as_p2p_counts_them_ddim_and_pndm():
+    # 20 steps, τ = 0.8: P2P's alphas have 21 rows, ⌊0.8·21⌋ = 16 injected UNet calls, whether
+    # the pass makes 20 calls (DDIM) or 21 (PNDM's warm-up); counting calls would give 17
+    tau = torch.tensor([0.8], dtype=F64)
+    ddim, pndm = cross_gates(tau, 20), cross_gates(tau, 20, calls=21)
+    assert ddim.shape == (20, 1) and pndm.shape == (21, 1)
+    assert ddim.sum().item() == pndm.sum().item() == 16.0
+    assert cross_gates(tau, 21).sum().item() == 17.0  # the call count, as before
+    # self-attention: ⌊0.8·20⌋ = 16 of either pass's calls
+    schedule = EditSchedule.build(TauPlan((), tau.expand(77), 0.8, 0.8), 21, steps=20)
+    assert schedule.self.sum().item() == 16.0 and schedule.self.shape == (21,)
+    assert schedule.cross.shape == (21, 77) and schedule.cross[:, 0].sum().item() == 16.0
 
 
 def test_self_steps():

@@ -161,3 +161,23 @@ def test_dps_weight_is_s_at_the_last_step_of_the_blend_layers(monkeypatch):
     assert r.dps_weight.max() > 0
     off = pipe.edit(source, target, EditConfig(use_dps=False), SamplerConfig(steps=3, seed=2))
     assert off.dps_weight is None
+
+
+def test_a_pndm_edit_injects_by_the_nominal_steps(tiny_pipeline, monkeypatch):
+    import adapedit.pipeline
+
+    built: list[EditController] = []
+
+    class Recorded(EditController):
+        def __post_init__(self) -> None:
+            super().__post_init__()
+            built.append(self)
+
+    monkeypatch.setattr(adapedit.pipeline, "EditController", Recorded)
+    cfg = EditConfig(use_fwt=False, use_dps=False, tau_fixed=0.5, tau_self_fixed=0.5)
+    for scheduler, calls in (("ddim", 4), ("pndm", 5)):
+        tiny_pipeline.edit("a cat", "a big cat", cfg, SamplerConfig(steps=4, scheduler=scheduler))
+        schedule = built[-1].schedule
+        # ⌊0.5·(4+1)⌋ = 2 cross calls, ⌊0.5·4⌋ = 2 self calls, of 4 (DDIM) or 5 (PNDM) calls
+        assert schedule.cross.shape[0] == schedule.self.shape[0] == calls
+        assert schedule.cross[:, 2].sum().item() == 2.0 and schedule.self.sum().item() == 2.0
