@@ -7,7 +7,7 @@ import torch.nn.functional as F
 
 
 def local_blend_mask(
-    maps: torch.Tensor, latent_hw: tuple[int, int], threshold: float
+    maps: torch.Tensor, latent_hw: tuple[int, int], threshold: float, pool: int = 3
 ) -> torch.Tensor:
     """The blend mask from accumulated word maps.
 
@@ -16,12 +16,13 @@ def local_blend_mask(
             LocalBlend resolution, summed over their tokens, averaged over heads and layers and
             accumulated over the steps so far. A prompt without chosen words has all zeros.
         latent_hw: the latent's (height, width).
+        pool: the max-pool window's side (odd; P2P's ``k = 1`` is 3, 1 is no pooling).
 
     Returns:
-        [1, 1, H, W] float mask: 1 where either prompt's normalised, max-pooled (k = 1, a 3×3
-        window), upsampled map exceeds ``threshold``.
+        [1, 1, H, W] float mask: 1 where either prompt's normalised, max-pooled, upsampled map
+        exceeds ``threshold``.
     """
-    m = F.max_pool2d(maps[:, None], kernel_size=3, stride=1, padding=1)  # [2, 1, h, w]
+    m = F.max_pool2d(maps[:, None], kernel_size=pool, stride=1, padding=pool // 2)  # [2,1,h,w]
     m = F.interpolate(m, size=latent_hw)  # [2, 1, H, W]
     peak = m.amax(dim=(2, 3), keepdim=True)  # [2, 1, 1, 1]
     m = torch.where(peak > 0, m / peak.clamp_min(torch.finfo(m.dtype).tiny), 0.0)

@@ -8,7 +8,7 @@ import sys
 import traceback
 from collections.abc import Sequence
 
-from adapedit.config import DEFAULT_CACHE_BYTES
+from adapedit.config import ATTENTION_LIMITS, DEFAULT_CACHE_BYTES
 from adapedit.defaults import BUILTIN_MODELS, DEFAULT_MODEL, DEMO_SOURCE, DEMO_TARGET
 from adapedit.errors import AdapEditError, ConfigError
 
@@ -67,6 +67,13 @@ def _add_engine_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--threads", type=int, default=None, help="ONNX Runtime intra-op threads")
 
 
+_ATTENTION_LIMITS_HELP = (
+    "scaled: P2P's resolution constants as fractions of the latent (self-attention control in "
+    "the 1/4-resolution layers and coarser, LocalBlend's max-pool a share of its map; P2P's "
+    "numbers at 512 px); p2p-literal: P2P's numbers at every size (≤ 256 queries, 3×3)"
+)
+
+
 def _add_edit_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("edit")
     g.add_argument("--edit-type", choices=("refine", "replace", "reweight"), default="refine")
@@ -88,6 +95,12 @@ def _add_edit_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--no-dps-mask", action="store_true", help="no α_m mask for DPS's E_k")
     g.add_argument("--local-blend", nargs="+", metavar="WORD", default=[])
     g.add_argument("--reweight", nargs="+", metavar="WORD=FACTOR", type=_reweight, default=[])
+    g.add_argument(
+        "--attention-limits",
+        choices=ATTENTION_LIMITS,
+        default="scaled",
+        help=_ATTENTION_LIMITS_HELP + " (an engine folder runs only its export's rule)",
+    )
 
 
 def configs_from_args(a: argparse.Namespace):
@@ -133,6 +146,7 @@ def edit_config_from_args(a: argparse.Namespace):
         calibration=a.calibration,
         local_blend=tuple(a.local_blend),
         reweight=tuple(a.reweight),
+        attention_limits=a.attention_limits,
     )
 
 
@@ -291,6 +305,7 @@ def cmd_export(a: argparse.Namespace) -> int:
         shapes=a.shapes,
         batches=tuple(a.batches),
         opset=a.opset,
+        attention_limits=a.attention_limits,
     )
     m = export_model(
         a.model,
@@ -477,6 +492,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--width", type=int, default=None)
     p.add_argument("--opset", type=int, default=18)
+    p.add_argument(
+        "--attention-limits",
+        choices=ATTENTION_LIMITS,
+        default="scaled",
+        help=_ATTENTION_LIMITS_HELP + " (recorded in the manifest; its edits must ask for it)",
+    )
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_export)
 

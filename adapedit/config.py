@@ -9,6 +9,11 @@ from typing import Any
 from adapedit.errors import ConfigError
 
 EDIT_TYPES = ("refine", "replace", "reweight")
+#: How P2P's resolution constants apply to a model (``adapedit.geometry``): ``scaled`` as
+#: fractions of the latent, equal to P2P's numbers at 512 px; ``p2p-literal`` P2P's numbers
+#: as written (self-attention control in layers of at most 256 queries, LocalBlend's maps
+#: max-pooled over 3×3 cells).
+ATTENTION_LIMITS = ("scaled", "p2p-literal")
 TAU_RULES = ("paper", "released")
 CALIBRATION_MODES = ("mean", "last")
 SCHEDULERS = ("ddim", "pndm", "euler", "dpmpp")
@@ -51,6 +56,11 @@ class EditConfig:
     same initial latent (None: the edit's steps, the paper's full pass); τ and ``E_k`` are
     computed from it as from a full pass. It must not exceed the edit's steps
     (:func:`check_calibration_steps`).
+
+    ``attention_limits`` (:data:`ATTENTION_LIMITS`) says which self-attention layers are
+    controlled and how widely LocalBlend max-pools its maps
+    (:func:`adapedit.geometry.self_max_queries`, :func:`adapedit.geometry.blend_pool`).
+    An engine folder is exported under one rule and runs only edits asking for it.
     """
 
     edit_type: str = "refine"
@@ -69,7 +79,7 @@ class EditConfig:
     local_blend: tuple[str, ...] = ()
     local_blend_threshold: float = 0.3
     reweight: tuple[tuple[str, float], ...] = ()
-    self_max_queries: int = 256
+    attention_limits: str = "scaled"
     calibration_steps: int | None = None
 
     def __post_init__(self) -> None:
@@ -77,6 +87,7 @@ class EditConfig:
         _check_choice("edit_type", self.edit_type, EDIT_TYPES, w)
         _check_choice("tau_rule", self.tau_rule, TAU_RULES, w)
         _check_choice("calibration", self.calibration, CALIBRATION_MODES, w)
+        _check_choice("attention_limits", self.attention_limits, ATTENTION_LIMITS, w)
         _check_range("lambda_tau", self.lambda_tau, 0.0, 100.0, w)
         _check_range("lambda_s", self.lambda_s, 0.0, 1.0, w)
         _check_range("lambda_sv", self.lambda_sv, 0.0, 100.0, w)
@@ -91,13 +102,6 @@ class EditConfig:
                 expected="1, 2, 4 or 8",
                 got=self.calibration_downscale,
                 field="calibration_downscale",
-            )
-        if self.self_max_queries < 0:
-            raise ConfigError(
-                "self_max_queries must be ≥ 0",
-                where=w,
-                got=self.self_max_queries,
-                field="self_max_queries",
             )
         if self.calibration_steps is not None and not (
             isinstance(self.calibration_steps, int)

@@ -42,7 +42,7 @@ from adapedit.fwt import (
     self_steps,
     token_embeddings,
 )
-from adapedit.geometry import BLEND_DOWNSCALE, layer_downscale, layer_hw
+from adapedit.geometry import BLEND_DOWNSCALE, blend_pool, layer_downscale, layer_hw
 from adapedit.inversion import on_trajectory
 from adapedit.layout import CALIBRATION, EDIT, BatchLayout
 from adapedit.plan import EditPlan
@@ -315,6 +315,7 @@ class EditController:
     steps: int | None = None  # the sampler's nominal steps (None: num_steps)
     controls: EditControls = field(init=False)
     schedule: EditSchedule = field(init=False)
+    blend_pool: int = field(init=False)  # LocalBlend's max-pool window (the edit's rule)
     blend_maps: torch.Tensor | None = None  # [2, h, w] accumulated over steps
     vis_sum: torch.Tensor | None = None  # [h*w, T] edit-branch maps after the edit
     vis_count: int = 0
@@ -330,6 +331,7 @@ class EditController:
     def __post_init__(self) -> None:
         self.controls = EditControls.build(self.plan, self.keys)
         self.schedule = EditSchedule.build(self.tau, self.num_steps, self.steps)
+        self.blend_pool = blend_pool(self.plan.config.attention_limits, self.latent_hw)
 
     def controls_like(self, like: torch.Tensor) -> tuple[EditControls, EditSchedule]:
         """The controls and the schedule on ``like``'s device and dtype (cast once each)."""
@@ -400,9 +402,9 @@ class EditController:
             latents = on_trajectory(latents, self.layout, z_star)
         if not self.plan.config.local_blend or self.blend_maps is None:
             return latents
-        mask = local_blend_mask(
-            self.blend_maps, self.latent_hw, self.plan.config.local_blend_threshold
-        ).to(latents.dtype)  # [1, 1, H, W]
+        threshold = self.plan.config.local_blend_threshold
+        mask = local_blend_mask(self.blend_maps, self.latent_hw, threshold, self.blend_pool)
+        mask = mask.to(latents.dtype)  # [1, 1, H, W]
         i, j = self.layout.latent_index("source"), self.layout.latent_index("edit")
         out = latents.clone()
         out[j] = apply_local_blend(latents[i], latents[j], mask)

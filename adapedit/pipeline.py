@@ -30,6 +30,7 @@ from adapedit.config import (
 from adapedit.controller import CalibrationRecorder, CalibrationStats, Controller, EditController
 from adapedit.errors import AdapEditError, ModelError
 from adapedit.fwt import TauPlan, fixed_tau
+from adapedit.geometry import self_max_queries
 from adapedit.image_io import InputImage, fit_image, load_image
 from adapedit.inversion import (
     INVERSION_SCHEDULER,
@@ -686,7 +687,7 @@ class ReferencePipeline(EditPipeline):
     def prepare(
         self, edit: EditConfig, latent_hw: tuple[int, int], batches: tuple[int, ...]
     ) -> None:
-        self.slot.self_max_queries = edit.self_max_queries
+        self.slot.self_max_queries = self_max_queries(edit.attention_limits, latent_hw)
 
     @torch.no_grad()
     def encode(self, prompts: list[str]) -> torch.Tensor:

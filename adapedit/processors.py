@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from adapedit.geometry import is_controlled_by_rule, is_cross_layer
+from adapedit.geometry import is_controlled_by_rule, is_cross_layer, self_max_queries
 
 #: What a controlled layer calls: ``hook(layer_id, is_cross, probs, hidden, step) -> probs`` —
 #: a :class:`~adapedit.controller.Controller`, or the exporter's capture of the tensors.
@@ -124,14 +124,17 @@ def install_processors(unet, slot: ControlSlot) -> None:
         unet.time_proj._adapedit_shared = True
 
 
-def controlled_layers(unet, latent_hw: tuple[int, int], self_max_queries: int = 256) -> list[str]:
-    """Module paths of the layers controlled at a latent size, in module order: every
-    cross-attention layer and the self-attention layers with at most ``self_max_queries``
-    queries (ALGORITHM.md §5)."""
+def controlled_layers(
+    unet, latent_hw: tuple[int, int], attention_limits: str = "scaled"
+) -> list[str]:
+    """Module paths of the layers controlled at a latent size under ``attention_limits``, in
+    module order: every cross-attention layer and the self-attention layers with at most
+    :func:`~adapedit.geometry.self_max_queries` queries (ALGORITHM.md §5)."""
+    limit = self_max_queries(attention_limits, latent_hw)
     return [
         name
         for name, _, queries in attention_geometry(unet, latent_hw)
-        if is_controlled_by_rule(is_cross_layer(name), queries, self_max_queries)
+        if is_controlled_by_rule(is_cross_layer(name), queries, limit)
     ]
 
 

@@ -90,7 +90,9 @@ class Manifest:
     ``size_multiple``) or ``static`` (every graph specialised to ``height`` × ``width``; the
     UNet to the batches in :attr:`batches`, the text encoder and the VAE to batch 1).
     ``attention``: every attention layer (module path → queries at the export resolution);
-    ``controlled``: those controlled with ``self_max_queries``. ``weights`` is the index of the
+    ``controlled``: those controlled under ``attention_limits`` (the rule, see
+    :data:`~adapedit.config.ATTENTION_LIMITS`; ``self_max_queries`` its limit at the export
+    resolution). ``weights`` is the index of the
     UNet graphs' shared weights file, relative to the folder.
     """
 
@@ -107,6 +109,7 @@ class Manifest:
     shapes: str = "dynamic"
     attention: dict[str, int] = field(default_factory=dict)
     controlled: tuple[str, ...] = ()
+    attention_limits: str = "p2p-literal"  # folders from before the rule was recorded
     self_max_queries: int = 256
     graphs: dict[str, GraphSpec] = field(default_factory=dict)
     unet: tuple[UNetGraphs, ...] = ()

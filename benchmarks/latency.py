@@ -270,7 +270,7 @@ def run(a: argparse.Namespace) -> dict:
 
     ref.slot.self_max_queries = 10**9  # explicit attention everywhere
     calls = {"torch-explicit": timed(call, device, a.warmup, a.repeats)}
-    ref.slot.self_max_queries = edit.self_max_queries  # the reference as shipped
+    ref.prepare(edit, (lat, lat), ())  # the reference as shipped
     calls["torch-reference"] = timed(call, device, a.warmup, a.repeats)
     unet.set_attn_processor(AttnProcessor2_0())
     calls["torch-sdpa"] = timed(call, device, a.warmup, a.repeats)

@@ -34,12 +34,12 @@ from __future__ import annotations
 
 import argparse
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
 
-from adapedit.config import EditConfig, SamplerConfig
+from adapedit.config import ATTENTION_LIMITS, EditConfig, SamplerConfig
 from adapedit.layout import CALIBRATION
 from adapedit.masactrl import MasaCtrlConfig
 from adapedit.shapes.reader import Reading, read_image
@@ -227,6 +227,9 @@ CONTROLLED: dict[str, EditConfig] = {
     "no-dps-mask": EditConfig(dps_mask=False),
 }
 SDEDIT = {f"sdedit {s}": s for s in SDEDIT_STRENGTHS}
+#: Run again with LocalBlend on the edits of one object of two: AdapEdit's default and P2P's
+#: point nearest the one-of-two frontier's best.
+BLENDED = (DEFAULT, "p2p c0.8 s0.0")
 METHODS = (*CONTROLLED, "prompt-only", *SDEDIT, "masactrl")
 
 
@@ -289,14 +292,34 @@ def sdedit(pipe, latent, prompt: str, sampler: SamplerConfig, strength: float) -
     return pipe.decode(z)[0]
 
 
-def edit_all(pipe, case: EditCase, sampler: SamplerConfig) -> tuple[np.ndarray, dict]:
-    """The source image and every method's edited image of one edit and seed."""
+def blend_words(case: EditCase) -> tuple[str, ...]:
+    """LocalBlend's words for an edit of one object of two: the edited object's shape, in the
+    source caption and (a shape edit) in the edit caption."""
+    shapes = (case.source.things[case.index].shape, case.target.things[case.index].shape)
+    return tuple(dict.fromkeys(shapes))
+
+
+def blended(case: EditCase) -> dict[str, EditConfig]:
+    """The methods run again with LocalBlend on an edit of one object of two (none else)."""
+    if not case.source.is_pair:
+        return {}
+    words = blend_words(case)
+    return {f"{m} + local blend": replace(CONTROLLED[m], local_blend=words) for m in BLENDED}
+
+
+def edit_all(
+    pipe, case: EditCase, sampler: SamplerConfig, attention_limits: str = "scaled"
+) -> tuple[np.ndarray, dict]:
+    """The source image and every method's edited image of one edit and seed (and, for an
+    edit of one object of two, :func:`blended`'s), under ``attention_limits``."""
     from adapedit.masactrl import masactrl_edit
     from benchmarks.sweep import sweep_edit
 
     src_prompt, tgt_prompt = case.prompts
-    sweep = sweep_edit(pipe, src_prompt, tgt_prompt, list(CONTROLLED.values()), sampler)
-    images = dict(zip(CONTROLLED, sweep.edited_images, strict=True))
+    configs = {**CONTROLLED, **blended(case)}
+    rule = [replace(c, attention_limits=attention_limits) for c in configs.values()]
+    sweep = sweep_edit(pipe, src_prompt, tgt_prompt, rule, sampler)
+    images = dict(zip(configs, sweep.edited_images, strict=True))
     images["prompt-only"] = pipe.generate(tgt_prompt, sampler).image
     for name, strength in SDEDIT.items():
         images[name] = sdedit(pipe, sweep.source_latent, tgt_prompt, sampler, strength)
@@ -320,7 +343,7 @@ def run(a: argparse.Namespace) -> tuple[dict, list]:
     jobs = [(i, c, s) for i, c in enumerate(cases) for s in a.seeds]
     for i, case, seed in tqdm(jobs, desc="quality"):
         sampler = SamplerConfig(steps=a.steps, seed=seed, guidance=a.guidance)
-        src_img, images = edit_all(pipe, case, sampler)
+        src_img, images = edit_all(pipe, case, sampler, a.attention_limits)
         src = read_image(src_img)
         got, want = src.attributes(case.source), case.source.attributes()
         fid = {k: got[k] == want[k] for k in case.mention.named(case.source)}
@@ -350,6 +373,7 @@ def run(a: argparse.Namespace) -> tuple[dict, list]:
     record = {
         "machine": machine_info(),
         "model": a.model,
+        "attention_limits": a.attention_limits,
         "steps": a.steps,
         "guidance": a.guidance,
         "seeds": list(a.seeds),
@@ -363,6 +387,7 @@ def run(a: argparse.Namespace) -> tuple[dict, list]:
         "summary": summarise(rows),
         "bootstrap": a.bootstrap,
         "frontier": frontiers(rows, cases, list(a.seeds), a.bootstrap),
+        "local_blend": local_blend_effect(rows, a.bootstrap),
         "rows": rows,
     }
     return record, grid
@@ -510,6 +535,34 @@ def claim(f: dict) -> str:
     return "not separable"
 
 
+def local_blend_effect(rows: list[dict], resamples: int, seed: int = 0) -> dict:
+    """Per method of :data:`BLENDED`, over the edits of one object of two: success and
+    preservation without and with LocalBlend, and the change of each with a 95 % bootstrap
+    interval over the (edit, seed) pairs."""
+    rng = np.random.default_rng(seed)
+    out: dict = {}
+    for m in BLENDED:
+        by = {(r["case"], r["seed"]): r for r in rows if r["method"] == m and r["pair"]}
+        lb = {(r["case"], r["seed"]): r for r in rows if r["method"] == f"{m} + local blend"}
+        keys = sorted(by.keys() & lb.keys())
+        if not keys:
+            continue
+        res: dict = {"n": len(keys)}
+        for metric in ("success", "preserved"):
+            a = np.array([float(by[k][metric]) for k in keys])
+            b = np.array([float(lb[k][metric]) for k in keys])
+            idx = rng.integers(0, len(keys), (resamples, len(keys)))
+            boot = (b[idx] - a[idx]).mean(axis=1) * 100
+            res[metric] = {
+                "without": float(a.mean()),
+                "with": float(b.mean()),
+                "change_pp": float((b - a).mean() * 100),
+                "ci95_pp": [float(np.percentile(boot, 2.5)), float(np.percentile(boot, 97.5))],
+            }
+        out[m] = res
+    return out
+
+
 # -- reports ---------------------------------------------------------------------------------
 
 
@@ -539,6 +592,32 @@ def _pp(x: float) -> str:
 
 def _fmt_point(p: list[float]) -> str:
     return f"{p[0]:.0f} / {p[1]:.0f}"
+
+
+def local_blend_markdown(effect: dict) -> str:
+    """The LocalBlend section of the report (empty without edits of one object of two)."""
+    if not effect:
+        return ""
+    lines = [
+        "## LocalBlend on the edits of one object of two",
+        "",
+        "The same edits run again with LocalBlend on the edited object's shape word(s); "
+        "success and preservation in %, change in percentage points with a 95 % bootstrap "
+        "interval over the (edit, seed) pairs.",
+        "",
+        "| method | n | success without → with | change [95 % CI] | preservation without → "
+        "with | change [95 % CI] |",
+        "|---|---|---|---|---|---|",
+    ]
+    for m, e in effect.items():
+        s, p = e["success"], e["preserved"]
+        lines.append(
+            f"| {m} | {e['n']} | {100 * s['without']:.0f} → {100 * s['with']:.0f} | "
+            f"{_pp(s['change_pp'])} [{_pp(s['ci95_pp'][0])}, {_pp(s['ci95_pp'][1])}] | "
+            f"{100 * p['without']:.0f} → {100 * p['with']:.0f} | {_pp(p['change_pp'])} "
+            f"[{_pp(p['ci95_pp'][0])}, {_pp(p['ci95_pp'][1])}] |"
+        )
+    return "\n".join(lines) + "\n\n"
 
 
 def markdown(record: dict) -> str:
@@ -590,11 +669,13 @@ def markdown(record: dict) -> str:
         f"# Edit quality on the `{record['model']}` model\n\n"
         f"Measured on {record['machine']['description']}; {record['cases']} edits × "
         f"{n} seeds {record['seeds']} × {len(METHODS)} methods, {record['steps']} DDIM steps, "
-        f"guidance {record['guidance']}; every image read by `adapedit.shapes.reader` (no "
+        f"guidance {record['guidance']}, attention rule `{record.get('attention_limits')}`; "
+        "every image read by `adapedit.shapes.reader` (no "
         f"learned weights). Wall time {record['wall_s']:.0f} s ({record['edit_wall_s']:.0f} s "
         "of edits, the rest text fidelity).\n\n"
         f"{verdict(record)}\n\n"
-        "## AdapEdit against P2P refine's frontier\n\n"
+        + local_blend_markdown(record.get("local_blend", {}))
+        + "## AdapEdit against P2P refine's frontier\n\n"
         "Success / preservation in %. P2P refine was run at cross τ "
         f"{list(P2P_CROSS)} × self τ {list(P2P_SELF)}; its Pareto frontier (the points no other "
         "P2P point beats on both) is drawn through them, closed to the left and downwards. "
@@ -739,13 +820,21 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--guidance", type=float, default=7.5)
     ap.add_argument("--fidelity-samples", type=int, default=200)
     ap.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples")
+    ap.add_argument(
+        "--attention-limits", choices=ATTENTION_LIMITS, default="scaled", help="the rule"
+    )
     ap.add_argument("--out", default=str(RESULTS))
+    ap.add_argument("--stem", default="quality", help="<stem>.{json,md,png}, <stem>_frontier.png")
     a = ap.parse_args(argv)
     record, grid = run(a)
     out = Path(a.out)
-    write_results(out, "quality", record, markdown(record))
-    grid_png(grid, out / "quality.png", GRID_METHODS)
-    frontier_png(record, out / "quality_frontier.png")
+    write_results(out, a.stem, record, markdown(record))
+    grid_png(grid, out / f"{a.stem}.png", GRID_METHODS)
+    pairs = [g for g in grid if any(m.endswith("+ local blend") for m in g[2])]
+    if pairs:
+        columns = [x for m in BLENDED for x in (m, f"{m} + local blend")]
+        grid_png(pairs, out / f"{a.stem}_local_blend.png", columns)
+    frontier_png(record, out / f"{a.stem}_frontier.png")
     return record
 
 

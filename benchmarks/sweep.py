@@ -112,12 +112,13 @@ def sweep_edit(
     """Every configuration's edit as ``pipe.edit(source, target, config, sampler)`` gives it,
     from one edit pass per ``per_pass`` configurations and one calibration pass per distinct
     calibration."""
-    if len({c.self_max_queries for c in configs}) != 1:
+    if len({c.attention_limits for c in configs}) != 1:
         raise ConfigError(
             "a sweep's configurations control the same layers",
             where="sweep_edit",
-            expected="one self_max_queries",
-            got=sorted({c.self_max_queries for c in configs}),
+            expected="one attention_limits",
+            got=sorted({c.attention_limits for c in configs}),
+            field="attention_limits",
         )
     plans = [pipe.plan(source, target, c) for c in configs]  # bad prompts fail first
     calib_samplers = [calibration_sampler(c, sampler) for c in configs]  # and bad steps

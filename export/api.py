@@ -19,6 +19,7 @@ from pathlib import Path
 import onnx
 from tqdm.auto import tqdm
 
+from adapedit.config import ATTENTION_LIMITS
 from adapedit.errors import ConfigError, ExportError
 from adapedit.export.onnx_export import (
     DEFAULT_OPSET,
@@ -33,6 +34,7 @@ from adapedit.export.onnx_export import (
 )
 from adapedit.export.segment import fold, load_graph, prune, split
 from adapedit.export.weights import WeightStore, merge_stores
+from adapedit.geometry import self_max_queries
 from adapedit.io import atomic_folder
 from adapedit.models import Components, load_model
 from adapedit.processors import attention_geometry, controlled_layers
@@ -83,14 +85,17 @@ def save_onnx(model: onnx.ModelProto, path: Path) -> None:
 @dataclass(frozen=True)
 class ExportOptions:
     """What to export: precision, UNet forms, shapes (with the static batches), the export
-    resolution (pixels; it also fixes which self-attention layers are controlled), opset."""
+    resolution (pixels; it also fixes which self-attention layers are controlled), opset, and
+    ``attention_limits``, the rule of the controlled layers and of LocalBlend's maps
+    (:data:`~adapedit.config.ATTENTION_LIMITS`; the manifest records it, and the folder runs
+    only edits asking for it)."""
 
     precision: str = "fp32"
     forms: tuple[str, ...] = ("segmented", "whole")
     shapes: str = "dynamic"
     batches: tuple[int, ...] = DEFAULT_BATCHES
     opset: int = DEFAULT_OPSET
-    self_max_queries: int = 256
+    attention_limits: str = "scaled"
 
     def __post_init__(self) -> None:
         w = "export"
@@ -127,6 +132,14 @@ class ExportOptions:
                 expected="shapes 'static' (one resolution, the batches of an edit)",
                 got=self.shapes,
                 field="forms",
+            )
+        if self.attention_limits not in ATTENTION_LIMITS:
+            raise ConfigError(
+                "unknown attention_limits",
+                where=w,
+                expected=" | ".join(ATTENTION_LIMITS),
+                got=self.attention_limits,
+                field="attention_limits",
             )
         object.__setattr__(self, "batches", tuple(sorted(set(self.batches))))
         if not self.batches or any(
@@ -245,8 +258,9 @@ def _export_into(
         size_multiple=c.size_multiple,
         shapes=o.shapes,
         attention={name: q for name, _, q in attention_geometry(c.unet, latent_hw)},
-        controlled=tuple(controlled_layers(c.unet, latent_hw, o.self_max_queries)),
-        self_max_queries=o.self_max_queries,
+        controlled=tuple(controlled_layers(c.unet, latent_hw, o.attention_limits)),
+        attention_limits=o.attention_limits,
+        self_max_queries=self_max_queries(o.attention_limits, latent_hw),
         graphs=graphs,
         unet=unets,
         boundaries=_boundaries(unets, results[0][1]),
@@ -280,7 +294,7 @@ def _unet_variant(
     segments: list[GraphSpec] = []
     layers: list[LayerExport] = []
     if {"whole", "segmented"} & set(o.forms):
-        model, layers = export_unet(c, o.precision, o.opset, latent_hw, o.self_max_queries, batch)
+        model, layers = export_unet(c, o.precision, o.opset, latent_hw, o.attention_limits, batch)
         graph = load_graph(model)
         del model
         if "whole" in o.forms:
@@ -290,7 +304,7 @@ def _unet_variant(
                 segments.append(save(part, f"segment_{k:02d}"))
         del graph
     if "fused" in o.forms:
-        model = export_fused(c, o.precision, o.opset, latent_hw, o.self_max_queries, batch)
+        model = export_fused(c, o.precision, o.opset, latent_hw, o.attention_limits, batch)
         fused = save(fold(model), "fused")
     return UNetGraphs(batch, whole, tuple(segments), fused), layers, store.close()
 

@@ -273,13 +273,13 @@ def export_unet(
     precision: str,
     opset: int,
     latent_hw: tuple[int, int],
-    self_max_queries: int = 256,
+    attention_limits: str = "scaled",
     batch: int | None = None,
 ) -> tuple[onnx.ModelProto, list[LayerExport]]:
     """The UNet with probability and hidden-state outputs for every layer controlled at
     ``latent_hw`` (the export resolution); see the module docstring. Static (``batch`` ×
     ``latent_hw``) when ``batch`` is given."""
-    controlled = controlled_layers(c.unet, latent_hw, self_max_queries)
+    controlled = controlled_layers(c.unet, latent_hw, attention_limits)
     wrapper = _CapturingUNet(_copy_as(c.unet, precision), controlled).eval()
     dtype = PRECISIONS[precision]
     sample = torch.randn(batch or 2, c.unet.config.in_channels, *latent_hw, dtype=dtype)
@@ -342,7 +342,7 @@ def export_fused(
     precision: str,
     opset: int,
     latent_hw: tuple[int, int],
-    self_max_queries: int,
+    attention_limits: str,
     batch: int,
 ) -> onnx.ModelProto:
     """The fused UNet (:mod:`adapedit.fused`) of ``batch``'s mode, static at ``batch`` ×
@@ -363,7 +363,7 @@ def export_fused(
             field="batches",
         )
     mode = MODES[batch]
-    layers = controlled_layers(c.unet, latent_hw, self_max_queries)
+    layers = controlled_layers(c.unet, latent_hw, attention_limits)
     module = FusedUNet(_copy_as(c.unet, precision), layers, mode, latent_hw).eval()
     dtype = PRECISIONS[precision]
     args = [

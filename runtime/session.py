@@ -20,7 +20,7 @@ from adapedit.engines.folder import load_engine_folder, make_runner
 from adapedit.engines.ort import OrtOptions, check_providers
 from adapedit.engines.weights import WeightPool
 from adapedit.errors import EngineError, ManifestError
-from adapedit.geometry import is_controlled_by_rule, is_cross_layer
+from adapedit.geometry import is_controlled_by_rule, is_cross_layer, self_max_queries
 from adapedit.models import load_tokenizer
 from adapedit.pipeline import EditPipeline, EditResult, GenerationResult
 from adapedit.runtime.fused import FusedUNet
@@ -223,18 +223,32 @@ class EditSession(EditPipeline):
         for b in batches:
             self.manifest.unet_graphs(b)  # a static folder has each batch, or says which it has
             self.config.profile.check(b, h, w, where=where)
-        wanted = {
+        rule = self.manifest.attention_limits
+        if edit.attention_limits != rule:
+            raise EngineError(
+                "the engines were exported under another attention rule",
+                where=where,
+                expected=f"attention_limits {rule!r} (the folder's)",
+                got=f"attention_limits {edit.attention_limits!r} (the edit's)",
+                field="attention_limits",
+            )
+        limit = self_max_queries(rule, latent_hw)
+        m, f = self.manifest, self.vae_scale_factor
+        scale = latent_hw[0] * latent_hw[1] / ((m.height // f) * (m.width // f))
+        wanted = {  # the layers the rule controls at this resolution (queries scale with it)
             x
-            for x, q in self.manifest.attention.items()
-            if is_controlled_by_rule(is_cross_layer(x), q, edit.self_max_queries)
+            for x, q in m.attention.items()
+            if is_controlled_by_rule(is_cross_layer(x), round(q * scale), limit)
         }
         if wanted != set(self.manifest.controlled):
             raise EngineError(
-                "the engines control another set of attention layers",
+                "the engines control another set of attention layers at this resolution",
                 where=where,
-                expected=f"self_max_queries {self.manifest.self_max_queries} (the export's)",
-                got=f"self_max_queries {edit.self_max_queries}",
-                field="self_max_queries",
+                expected=f"the layers controlled at {self.manifest.height}×{self.manifest.width} "
+                f"px under {rule!r}",
+                got=f"{h}×{w} px, where {rule!r} controls {len(wanted)} layers, not "
+                f"{len(self.manifest.controlled)}",
+                field="height",
             )
 
     def encode(self, prompts: list[str]) -> torch.Tensor:

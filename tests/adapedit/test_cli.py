@@ -100,6 +100,21 @@ def test_an_internal_error_is_exit_1_with_its_traceback_under_debug(
     assert "Traceback" in capsys.readouterr().err
 
 
+def test_an_engine_folder_under_another_rule_is_exit_2_naming_both(
+    tmp_path, capsys, tiny_engines, forbid_model_work
+):
+    out = tmp_path / "o"
+    args = ["edit", SRC, TGT, "--engine-dir", str(tiny_engines), "--steps", "2", "--quiet"]
+    assert main([*args, "--attention-limits", "p2p-literal", "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "exported under another attention rule" in err
+    assert "'scaled' (the folder's)" in err and "'p2p-literal' (the edit's)" in err
+    assert not out.exists() and forbid_model_work == []
+    with pytest.raises(SystemExit):
+        main([*args, "--attention-limits", "p2p", "--out", str(out)])
+    assert "invalid choice: 'p2p'" in capsys.readouterr().err
+
+
 def test_bad_reweight_syntax_is_rejected_by_the_parser(capsys):
     with pytest.raises(SystemExit):
         main(["edit", SRC, SRC, "--edit-type", "reweight", "--reweight", "grass"])

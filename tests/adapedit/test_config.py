@@ -51,11 +51,13 @@ def test_edit_config_unknown_choice(field, value):
     assert value in str(info.value)
 
 
-def test_edit_config_calibration_downscale_and_self_queries():
+def test_edit_config_calibration_downscale_and_attention_limits():
     with pytest.raises(ConfigError, match="calibration_downscale"):
         EditConfig(calibration_downscale=3)
-    with pytest.raises(ConfigError, match="self_max_queries"):
-        EditConfig(self_max_queries=-1)
+    with pytest.raises(ConfigError, match="unknown attention_limits") as e:
+        EditConfig(attention_limits="p2p")
+    assert e.value.field == "attention_limits" and e.value.got == "p2p"
+    assert "scaled | p2p-literal" in e.value.expected
 
 
 def test_reweight_without_words_raises():

@@ -139,7 +139,7 @@ def test_progress_reports_each_unet_step_and_changes_nothing(tiny_pipeline, phot
 
 def test_dps_weight_is_s_at_the_last_step_of_the_blend_layers(monkeypatch):
     """On the trained model (the tiny one's random S is clamped to 0 everywhere): the result's
-    map is the mean of the S that Eq. 8 used at the last step in the 1/4-resolution layers."""
+    map is the mean of the S that Eq. 8 used at the last step in the LocalBlend layers."""
     import adapedit.edit
     from adapedit.dps import pixel_similarity
     from adapedit.pipeline import ReferencePipeline
@@ -154,7 +154,7 @@ def test_dps_weight_is_s_at_the_last_step_of_the_blend_layers(monkeypatch):
     monkeypatch.setattr(adapedit.edit, "pixel_similarity", spy)
     source, target = "a small red circle on the left", "a big red circle on the left"
     r = pipe.edit(source, target, EditConfig(), SamplerConfig(steps=3, seed=2))
-    blend = [s for s in used if s.numel() == r.attention_maps[0].numel()]  # 4×4 of 16×16
+    blend = [s for s in used if s.numel() == r.attention_maps[0].numel()]  # the LocalBlend layers
     last = blend[-len(blend) // 3 :]  # one step's worth: the last
     assert r.dps_weight.shape == r.attention_maps.shape[1:]
     assert torch.allclose(r.dps_weight.flatten(), torch.stack(last).float().mean(0))

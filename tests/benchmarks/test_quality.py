@@ -97,3 +97,33 @@ def test_a_two_edit_run_writes_its_report(tmp_path):
     assert "frontier" in md and "| adapedit |" in md and "Text fidelity" in md
     assert (tmp_path / "quality.png").stat().st_size > 1000
     assert (tmp_path / "quality_frontier.png").stat().st_size > 10000
+    assert doc["attention_limits"] == "scaled" and doc["local_blend"] == {}  # no pair edit
+
+
+def test_local_blend_runs_on_the_edits_of_one_object_of_two_only():
+    single = next(c for c in quality.SUITE if not c.source.is_pair)
+    shape = next(c for c in quality.SUITE if c.source.is_pair and c.kind == "shape")
+    assert quality.blended(single) == {}
+    words = quality.blend_words(shape)  # the edited object's shape before and after
+    assert words == (shape.source.things[shape.index].shape, shape.value)
+    configs = quality.blended(shape)
+    assert set(configs) == {f"{m} + local blend" for m in quality.BLENDED}
+    assert all(c.local_blend == words for c in configs.values())
+    assert configs["adapedit + local blend"].lambda_s == quality.CONTROLLED["adapedit"].lambda_s
+
+
+def test_local_blend_effect_is_the_paired_change_with_an_interval():
+    rows = []
+    for case, seed in ((0, 0), (0, 1), (1, 0), (1, 1)):
+        for method, preserved in (("adapedit", 0.5), ("adapedit + local blend", 0.75)):
+            rows.append(
+                {"case": case, "seed": seed, "method": method, "pair": True, "success": 1.0}
+                | {"preserved": preserved + 0.25 * (case == 1 and "blend" in method)}
+            )
+    effect = quality.local_blend_effect(rows, resamples=200)["adapedit"]
+    assert effect["n"] == 4
+    assert effect["preserved"]["without"] == 0.5 and effect["preserved"]["with"] == 0.875
+    assert effect["preserved"]["change_pp"] == pytest.approx(37.5)
+    lo, hi = effect["preserved"]["ci95_pp"]
+    assert 25.0 <= lo <= 37.5 <= hi <= 50.0
+    assert effect["success"]["change_pp"] == 0.0

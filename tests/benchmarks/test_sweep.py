@@ -31,11 +31,11 @@ def test_a_sweep_equals_separate_edits_bit_for_bit(tiny_pipeline):
 
 
 def test_a_sweep_controls_one_set_of_layers(tiny_pipeline):
-    with pytest.raises(ConfigError, match="self_max_queries"):
+    with pytest.raises(ConfigError, match="attention_limits"):
         sweep_edit(
             tiny_pipeline,
             SRC,
             TGT,
-            [EditConfig(), EditConfig(self_max_queries=64)],
+            [EditConfig(), EditConfig(attention_limits="p2p-literal")],
             SamplerConfig(steps=2),
         )

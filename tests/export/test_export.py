@@ -145,6 +145,10 @@ def test_edited_probabilities_fed_back_act_as_in_the_reference(
 def test_manifest_lists_exactly_the_reference_controlled_layers(tiny_pipeline, tiny_export):
     folder, manifest = tiny_export
     unet = tiny_pipeline.components.unet
+    # the scaled rule at 128 px (a 16×16 latent): self-attention at 1/4 and coarser, ≤ 16
+    assert (manifest.attention_limits, manifest.self_max_queries) == ("scaled", 16)
+    selfs = [b for b in manifest.boundaries if b.kind == "self"]
+    assert selfs and all(b.downscale >= 4 for b in selfs)
     assert manifest.controlled_layers == [b.layer for b in manifest.boundaries]
     assert set(manifest.controlled_layers) == set(controlled_layers(unet, (16, 16)))
     cross = [b for b in manifest.boundaries if b.kind == "cross"]
@@ -157,6 +161,12 @@ def test_manifest_lists_exactly_the_reference_controlled_layers(tiny_pipeline, t
     # the mid block runs between the down and the up blocks
     order = [b.layer.split(".")[0] for b in manifest.boundaries]
     assert order.index("mid_block") < order.index("up_blocks")
+    # a folder from before the rule was recorded was exported under P2P's literal numbers
+    doc = manifest.to_json()
+    del doc["attention_limits"]
+    assert Manifest.from_json(doc).attention_limits == "p2p-literal"
+    with pytest.raises(ConfigError, match="unknown attention_limits"):
+        ExportOptions(attention_limits="literal")
     loaded = Manifest.load(
         folder, model_hash=tiny_pipeline.components.config_hash(), precision="fp32"
     )

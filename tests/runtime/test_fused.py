@@ -109,10 +109,15 @@ def test_control_inputs_of_the_wrong_shape_name_the_input(tiny_fused_session):
     assert e.value.expected == [77, 77]
 
 
-def test_another_layer_set_is_refused_before_any_engine_call(tiny_fused_session, forbid_model_work):
-    with pytest.raises(EngineError, match="another set of attention layers") as e:
-        tiny_fused_session.edit(SRC, TGT, EditConfig(self_max_queries=16), SamplerConfig(steps=2))
-    assert e.value.field == "self_max_queries" and forbid_model_work == []
+def test_another_attention_rule_is_refused_before_any_engine_call(
+    tiny_fused_session, forbid_model_work
+):
+    literal = EditConfig(attention_limits="p2p-literal")
+    with pytest.raises(EngineError, match="exported under another attention rule") as e:
+        tiny_fused_session.edit(SRC, TGT, literal, SamplerConfig(steps=2))
+    assert e.value.field == "attention_limits" and forbid_model_work == []
+    assert "'scaled' (the folder's)" in e.value.expected
+    assert "'p2p-literal' (the edit's)" in e.value.got
 
 
 def test_a_fused_folder_names_its_forms(tiny_engines):

@@ -557,3 +557,13 @@ def test_healthz_describes_the_engines_and_the_limits(url):
         "width": 128,
     }
     assert doc["limits"] == {"max_body": 4096, "max_image_body": 16 * 1024 * 1024}
+
+
+def test_an_edit_under_another_attention_rule_is_422_naming_both(url):
+    status, _, doc = request(url, "POST", "/edit", {**QUICK, "attention_limits": "p2p-literal"})
+    assert status == 422 and doc["error"]["field"] == "attention_limits"
+    assert "'scaled' (the folder's)" in doc["error"]["message"]
+    assert "'p2p-literal' (the edit's)" in doc["error"]["message"]
+    status, _, doc = request(url, "POST", "/edit", {**QUICK, "attention_limits": "literal"})
+    assert status == 422 and doc["error"]["field"] == "attention_limits"
+    assert "scaled | p2p-literal" in doc["error"]["message"]
