@@ -37,7 +37,8 @@ def _check_range(
         )
 
 
-def _check_choice(name: str, value: str, choices: tuple[str, ...], where: str) -> None:
+def check_choice(name: str, value: str, choices: tuple[str, ...], where: str) -> None:
+    """Raise a :class:`ConfigError` naming ``name`` unless ``value`` is one of ``choices``."""
     if value not in choices:
         raise ConfigError(
             f"unknown {name}", where=where, expected=" | ".join(choices), got=value, field=name
@@ -84,10 +85,10 @@ class EditConfig:
 
     def __post_init__(self) -> None:
         w = "EditConfig"
-        _check_choice("edit_type", self.edit_type, EDIT_TYPES, w)
-        _check_choice("tau_rule", self.tau_rule, TAU_RULES, w)
-        _check_choice("calibration", self.calibration, CALIBRATION_MODES, w)
-        _check_choice("attention_limits", self.attention_limits, ATTENTION_LIMITS, w)
+        check_choice("edit_type", self.edit_type, EDIT_TYPES, w)
+        check_choice("tau_rule", self.tau_rule, TAU_RULES, w)
+        check_choice("calibration", self.calibration, CALIBRATION_MODES, w)
+        check_choice("attention_limits", self.attention_limits, ATTENTION_LIMITS, w)
         _check_range("lambda_tau", self.lambda_tau, 0.0, 100.0, w)
         _check_range("lambda_s", self.lambda_s, 0.0, 1.0, w)
         _check_range("lambda_sv", self.lambda_sv, 0.0, 100.0, w)
@@ -162,7 +163,7 @@ class SamplerConfig:
 
     def __post_init__(self) -> None:
         w = "SamplerConfig"
-        _check_choice("scheduler", self.scheduler, SCHEDULERS, w)
+        check_choice("scheduler", self.scheduler, SCHEDULERS, w)
         if not (isinstance(self.steps, int) and 1 <= self.steps <= 1000):
             raise ConfigError(
                 "steps out of range",
@@ -253,7 +254,7 @@ def preset(name: str, where: str = "preset") -> Preset:
     Raises:
         ConfigError: an unknown name (field ``preset``).
     """
-    _check_choice("preset", name, tuple(PRESETS), where)
+    check_choice("preset", name, tuple(PRESETS), where)
     return PRESETS[name]
 
 
@@ -276,8 +277,8 @@ class ImageConfig:
     resize: str = "crop"
 
     def __post_init__(self) -> None:
-        _check_choice("inversion", self.inversion, INVERSIONS, "ImageConfig")
-        _check_choice("resize", self.resize, RESIZE_POLICIES, "ImageConfig")
+        check_choice("inversion", self.inversion, INVERSIONS, "ImageConfig")
+        check_choice("resize", self.resize, RESIZE_POLICIES, "ImageConfig")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -19,7 +19,7 @@ from pathlib import Path
 import onnx
 from tqdm.auto import tqdm
 
-from adapedit.config import ATTENTION_LIMITS
+from adapedit.config import ATTENTION_LIMITS, check_choice
 from adapedit.errors import ConfigError, ExportError
 from adapedit.export.onnx_export import (
     DEFAULT_OPSET,
@@ -100,14 +100,7 @@ class ExportOptions:
     def __post_init__(self) -> None:
         w = "export"
         check_opset(self.opset)
-        if self.precision not in PRECISIONS:
-            raise ConfigError(
-                "unknown precision",
-                where=w,
-                expected=" | ".join(PRECISIONS),
-                got=self.precision,
-                field="precision",
-            )
+        check_choice("precision", self.precision, tuple(PRECISIONS), w)
         object.__setattr__(self, "forms", tuple(dict.fromkeys(self.forms)))
         if not self.forms or any(f not in FORMS for f in self.forms):
             raise ConfigError(
@@ -117,14 +110,7 @@ class ExportOptions:
                 got=list(self.forms),
                 field="forms",
             )
-        if self.shapes not in SHAPES:
-            raise ConfigError(
-                "unknown shapes",
-                where=w,
-                expected=" | ".join(SHAPES),
-                got=self.shapes,
-                field="shapes",
-            )
+        check_choice("shapes", self.shapes, tuple(SHAPES), w)
         if "fused" in self.forms and self.shapes != "static":
             raise ConfigError(
                 "the fused UNet is exported static only",
@@ -133,14 +119,7 @@ class ExportOptions:
                 got=self.shapes,
                 field="forms",
             )
-        if self.attention_limits not in ATTENTION_LIMITS:
-            raise ConfigError(
-                "unknown attention_limits",
-                where=w,
-                expected=" | ".join(ATTENTION_LIMITS),
-                got=self.attention_limits,
-                field="attention_limits",
-            )
+        check_choice("attention_limits", self.attention_limits, ATTENTION_LIMITS, w)
         object.__setattr__(self, "batches", tuple(sorted(set(self.batches))))
         if not self.batches or any(
             not isinstance(b, int) or not 1 <= b <= 64 for b in self.batches
