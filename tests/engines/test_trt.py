@@ -76,9 +76,12 @@ def test_profile_shapes_of_every_segment(tiny_export):
     unet_multiple = m.size_multiple // m.vae_scale_factor
     first = profile_shapes(m.unet[0].segments[0], p, m.vae_scale_factor, unet_multiple)
     assert first["sample"] == ((1, 4, 16, 16), (2, 4, 16, 24), (4, 4, 32, 32))
-    b = m.boundaries[0]  # down_blocks.0 attn1: probs [B*H, P, P]
+    # the scaled rule controls no full-resolution self-attention: the first boundary is
+    # down_blocks.0's cross-attention, probs [B*H, P, 77]
+    b = m.boundaries[0]
+    assert b.layer == "down_blocks.0.attentions.0.transformer_blocks.0.attn2"
     nxt = profile_shapes(m.unet[0].segments[1], p, m.vae_scale_factor, unet_multiple)
-    assert nxt[b.probs] == ((2, 256, 256), (4, 384, 384), (8, 1024, 1024))
+    assert nxt[b.probs] == ((2, 256, 77), (4, 384, 77), (8, 1024, 77))
     for seg in m.unet[0].segments:  # every input of every segment evaluates
         shapes = profile_shapes(seg, p, m.vae_scale_factor, unet_multiple)
         assert set(shapes) == {t.name for t in seg.inputs}
