@@ -59,6 +59,8 @@ def _feeds(batch, latent_hw, seed=0):
 
 
 def _torch_unet(pipe, feeds, controller=None):
+    # the layers the default rule controls at this size, whatever the shared pipeline ran last
+    pipe.prepare(EditConfig(), tuple(feeds["sample"].shape[-2:]), ())
     pipe.slot.controller, pipe.slot.step = controller, 0  # the chain's step too
     try:
         with torch.no_grad():
