@@ -126,7 +126,8 @@ class EditSession(EditPipeline):
     def describe(self) -> dict[str, Any]:
         """The engines in plain values: ``model``, ``backend`` (``ort`` | ``trt``), ``form``
         (the UNet that runs: ``fused`` or ``segmented``), ``precision``, ``shapes`` (``static``
-        | ``dynamic``), ``device`` and the model's ``height`` and ``width``."""
+        | ``dynamic``), ``attention_limits`` (the rule its edits must ask for), ``device`` and
+        the model's ``height`` and ``width``."""
         m = self.manifest
         form = self.form if self.form != "auto" else ("fused" if m.has_fused else "segmented")
         return {
@@ -135,6 +136,7 @@ class EditSession(EditPipeline):
             "form": form,
             "precision": m.precision,
             "shapes": m.shapes,
+            "attention_limits": m.attention_limits,
             "device": str(self.device),
             "height": m.height,
             "width": m.width,

@@ -4,7 +4,9 @@
 "use strict";
 
 const $ = (id) => document.getElementById(id);
-const state = { limits: null, image: null, result: null, running: false, lastComputed: null };
+const state = {
+  limits: null, engine: null, image: null, result: null, running: false, lastComputed: null,
+};
 const FIELDS = ["source", "target", "steps", "seed", "scheduler", "edit_type", "lambda_tau",
   "lambda_s", "local_blend", "reweight", "image", "inversion", "resize"];
 
@@ -58,9 +60,11 @@ async function loadHealth() {
     const response = await fetch("/healthz", { headers: { Accept: "application/json" } });
     const doc = await response.json();
     state.limits = doc.limits || null;
+    state.engine = doc.engine || null;
     const e = doc.engine || {};
     text($("engine"), `model ${e.model || doc.model} · backend ${e.backend} · ${e.form} UNet · ` +
-      `${e.precision} · ${e.shapes} shapes · ${e.device} · ${e.width}×${e.height}`);
+      `${e.precision} · ${e.shapes} shapes · ${e.attention_limits} attention limits · ` +
+      `${e.device} · ${e.width}×${e.height}`);
   } catch (err) {
     text($("engine"), "the server does not answer /healthz");
   }
@@ -102,6 +106,10 @@ function buildRequest() {
     lambda_tau: Number($("lambda_tau").value),
     lambda_s: Number($("lambda_s").value),
   };
+  // the attention rule the engine folder was exported under (an older folder's is not the default)
+  if (state.engine && state.engine.attention_limits) {
+    body.attention_limits = state.engine.attention_limits;
+  }
   const blend = words($("local_blend").value);
   if (blend.length) body.local_blend = blend;
   const reweight = parseReweight($("reweight").value);

@@ -122,7 +122,12 @@ def test_an_edit_from_the_page(page, tiny_url):
     page.fill("#target", "a black cat sitting on a mat")
     page.fill("#steps", "6")
     page.fill("#local_blend", "cat")
+    posted: list[dict] = []
+    page.on("request", lambda r: posted.append(r.post_data_json) if r.method == "POST" else None)
     run_edit(page, size=128)
+    # the options as typed, and the engine folder's attention rule (from /healthz)
+    assert posted[0]["steps"] == 6 and posted[0]["local_blend"] == ["cat"]
+    assert posted[0]["attention_limits"] == "scaled"
     # one τ bar per word of the edit prompt, the keyword marked
     assert words(page) == ["a", "black", "cat", "sitting", "on", "a", "mat"]
     assert page.locator(".word.keyword .label").all_inner_texts() == ["★ black"]

@@ -552,6 +552,7 @@ def test_healthz_describes_the_engines_and_the_limits(url):
         "form": "segmented",
         "precision": "fp32",
         "shapes": "dynamic",
+        "attention_limits": "scaled",
         "device": "cpu",
         "height": 128,
         "width": 128,
