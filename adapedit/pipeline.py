@@ -10,7 +10,7 @@ import itertools
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -64,7 +64,7 @@ class Progress:
     total: int
 
     def to_dict(self) -> dict[str, Any]:
-        return {k: getattr(self, k) for k in ("stage", "step", "steps", "done", "total")}
+        return asdict(self)
 
 
 #: Called with each :class:`Progress` of an edit, on the thread that runs it.

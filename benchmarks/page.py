@@ -15,11 +15,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import shutil
 import statistics
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -149,20 +146,6 @@ def plot(rec: dict, path: Path) -> None:
     plt.close(fig)
 
 
-def start_server(engine_dir: str) -> tuple[subprocess.Popen, str, float]:
-    """``adapedit serve --engine-dir ENGINE_DIR`` on a free loopback port, as a user starts it:
-    (process, URL, seconds until it printed that it serves)."""
-    cmd = [sys.executable, "-m", "adapedit.cli", "serve", "--engine-dir", engine_dir]
-    start = time.perf_counter()
-    proc = subprocess.Popen([*cmd, "--port", "0", "--quiet"], stdout=subprocess.PIPE, text=True)
-    line = proc.stdout.readline()
-    found = re.search(r"serving (http://\S+)", line)
-    if not found:
-        proc.kill()
-        raise SystemExit(f"the server did not start: {' '.join(cmd)}: {line!r}")
-    return proc, found.group(1), time.perf_counter() - start
-
-
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--engine-dir", required=True)
@@ -178,7 +161,13 @@ def main(argv: list[str] | None = None) -> dict:
         raise SystemExit(f"no Chromium at {a.chromium} (apt-get install chromium, or --chromium)")
     from playwright.sync_api import sync_playwright
 
-    proc, url, startup = start_server(a.engine_dir)
+    from adapedit.runtime.server import HttpOptions
+    from benchmarks.loadtest import start_server
+
+    defaults = HttpOptions()  # the server a user starts: adapedit serve's own queue and timeout
+    start = time.perf_counter()
+    proc, url = start_server(Path(a.engine_dir), defaults.queue_size, defaults.timeout, None, None)
+    startup = time.perf_counter() - start
     try:
         with sync_playwright() as p, tempfile.TemporaryDirectory(prefix="adapedit-chrome-") as home:
             browser = launch_chromium(p, a.chromium, Path(home))

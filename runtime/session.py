@@ -242,14 +242,13 @@ class EditSession(EditPipeline):
             for x, q in m.attention.items()
             if is_controlled_by_rule(is_cross_layer(x), round(q * scale), limit)
         }
-        if wanted != set(self.manifest.controlled):
+        if wanted != set(m.controlled):
             raise EngineError(
                 "the engines control another set of attention layers at this resolution",
                 where=where,
-                expected=f"the layers controlled at {self.manifest.height}×{self.manifest.width} "
-                f"px under {rule!r}",
+                expected=f"the layers controlled at {m.height}×{m.width} px under {rule!r}",
                 got=f"{h}×{w} px, where {rule!r} controls {len(wanted)} layers, not "
-                f"{len(self.manifest.controlled)}",
+                f"{len(m.controlled)}",
                 field="height",
             )
 
