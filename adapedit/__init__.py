@@ -1,8 +1,9 @@
 """AdapEdit: training-free text-based image editing on Stable Diffusion v1.4.
 
-``adapedit`` holds the algorithm (alignment, EditPlan, FWT, DPS, the per-step edit) and the
-PyTorch reference pipeline; ``adapedit.export``, ``adapedit.engines`` and ``adapedit.runtime``
-hold the exporter, the engines and the low-latency runtime.
+``adapedit.algorithm`` holds the equations (alignment, EditPlan, FWT, DPS, the per-step edit,
+LocalBlend), ``adapedit.pipelines`` the torch wiring (controllers, the fused UNet, the pipeline and
+its PyTorch reference); ``adapedit.export``, ``adapedit.engines`` and ``adapedit.runtime`` hold
+the exporter, the engines and the low-latency runtime.
 
 ``from adapedit import EditSession`` (the runtime session, see ``adapedit.runtime.session``) is
 resolved lazily, so ``import adapedit`` stays cheap.

@@ -223,7 +223,7 @@ def cmd_edit(a: argparse.Namespace) -> int:
         pipe = EditSession(a.engine_dir, ort=_engine_options(a), form=a.form)
         model = pipe.manifest.model
     else:
-        from adapedit.pipeline import ReferencePipeline
+        from adapedit.pipelines.pipeline import ReferencePipeline
 
         pipe = ReferencePipeline.from_model(a.model, device=a.device)
         model = a.model

@@ -9,7 +9,7 @@ from typing import Any
 from adapedit.errors import ConfigError
 
 EDIT_TYPES = ("refine", "replace", "reweight")
-#: How P2P's resolution constants apply to a model (``adapedit.geometry``): ``scaled`` as
+#: How P2P's resolution constants apply to a model (``adapedit.algorithm.geometry``): ``scaled`` as
 #: fractions of the latent, equal to P2P's numbers at 512 px; ``p2p-literal`` P2P's numbers
 #: as written (self-attention control in layers of at most 256 queries, LocalBlend's maps
 #: max-pooled over 3×3 cells).
@@ -19,8 +19,8 @@ CALIBRATION_MODES = ("mean", "last")
 SCHEDULERS = ("ddim", "pndm", "euler", "dpmpp")
 INVERSIONS = ("direct", "ddim", "npi")
 RESIZE_POLICIES = ("crop", "pad", "stretch")
-#: The calibration cache's default bound (:mod:`adapedit.calibration_cache`): 256 MiB, a few
-#: 512 px SD 1.4 entries or hundreds of ``shapes`` ones; small beside a GPU replica's UNet.
+#: The calibration cache's default bound (:mod:`adapedit.pipelines.calibration_cache`): 256 MiB, a
+#: few 512 px SD 1.4 entries or hundreds of ``shapes`` ones; small beside a GPU replica's UNet.
 DEFAULT_CACHE_BYTES = 256 << 20
 
 
@@ -60,8 +60,9 @@ class EditConfig:
 
     ``attention_limits`` (:data:`ATTENTION_LIMITS`) says which self-attention layers are
     controlled and how widely LocalBlend max-pools its maps
-    (:func:`adapedit.geometry.self_max_queries`, :func:`adapedit.geometry.blend_pool`).
-    An engine folder is exported under one rule and runs only edits asking for it.
+    (:func:`adapedit.algorithm.geometry.self_max_queries`,
+    :func:`adapedit.algorithm.geometry.blend_pool`). An engine folder is exported under one rule and
+    runs only edits asking for it.
     """
 
     edit_type: str = "refine"

@@ -13,9 +13,9 @@ from pathlib import Path
 from adapedit.config import EditConfig, SamplerConfig
 from adapedit.defaults import DEFAULT_MODEL, DEMO_SOURCE, DEMO_TARGET
 from adapedit.io import atomic_write_bytes, write_edit_outputs, write_json
-from adapedit.models import load_model
 from adapedit.parity import compare_edits
-from adapedit.pipeline import ReferencePipeline
+from adapedit.pipelines.models import load_model
+from adapedit.pipelines.pipeline import ReferencePipeline
 
 
 def run_demo(

@@ -57,8 +57,8 @@ def write_json(path: str | Path, doc: Any) -> None:
 
 
 def write_edit_outputs(result, out_dir: str | Path, model: str) -> dict[str, Path]:
-    """Write an :class:`~adapedit.pipeline.EditResult`'s four files into ``out_dir`` (five for
-    an edit of a given image: ``input.png``, the image at the model's resolution, too)."""
+    """Write an :class:`~adapedit.pipelines.pipeline.EditResult`'s four files into ``out_dir`` (five
+    for an edit of a given image: ``input.png``, the image at the model's resolution, too)."""
     from adapedit.visualize import attention_grid
 
     out = Path(out_dir)

@@ -17,8 +17,8 @@ def psnr(a: np.ndarray, b: np.ndarray) -> float:
 
 
 def compare_edits(ref, other) -> dict[str, Any]:
-    """Compare two :class:`~adapedit.pipeline.EditResult` of the same inputs (both run with
-    ``record_latents=True`` for the per-step numbers, and the same ``observe_step`` for the
+    """Compare two :class:`~adapedit.pipelines.pipeline.EditResult` of the same inputs (both run
+    with ``record_latents=True`` for the per-step numbers, and the same ``observe_step`` for the
     per-layer probabilities)."""
     steps = []
     for a, b in zip(ref.latents, other.latents, strict=True):

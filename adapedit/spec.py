@@ -70,7 +70,7 @@ class UNetGraphs:
     """The UNet graphs of one batch size: ``batch`` None in a dynamic export (any batch), the
     batch the graphs are specialised to in a static one. ``whole``: the UNet alone (no edit);
     ``segments``: the UNet cut at the boundaries, in order; ``fused``: the UNet with the edit
-    of the batch's pass inside (``adapedit.fused``; static exports only)."""
+    of the batch's pass inside (``adapedit.pipelines.fused``; static exports only)."""
 
     batch: int | None
     whole: GraphSpec | None = None

@@ -36,7 +36,7 @@ def _sizes(folder: Path) -> dict[str, int]:
 def _export_all(scratch: str, precisions: list[str], height: int, out_json: str) -> None:
     """Child process: build the model, export each precision, record times and sizes."""
     from adapedit.export.api import ExportOptions, export_model
-    from adapedit.models import build_random
+    from adapedit.pipelines.models import build_random
 
     t = time.perf_counter()
     model = build_random("sd14-random")

@@ -161,9 +161,9 @@ def run(a: argparse.Namespace) -> dict:
 
     from adapedit.config import EditConfig, SamplerConfig
     from adapedit.engines.folder import build_engines
-    from adapedit.models import load_model
-    from adapedit.pipeline import ReferencePipeline
-    from adapedit.processors import install_processors
+    from adapedit.pipelines.models import load_model
+    from adapedit.pipelines.pipeline import ReferencePipeline
+    from adapedit.pipelines.processors import install_processors
     from adapedit.spec import Manifest
 
     device = a.device if a.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
@@ -427,9 +427,9 @@ def _whole_runner(session, export_dir: Path, manifest, batch: int, backend):
 
 def _unet_call(session, form: str, batch: int, feeds: dict, size: int):
     """One UNet call of ``form`` at ``batch`` (the fused edit graph runs an edit's controls)."""
+    from adapedit.algorithm.fwt import fixed_tau
     from adapedit.config import EditConfig
-    from adapedit.controller import EditController
-    from adapedit.fwt import fixed_tau
+    from adapedit.pipelines.controller import EditController
 
     args = (feeds["sample"], feeds["timestep"], feeds["encoder_hidden_states"])
     if form == "segmented":

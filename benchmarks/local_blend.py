@@ -1,6 +1,7 @@
 """How much of the latent LocalBlend's mask covers, step by step, on the quality suite's edits of
 one object of two (the case LocalBlend exists for), for each map resolution and max-pool window
-— the measurement behind the ``scaled`` attention rule's LocalBlend (``adapedit.geometry``).
+— the measurement behind the ``scaled`` attention rule's LocalBlend
+(``adapedit.algorithm.geometry``).
 
     OMP_NUM_THREADS=1 python -m benchmarks.local_blend [--steps 20] [--seeds 0 1 2]
 
@@ -30,8 +31,8 @@ POOLS = (3, 1)
 
 def coverage(pipe, downscale: int, pool: int, steps: int, seeds: list[int]) -> list[float]:
     """The mask's share of the latent at every LocalBlend step of every one-of-two edit."""
-    import adapedit.controller as controller
-    from adapedit.blend import local_blend_mask
+    import adapedit.pipelines.controller as controller
+    from adapedit.algorithm.blend import local_blend_mask
     from adapedit.config import EditConfig, SamplerConfig
     from benchmarks.quality import SUITE, blend_words
 
@@ -88,9 +89,9 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--out", default=str(RESULTS))
     ap.add_argument("--stem", default="local_blend_coverage")
     a = ap.parse_args(argv)
+    from adapedit.algorithm.geometry import BLEND_DOWNSCALE, blend_pool
     from adapedit.config import SamplerConfig
-    from adapedit.geometry import BLEND_DOWNSCALE, blend_pool
-    from adapedit.pipeline import ReferencePipeline
+    from adapedit.pipelines.pipeline import ReferencePipeline
     from benchmarks.quality import SUITE
 
     pipe = ReferencePipeline.from_model(a.model)

@@ -35,9 +35,9 @@ def run(a: argparse.Namespace) -> dict:
 
     from adapedit.config import EditConfig, SamplerConfig
     from adapedit.engines.folder import build_engines
-    from adapedit.models import load_model
     from adapedit.parity import compare_edits
-    from adapedit.pipeline import ReferencePipeline
+    from adapedit.pipelines.models import load_model
+    from adapedit.pipelines.pipeline import ReferencePipeline
     from adapedit.runtime.session import EditSession
     from adapedit.spec import Manifest
 

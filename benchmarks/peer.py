@@ -1,5 +1,6 @@
 """The peer a user would pick instead of our engines: the PyTorch UNet with the edit inside
-(``adapedit.fused``, the processor the fused ONNX graph is traced from), eager, replayed as a
+(``adapedit.pipelines.fused``, the processor the fused ONNX graph is traced from), eager, replayed
+as a
 CUDA graph, and compiled with ``torch.compile(mode="reduce-overhead")``; beside the plain SDPA
 UNet eager and as a CUDA graph. One UNet call at batch 4 (the edit pass), median of repeats.
 CUDA graphs and compilation run on a GPU only (on the CPU the eager rows run, as a dry run).
@@ -41,9 +42,9 @@ def run(a: argparse.Namespace) -> dict:
     import torch
     from diffusers.models.attention_processor import AttnProcessor2_0
 
-    from adapedit.fused import FusedUNet, example_controls
-    from adapedit.models import load_model
-    from adapedit.processors import controlled_layers
+    from adapedit.pipelines.fused import FusedUNet, example_controls
+    from adapedit.pipelines.models import load_model
+    from adapedit.pipelines.processors import controlled_layers
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = torch.float16 if a.precision == "fp16" else torch.float32

@@ -45,7 +45,7 @@ def load(path: str, *, cache: bool):
     kind, _, rest = path.partition(":")
     bound = DEFAULT_CACHE_BYTES if cache else None
     if kind == "reference":
-        from adapedit.pipeline import ReferencePipeline
+        from adapedit.pipelines.pipeline import ReferencePipeline
 
         return ReferencePipeline.from_model(rest, calibration_cache=bound)
     if kind == "runtime":

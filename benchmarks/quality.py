@@ -39,9 +39,9 @@ from pathlib import Path
 
 import numpy as np
 
+from adapedit.algorithm.layout import CALIBRATION
 from adapedit.config import ATTENTION_LIMITS, EditConfig, SamplerConfig
-from adapedit.layout import CALIBRATION
-from adapedit.masactrl import MasaCtrlConfig
+from adapedit.pipelines.masactrl import MasaCtrlConfig
 from adapedit.shapes.reader import Reading, read_image
 from adapedit.shapes.world import Mention, Scene, Thing, caption, with_attribute
 from benchmarks.common import machine_info, write_results
@@ -312,7 +312,7 @@ def edit_all(
 ) -> tuple[np.ndarray, dict]:
     """The source image and every method's edited image of one edit and seed (and, for an
     edit of one object of two, :func:`blended`'s), under ``attention_limits``."""
-    from adapedit.masactrl import masactrl_edit
+    from adapedit.pipelines.masactrl import masactrl_edit
     from benchmarks.sweep import sweep_edit
 
     src_prompt, tgt_prompt = case.prompts
@@ -333,7 +333,7 @@ def edit_all(
 def run(a: argparse.Namespace) -> tuple[dict, list]:
     from tqdm import tqdm
 
-    from adapedit.pipeline import ReferencePipeline
+    from adapedit.pipelines.pipeline import ReferencePipeline
     from adapedit.shapes.fidelity import text_fidelity
 
     pipe = ReferencePipeline.from_model(a.model)
@@ -380,7 +380,7 @@ def run(a: argparse.Namespace) -> tuple[dict, list]:
         "cases": len(cases),
         "methods": {k: v.to_dict() for k, v in CONTROLLED.items()},
         "sdedit_strengths": list(SDEDIT_STRENGTHS),
-        "masactrl": "start step 4 of 50 and layer 10 of 16, scaled (adapedit.masactrl)",
+        "masactrl": "start step 4 of 50 and layer 10 of 16, scaled (adapedit.pipelines.masactrl)",
         "edit_wall_s": round(edit_s, 1),
         "wall_s": round(time.perf_counter() - t0, 1),
         "fidelity": fid,

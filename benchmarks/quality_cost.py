@@ -103,7 +103,7 @@ def tau_deviation(short: dict[str, float], full: dict[str, float]) -> dict:
 def run(a: argparse.Namespace) -> dict:
     from tqdm import tqdm
 
-    from adapedit.pipeline import ReferencePipeline
+    from adapedit.pipelines.pipeline import ReferencePipeline
 
     settings = [Setting.parse(s) for s in a.settings] if a.settings else list(SETTINGS)
     pipe = ReferencePipeline.from_model(a.model)  # the cache shares equal calibration passes

@@ -111,7 +111,7 @@ def measured(counter: CountingUNet, fn, *args, **kwargs):
 def run_renders(pipe, a: argparse.Namespace) -> tuple[list, list]:
     from tqdm import tqdm
 
-    from adapedit.pipeline import from_uint8
+    from adapedit.pipelines.pipeline import from_uint8
 
     counter = CountingUNet(pipe)
     rows, grid = [], []
@@ -441,7 +441,7 @@ def grid_png(grid: list, path: Path, first: str) -> None:
 def main(argv: list[str] | None = None) -> dict:
     import torch
 
-    from adapedit.pipeline import ReferencePipeline
+    from adapedit.pipelines.pipeline import ReferencePipeline
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--model", default="shapes", help="a built-in name or a diffusers folder")

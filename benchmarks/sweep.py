@@ -3,9 +3,11 @@
 ``sweep_edit`` runs controlled configurations (P2P refine, AdapEdit and its ablations) of the
 same source, edit prompt and seed K at a time as one sampling pass over the batch
 ``[u_src, u_1 … u_K, c_src, c_1 … c_K]``: the source branch is computed once per pass, and
-each configuration's :class:`~adapedit.controller.EditController` sees its own four rows
-``[u_src, u_k, c_src, c_k]`` exactly as in :meth:`~adapedit.pipeline.EditPipeline.edit` (the
-pass's :class:`~adapedit.layout.BatchLayout` names the edit prompts ``edit:0 … edit:K-1``, and
+each configuration's :class:`~adapedit.pipelines.controller.EditController` sees its own four rows
+``[u_src, u_k, c_src, c_k]`` exactly as in :meth:`~adapedit.pipelines.pipeline.EditPipeline.edit`
+(the
+pass's :class:`~adapedit.algorithm.layout.BatchLayout` names the edit prompts ``edit:0 … edit:K-1``,
+and
 every index comes from it).
 Configurations that record the same calibration (same ``calibration`` mode, downscale and steps)
 share one calibration pass: the recording does not depend on the other fields, which only
@@ -24,11 +26,11 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from adapedit.algorithm.fwt import fixed_tau
+from adapedit.algorithm.layout import CALIBRATION, BatchLayout, numbered_edit
 from adapedit.config import EditConfig, SamplerConfig, calibration_sampler
-from adapedit.controller import CalibrationStats, EditController
 from adapedit.errors import ConfigError
-from adapedit.fwt import fixed_tau
-from adapedit.layout import CALIBRATION, BatchLayout, numbered_edit
+from adapedit.pipelines.controller import CalibrationStats, EditController
 
 #: Configurations per pass (10 rows; see the module docstring).
 PER_PASS = 4
@@ -43,7 +45,8 @@ def sweep_layout(k: int) -> BatchLayout:
 class MultiEdit:
     """The controller of a K-configuration pass (layout :func:`sweep_layout`): hands each inner
     controller the samples of its own layout (``[u_src, u_k, c_src, c_k]`` for
-    :data:`~adapedit.layout.EDIT`), in that layout's order, and takes back its edit branches."""
+    :data:`~adapedit.algorithm.layout.EDIT`), in that layout's order, and takes back its edit
+    branches."""
 
     def __init__(self, controllers: list[EditController]) -> None:
         self.controllers = controllers

@@ -19,6 +19,7 @@ from pathlib import Path
 import onnx
 from tqdm.auto import tqdm
 
+from adapedit.algorithm.geometry import self_max_queries
 from adapedit.config import ATTENTION_LIMITS, check_choice
 from adapedit.errors import ConfigError, ExportError
 from adapedit.export.onnx_export import (
@@ -34,10 +35,9 @@ from adapedit.export.onnx_export import (
 )
 from adapedit.export.segment import fold, load_graph, prune, split
 from adapedit.export.weights import WeightStore, merge_stores
-from adapedit.geometry import self_max_queries
 from adapedit.io import atomic_folder
-from adapedit.models import Components, load_model
-from adapedit.processors import attention_geometry, controlled_layers
+from adapedit.pipelines.models import Components, load_model
+from adapedit.pipelines.processors import attention_geometry, controlled_layers
 from adapedit.spec import NOISE, Boundary, GraphSpec, Manifest, TensorSpec, UNetGraphs
 
 FORMS = ("segmented", "whole", "fused")

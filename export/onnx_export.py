@@ -22,10 +22,10 @@ from dataclasses import dataclass
 import onnx
 import torch
 
+from adapedit.algorithm.geometry import is_cross_layer, layer_downscale
 from adapedit.errors import ExportError
-from adapedit.geometry import is_cross_layer, layer_downscale
-from adapedit.models import Components
-from adapedit.processors import (
+from adapedit.pipelines.models import Components
+from adapedit.pipelines.processors import (
     ControlSlot,
     attention_geometry,
     controlled_layers,
@@ -345,14 +345,20 @@ def export_fused(
     attention_limits: str,
     batch: int,
 ) -> onnx.ModelProto:
-    """The fused UNet (:mod:`adapedit.fused`) of ``batch``'s mode, static at ``batch`` ×
+    """The fused UNet (:mod:`adapedit.pipelines.fused`) of ``batch``'s mode, static at ``batch`` ×
     ``latent_hw``: the edit inside the graph (batch 4), the calibration pass's maps (batch 2),
     or the plain UNet (batch 1).
 
     Raises:
         ExportError: a batch with no fused mode.
     """
-    from adapedit.fused import MODES, FusedUNet, example_controls, input_names, output_names
+    from adapedit.pipelines.fused import (
+        MODES,
+        FusedUNet,
+        example_controls,
+        input_names,
+        output_names,
+    )
 
     if batch not in MODES:
         raise ExportError(

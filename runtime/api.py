@@ -40,6 +40,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from adapedit.algorithm.inversion import check_model, check_sampler
+from adapedit.algorithm.plan import build_plan
 from adapedit.config import (
     PRESETS,
     EditConfig,
@@ -50,12 +52,10 @@ from adapedit.config import (
 )
 from adapedit.errors import AdapEditError, ConfigError, EngineError
 from adapedit.image_io import InputImage, decode_image, load_image
-from adapedit.inversion import check_model, check_sampler
-from adapedit.models import load_tokenizer
-from adapedit.plan import build_plan
+from adapedit.pipelines.models import load_tokenizer
 
 if TYPE_CHECKING:
-    from adapedit.pipeline import EditResult
+    from adapedit.pipelines.pipeline import EditResult
     from adapedit.runtime.session import EditSession
 
 PROMPT_FIELDS = ("source", "target")

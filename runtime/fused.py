@@ -1,5 +1,6 @@
 """The fused UNet on an engine: one engine call per step, the edit inside the graph
-(:mod:`adapedit.fused`), fed from and read back into the same controllers as every other path.
+(:mod:`adapedit.pipelines.fused`), fed from and read back into the same controllers as every other
+path.
 
 Every input is copied into a buffer of its own before the call and every output lives in the
 runner's buffers, so the engine sees the same addresses on every call: ONNX Runtime's CUDA graphs
@@ -11,11 +12,11 @@ from __future__ import annotations
 
 import torch
 
-from adapedit.controller import CalibrationRecorder, Controller, EditController
+from adapedit.algorithm.geometry import BLEND_DOWNSCALE, is_cross_layer, layer_downscale
 from adapedit.engines.base import TORCH_DTYPES, Runner
 from adapedit.errors import EngineError
-from adapedit.fused import CONTROLS, MODES, hidden_output, key_input, map_output
-from adapedit.geometry import BLEND_DOWNSCALE, is_cross_layer, layer_downscale
+from adapedit.pipelines.controller import CalibrationRecorder, Controller, EditController
+from adapedit.pipelines.fused import CONTROLS, MODES, hidden_output, key_input, map_output
 from adapedit.runtime.segmented import StageClock
 from adapedit.spec import NOISE, Manifest, UNetGraphs
 
@@ -28,7 +29,8 @@ ACCEPTS = {
 
 
 class FusedUNet:
-    """The fused graph of one batch size (its mode: :data:`adapedit.fused.MODES`) on a runner.
+    """The fused graph of one batch size (its mode: :data:`adapedit.pipelines.fused.MODES`) on a
+    runner.
 
     Args:
         manifest: the engine folder's manifest (controlled layers and resolution).

@@ -42,7 +42,7 @@ from ray.serve.exceptions import BackPressureError
 
 from adapedit.config import DEFAULT_CACHE_BYTES
 from adapedit.errors import ConfigError
-from adapedit.pipeline import Progress, ProgressCallback
+from adapedit.pipelines.pipeline import Progress, ProgressCallback
 from adapedit.runtime.api import EditRequest
 from adapedit.runtime.server import (
     Answer,
@@ -163,7 +163,7 @@ class RayEditor:
     deployment: Ray Serve queues each edit (503 past ``queue_size``) and routes it to a free
     replica; an edit whose replica died is sent again. Cancelling :meth:`edit` cancels the call
     (a waiting edit is dropped). With ``progress``, the replica streams each
-    :class:`~adapedit.pipeline.Progress` back before the answer."""
+    :class:`~adapedit.pipelines.pipeline.Progress` back before the answer."""
 
     def __init__(self, handle: DeploymentHandle, queue_size: int) -> None:
         self.handle, self.queue_size = handle, queue_size
@@ -230,7 +230,7 @@ class EditorReplica:
         return await asyncio.to_thread(run_edit, self.session, job)
 
     async def edit_stream(self, job: EditRequest) -> AsyncIterator[Progress | Answer]:
-        """Each :class:`~adapedit.pipeline.Progress` of one job, then its answer."""
+        """Each :class:`~adapedit.pipelines.pipeline.Progress` of one job, then its answer."""
         run = with_progress(lambda report: asyncio.to_thread(run_edit, self.session, job, report))
         async for item in run:
             yield item

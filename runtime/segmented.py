@@ -8,9 +8,9 @@ from contextlib import contextmanager
 
 import torch
 
-from adapedit.controller import Controller
 from adapedit.engines.base import Runner, solve_symbols
 from adapedit.errors import EngineError
+from adapedit.pipelines.controller import Controller
 from adapedit.spec import NOISE, UNET_INPUTS, Manifest, UNetGraphs
 
 

@@ -81,14 +81,14 @@ from starlette.types import Receive
 from adapedit.config import DEFAULT_CACHE_BYTES
 from adapedit.errors import AdapEditError, ConfigError, InputError
 from adapedit.io import png_bytes
-from adapedit.pipeline import Progress, ProgressCallback
+from adapedit.pipelines.pipeline import Progress, ProgressCallback
 from adapedit.runtime.api import EditRequest, Validator, parse_edit_request, to_plain
 from adapedit.runtime.page import page_response
 from adapedit.visualize import heat, token_heat
 
 if TYPE_CHECKING:
     from adapedit.engines.ort import OrtOptions
-    from adapedit.pipeline import EditResult
+    from adapedit.pipelines.pipeline import EditResult
     from adapedit.runtime.session import EditSession
 
 log = logging.getLogger("adapedit.server")

@@ -12,17 +12,17 @@ from typing import Any
 
 import torch
 
-from adapedit.calibration_cache import CalibrationCache
+from adapedit.algorithm.geometry import is_controlled_by_rule, is_cross_layer, self_max_queries
 from adapedit.config import DEFAULT_CACHE_BYTES, EditConfig, SamplerConfig
-from adapedit.controller import Controller
 from adapedit.engines.base import Runner, require_cuda
 from adapedit.engines.folder import load_engine_folder, make_runner
 from adapedit.engines.ort import OrtOptions, check_providers
 from adapedit.engines.weights import WeightPool
 from adapedit.errors import EngineError, ManifestError
-from adapedit.geometry import is_controlled_by_rule, is_cross_layer, self_max_queries
-from adapedit.models import load_tokenizer
-from adapedit.pipeline import EditPipeline, EditResult, GenerationResult
+from adapedit.pipelines.calibration_cache import CalibrationCache
+from adapedit.pipelines.controller import Controller
+from adapedit.pipelines.models import load_tokenizer
+from adapedit.pipelines.pipeline import EditPipeline, EditResult, GenerationResult
 from adapedit.runtime.fused import FusedUNet
 from adapedit.runtime.segmented import SegmentedUNet
 from adapedit.spec import GraphSpec
@@ -51,7 +51,7 @@ class EditSession(EditPipeline):
             compare or to diagnose).
         calibration_cache: keep recent calibration statistics, so that a re-edit of the same
             target changing only edit-side options skips the calibration pass: a bound in bytes,
-            a :class:`~adapedit.calibration_cache.CalibrationCache` to share, or None.
+            a :class:`~adapedit.pipelines.calibration_cache.CalibrationCache` to share, or None.
     """
 
     def __init__(

@@ -64,21 +64,21 @@ def pytest_collection_modifyitems(config, items):
 @pytest.fixture(scope="session")
 def tokenizer():
     """The vendored CLIP BPE tokenizer, loaded once per test session (no model needed)."""
-    from adapedit.models import load_tokenizer
+    from adapedit.pipelines.models import load_tokenizer
 
     return load_tokenizer()
 
 
 @pytest.fixture(scope="session")
 def tiny_components():
-    from adapedit.models import build_random
+    from adapedit.pipelines.models import build_random
 
     return build_random("tiny", seed=0)
 
 
 @pytest.fixture(scope="session")
 def tiny_pipeline(tiny_components):
-    from adapedit.pipeline import ReferencePipeline
+    from adapedit.pipelines.pipeline import ReferencePipeline
 
     return ReferencePipeline(tiny_components)
 

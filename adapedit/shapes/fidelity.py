@@ -20,7 +20,7 @@ def text_fidelity(
 ) -> dict:
     """The share of named attributes that read as captioned, per attribute and overall, over
     ``samples`` random captions (drawn from ``random.Random(seed)``; image ``i`` from sampler
-    seed ``i``). ``pipe`` is an :class:`adapedit.pipeline.EditPipeline`."""
+    seed ``i``). ``pipe`` is an :class:`adapedit.pipelines.pipeline.EditPipeline`."""
     rng = random.Random(seed)
     per: dict[str, list[bool]] = defaultdict(list)
     for i in tqdm(range(samples), desc="fidelity", disable=not progress, leave=False):

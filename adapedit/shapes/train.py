@@ -43,7 +43,7 @@ from tqdm import tqdm
 from adapedit.config import SamplerConfig
 from adapedit.errors import ConfigError
 from adapedit.io import atomic_folder, atomic_write_bytes
-from adapedit.models import SD_SCHEDULER_CONFIG, Components, load_tokenizer
+from adapedit.pipelines.models import SD_SCHEDULER_CONFIG, Components, load_tokenizer
 from adapedit.shapes.reader import read_image
 from adapedit.shapes.world import (
     BACKGROUND,
@@ -315,7 +315,7 @@ def round_trip_reading(vae, samples: int = 100, seed: int = 2) -> float:
     """The share of the shape and colour attributes that the reader reads right on the VAE's
     round trip (decode ∘ encode, posterior mean) of ``samples`` random renders — the ceiling
     the decoder puts on any image the model makes."""
-    from adapedit.pipeline import to_uint8
+    from adapedit.pipelines.pipeline import to_uint8
 
     rng = random.Random(seed)
     scenes = [sample_scene(rng)[0] for _ in range(samples)]
@@ -333,7 +333,7 @@ def round_trip_reading(vae, samples: int = 100, seed: int = 2) -> float:
 
 def evaluate(components: Components, ema: list[torch.Tensor], cfg: TrainConfig) -> dict:
     """Text fidelity of the EMA weights (on copies: the training modules stay as they are)."""
-    from adapedit.pipeline import ReferencePipeline
+    from adapedit.pipelines.pipeline import ReferencePipeline
     from adapedit.shapes.fidelity import text_fidelity
 
     unet, text = copy.deepcopy(components.unet), copy.deepcopy(components.text_encoder)
@@ -578,7 +578,7 @@ def _from_folder(src: Path, out: Path, cfg: TrainConfig) -> tuple[Components, Tr
     """A trained folder; the config of the stages it ran with ``cfg``'s settings for the later
     ones it did not (stage 3 and 4, or 4); and the state its ``training.json`` gives, those
     stages done, or the checkpoint of an interrupted run from it."""
-    from adapedit.models import load_folder
+    from adapedit.pipelines.models import load_folder
 
     if not (src / "training.json").is_file():
         raise ConfigError(

@@ -7,7 +7,7 @@ import json
 import pytest
 
 from adapedit.cli import main
-from adapedit.pipeline import ReferencePipeline
+from adapedit.pipelines.pipeline import ReferencePipeline
 from tests.adapedit.test_image_io import png_declaring
 
 SRC, TGT = "a dog standing on the grass", "a dog sitting on the grass"

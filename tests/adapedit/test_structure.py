@@ -7,9 +7,11 @@ from __future__ import annotations
 import ast
 import importlib.metadata
 import re
+import shutil
 import subprocess
 import sys
 import tomllib
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -22,15 +24,15 @@ PACKAGES = {
     "adapedit.engines": ROOT / "engines",
     "adapedit.runtime": ROOT / "runtime",
 }
-#: The algorithm core (configs, errors, alignment, plan, FWT, DPS, the edit, LocalBlend, the
-#: controllers, geometry, batch layouts, the exporter/runtime contract).
-CORE = {
-    f"adapedit.{m}"
-    for m in (
-        *("config", "errors", "alignment", "plan", "fwt", "dps", "edit", "blend"),
-        *("controller", "geometry", "layout", "spec"),
-    )
-}
+#: The algorithm core: the equations (``adapedit.algorithm``), the torch wiring that applies
+#: them (``adapedit.pipelines``) and what every layer shares (configs, errors, the
+#: exporter/runtime contract).
+CORE = ("adapedit.algorithm", "adapedit.pipelines", "adapedit.config", "adapedit.errors")
+CORE_FILES = ("adapedit.spec",)
+#: What the equations may import from the project: each other, the configs and the errors.
+ALGORITHM_MAY_IMPORT = ("adapedit.algorithm", "adapedit.config", "adapedit.errors")
+#: The app: the command line and the demo, which may use every layer and which none may use.
+APP = ("adapedit.cli", "adapedit.demo")
 #: Dependencies that the code needs at run time without importing them by name.
 USED_INDIRECTLY = {
     "onnxscript": "torch.onnx.export(dynamo=True) translates with it",
@@ -71,17 +73,47 @@ def _within(module: str, package: str) -> bool:
     return module == package or module.startswith(package + ".")
 
 
-def test_the_core_imports_nothing_from_export_engines_or_runtime():
-    assert set(MODULES) >= CORE
-    for name in CORE:
+def _core(name: str) -> bool:
+    return name in CORE_FILES or any(_within(name, p) for p in CORE)
+
+
+def test_the_core_imports_nothing_from_export_engines_runtime_or_the_app():
+    core = [name for name in MODULES if _core(name)]
+    assert {"adapedit.algorithm.edit", "adapedit.pipelines.controller", "adapedit.spec"} <= {*core}
+    for name in core:
         upward = {
             m
             for m in IMPORTS[name]
             if any(
-                _within(m, p) for p in ("adapedit.export", "adapedit.engines", "adapedit.runtime")
+                _within(m, p)
+                for p in ("adapedit.export", "adapedit.engines", "adapedit.runtime", *APP)
             )
         }
         assert not upward, f"{name} imports {upward}"
+
+
+def test_the_equations_import_only_each_other_the_configs_and_the_errors():
+    equations = [name for name in MODULES if _within(name, "adapedit.algorithm")]
+    assert len(equations) >= 9
+    for name in equations:
+        project = {m for m in IMPORTS[name] if _within(m, "adapedit")}
+        bad = {m for m in project if not any(_within(m, p) for p in ALGORITHM_MAY_IMPORT)}
+        assert not bad, f"{name} imports {bad}"
+        models = {m for m in IMPORTS[name] if m.split(".")[0] in ("diffusers", "transformers")}
+        assert not models, f"{name} imports {models}: the equations know no model library"
+
+
+def test_every_package_folder_is_declared_in_pyproject():
+    """A folder with an ``__init__.py`` missing from ``[tool.setuptools] packages`` is left out
+    of a wheel (``pip install .``), though an editable install still finds it."""
+    setuptools = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
+    found = {
+        ".".join([package, *init.parent.relative_to(folder).parts])
+        for package, folder in PACKAGES.items()
+        for init in folder.rglob("__init__.py")
+    }
+    assert set(setuptools["packages"]) == found
+    assert setuptools["package-dir"] == {p: str(f.relative_to(ROOT)) for p, f in PACKAGES.items()}
 
 
 @pytest.mark.parametrize(
@@ -97,6 +129,46 @@ def test_plumbing_layers_import_one_way(package, forbidden):
         if _within(name, package):
             bad = {m for m in imports if any(_within(m, f) for f in forbidden)}
             assert not bad, f"{name} imports {bad}"
+
+
+@pytest.mark.slow
+def test_the_wheel_holds_every_module_and_data_file(tmp_path):
+    """What ``pip install .`` installs (a wheel, not the editable install the tests run on):
+    every module of every package at its import path, the tokenizer, the shapes model and the
+    page's files. Built from a clean copy of the sources, so that no build/ folder is written
+    into the checkout."""
+    src = tmp_path / "src"
+    src.mkdir()
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(ROOT / name, src / name)
+    for folder in PACKAGES.values():
+        shutil.copytree(folder, src / folder.name, ignore=shutil.ignore_patterns("__pycache__"))
+    pip = [sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation"]
+    subprocess.run(
+        [*pip, "--no-index", "-w", str(tmp_path / "dist"), str(src)],
+        check=True,
+        capture_output=True,
+    )
+    (wheel,) = (tmp_path / "dist").glob("adapedit-*.whl")
+    held = set(zipfile.ZipFile(wheel).namelist())
+    expected = {
+        "/".join(["adapedit", *package.split(".")[1:], path.name])
+        for name, path in MODULES.items()
+        for package in [name if path.name == "__init__.py" else name.rpartition(".")[0]]
+    }
+    missing = expected - held
+    assert not missing, f"modules left out of the wheel: {sorted(missing)}"
+    data = [
+        *(p for p in (ROOT / "adapedit" / "data").rglob("*") if p.is_file()),
+        *(ROOT / "runtime" / "static").iterdir(),
+    ]
+    installed = {
+        "adapedit/" + str(p.relative_to(ROOT / "adapedit"))
+        if p.is_relative_to(ROOT / "adapedit")
+        else "adapedit/" + str(p.relative_to(ROOT))
+        for p in data
+    }
+    assert not installed - held, f"data left out of the wheel: {sorted(installed - held)}"
 
 
 def test_importing_the_runtime_session_does_not_load_onnx():

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 
-import adapedit.controller as controller
+import adapedit.pipelines.controller as controller
 from benchmarks import local_blend
 
 

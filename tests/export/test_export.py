@@ -9,12 +9,12 @@ import onnxruntime as ort
 import pytest
 import torch
 
+from adapedit.algorithm.fwt import fixed_tau
 from adapedit.config import EditConfig
-from adapedit.controller import EditController
 from adapedit.errors import ConfigError, ExportError, ManifestError, ModelError
 from adapedit.export.api import ExportOptions, export_model
-from adapedit.fwt import fixed_tau
-from adapedit.processors import controlled_layers
+from adapedit.pipelines.controller import EditController
+from adapedit.pipelines.processors import controlled_layers
 from adapedit.spec import Manifest
 
 SRC, TGT = "a dog standing on the grass", "a dog sitting on the grass"

@@ -130,8 +130,8 @@ def test_a_change_to_one_equation_moves_all_three_paths(
     tiny_components, tiny_pipeline, tiny_session, tmp_path, monkeypatch
 ):
     """The reference, the segmented runtime and the fused graph all apply
-    ``adapedit.edit.edit_cross_attention``: halve its result, and all three move alike."""
-    import adapedit.edit as edit_module
+    ``adapedit.algorithm.edit.edit_cross_attention``: halve its result, and all three move alike."""
+    import adapedit.algorithm.edit as edit_module
     from adapedit.engines.folder import build_engines
     from adapedit.export.api import ExportOptions, export_model
 

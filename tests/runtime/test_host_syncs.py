@@ -14,7 +14,7 @@ import torch
 from torch.overrides import TorchFunctionMode
 
 from adapedit.config import EditConfig, SamplerConfig
-from adapedit.controller import EditController
+from adapedit.pipelines.controller import EditController
 from adapedit.runtime.session import EditSession
 
 #: torch functions that cross between host and device (or read a device value on the host).

@@ -89,7 +89,7 @@ def shapes_session(tmp_path_factory):
     the page shows DPS's S)."""
     from adapedit.engines.folder import build_engines
     from adapedit.export.api import ExportOptions, export_model
-    from adapedit.models import load_model
+    from adapedit.pipelines.models import load_model
     from adapedit.runtime.session import EditSession
 
     export = tmp_path_factory.mktemp("exports") / "shapes-static"

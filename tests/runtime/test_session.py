@@ -151,7 +151,7 @@ def test_short_calibration_matches_the_reference_on_both_forms(
 def test_a_shared_cache_never_serves_another_engine_folder(
     tiny_engines, tiny_fused_engines, tmp_path
 ):
-    from adapedit.calibration_cache import CalibrationCache
+    from adapedit.pipelines.calibration_cache import CalibrationCache
 
     cache = CalibrationCache()
     copy = tmp_path / "copy"

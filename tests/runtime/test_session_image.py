@@ -18,7 +18,7 @@ from adapedit.engines.cache import file_digest
 from adapedit.errors import ConfigError, EngineError, InputError, ManifestError
 from adapedit.image_io import load_image
 from adapedit.parity import compare_edits
-from adapedit.pipeline import from_uint8
+from adapedit.pipelines.pipeline import from_uint8
 from adapedit.runtime.api import Validator, parse_edit_request, parse_request, plain_edit
 from adapedit.runtime.session import EditSession
 

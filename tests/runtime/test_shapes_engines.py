@@ -13,7 +13,7 @@ from adapedit.engines.folder import build_engines
 from adapedit.engines.ort import OrtRunner
 from adapedit.export.api import ExportOptions, export_model
 from adapedit.parity import compare_edits
-from adapedit.pipeline import ReferencePipeline
+from adapedit.pipelines.pipeline import ReferencePipeline
 from adapedit.runtime.session import EditSession
 
 

@@ -9,7 +9,7 @@ import torch
 
 from adapedit.config import EditConfig, ImageConfig, SamplerConfig
 from adapedit.parity import compare_edits
-from adapedit.pipeline import ReferencePipeline, from_uint8
+from adapedit.pipelines.pipeline import ReferencePipeline, from_uint8
 
 SRC, TGT = "a big red circle on the left", "a big blue circle on the left"
 SAMPLER = SamplerConfig(steps=6, seed=0)
@@ -19,7 +19,7 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture(scope="module")
 def shapes():
-    from adapedit.models import load_model
+    from adapedit.pipelines.models import load_model
 
     return load_model("shapes")
 

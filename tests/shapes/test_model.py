@@ -11,8 +11,8 @@ from safetensors import safe_open
 from adapedit.cli import main
 from adapedit.config import SamplerConfig
 from adapedit.defaults import BUILTIN_MODELS, DEFAULT_MODEL
-from adapedit.models import SHAPES_DIR
-from adapedit.pipeline import ReferencePipeline
+from adapedit.pipelines.models import SHAPES_DIR
+from adapedit.pipelines.pipeline import ReferencePipeline
 from adapedit.shapes.fidelity import text_fidelity
 from adapedit.shapes.reader import caption_matches, read_image
 from adapedit.shapes.world import Mention, Scene, Thing, caption

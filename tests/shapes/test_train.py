@@ -11,8 +11,8 @@ import torch
 
 from adapedit.config import SamplerConfig
 from adapedit.errors import ConfigError
-from adapedit.models import load_folder, make_scheduler
-from adapedit.pipeline import ReferencePipeline
+from adapedit.pipelines.models import load_folder, make_scheduler
+from adapedit.pipelines.pipeline import ReferencePipeline
 from adapedit.shapes import train as train_mod
 from adapedit.shapes.train import (
     TrainConfig,

@@ -17,9 +17,9 @@ from __future__ import annotations
 import pytest
 import torch
 
+from adapedit.algorithm.layout import EDIT
 from adapedit.config import EditConfig, SamplerConfig
-from adapedit.controller import CalibrationRecorder, EditController
-from adapedit.layout import EDIT
+from adapedit.pipelines.controller import CalibrationRecorder, EditController
 
 SRC, TGT = "a dog standing on the grass", "a dog sitting on the grass"
 # S a dog standing/sitting on the grass E: the words sit at tokens 1…6

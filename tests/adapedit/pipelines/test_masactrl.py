@@ -9,11 +9,11 @@ import math
 import pytest
 import torch
 
+from adapedit.algorithm.layout import EDIT, BatchLayout
 from adapedit.config import SamplerConfig
-from adapedit.controller import Controller
 from adapedit.errors import ConfigError, ModelError
-from adapedit.layout import EDIT, BatchLayout
-from adapedit.masactrl import (
+from adapedit.pipelines.controller import Controller
+from adapedit.pipelines.masactrl import (
     MasaCtrlConfig,
     MasaCtrlSchedule,
     MutualSelfAttnProcessor,
@@ -27,7 +27,7 @@ from adapedit.masactrl import (
     mutual_self_attention_installed,
     transformer_layers,
 )
-from adapedit.processors import ControlSlot, attention_layers
+from adapedit.pipelines.processors import ControlSlot, attention_layers
 
 F64 = torch.float64
 

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from adapedit.alignment import (
+from adapedit.algorithm.alignment import (
     TokenizedPrompt,
     TokenMap,
     equalizer,

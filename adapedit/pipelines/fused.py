@@ -3,8 +3,9 @@ call runs a whole step (ONNX export, CUDA graphs, ``torch.compile``).
 
 The controlled layers call an in-graph hook instead of a Python controller between engine
 segments. The hook applies the very functions the controllers apply
-(:func:`adapedit.controller.edit_layer`, :func:`adapedit.edit.branch_mean`) to control tensors
-that are inputs of the forward, and returns what the runtime's controllers need from the step
+(:func:`adapedit.pipelines.controller.edit_layer`, :func:`adapedit.algorithm.edit.branch_mean`) to
+control tensors that are inputs of the forward, and returns what the runtime's controllers need from
+the step
 as extra outputs. Three modes, by batch:
 
 - ``edit`` (batch 4, ``[u_src, u_edt, c_src, c_edt]``): every controlled layer edited (§5);
@@ -23,11 +24,11 @@ from collections.abc import Sequence
 
 import torch
 
-from adapedit.controller import EditControls, edit_layer
-from adapedit.edit import branch_mean
-from adapedit.geometry import BLEND_DOWNSCALE, is_cross_layer, layer_downscale
-from adapedit.layout import CALIBRATION, EDIT, INVERSION, BatchLayout
-from adapedit.processors import ControlSlot, attention_layers, install_processors
+from adapedit.algorithm.edit import branch_mean
+from adapedit.algorithm.geometry import BLEND_DOWNSCALE, is_cross_layer, layer_downscale
+from adapedit.algorithm.layout import CALIBRATION, EDIT, INVERSION, BatchLayout
+from adapedit.pipelines.controller import EditControls, edit_layer
+from adapedit.pipelines.processors import ControlSlot, attention_layers, install_processors
 
 MODES = {4: "edit", 2: "calibration", 1: "plain"}
 LAYOUTS = {"edit": EDIT, "calibration": CALIBRATION, "plain": INVERSION}

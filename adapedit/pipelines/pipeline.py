@@ -18,21 +18,10 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from adapedit.alignment import MAX_TOKENS, tokenize
-from adapedit.calibration_cache import CalibrationCache, calibration_key
-from adapedit.config import (
-    DEFAULT_CACHE_BYTES,
-    EditConfig,
-    ImageConfig,
-    SamplerConfig,
-    calibration_sampler,
-)
-from adapedit.controller import CalibrationRecorder, CalibrationStats, Controller, EditController
-from adapedit.errors import AdapEditError, ModelError
-from adapedit.fwt import TauPlan, fixed_tau
-from adapedit.geometry import self_max_queries
-from adapedit.image_io import InputImage, fit_image, load_image
-from adapedit.inversion import (
+from adapedit.algorithm.alignment import MAX_TOKENS, tokenize
+from adapedit.algorithm.fwt import TauPlan, fixed_tau
+from adapedit.algorithm.geometry import self_max_queries
+from adapedit.algorithm.inversion import (
     INVERSION_SCHEDULER,
     check_model,
     check_sampler,
@@ -40,10 +29,26 @@ from adapedit.inversion import (
     inversion_schedule,
     to_epsilon,
 )
-from adapedit.layout import CALIBRATION, EDIT, GENERATION, INVERSION
-from adapedit.models import Components, latent_size, load_model, make_scheduler
-from adapedit.plan import EditPlan, build_plan
-from adapedit.processors import ControlSlot, install_processors
+from adapedit.algorithm.layout import CALIBRATION, EDIT, GENERATION, INVERSION
+from adapedit.algorithm.plan import EditPlan, build_plan
+from adapedit.config import (
+    DEFAULT_CACHE_BYTES,
+    EditConfig,
+    ImageConfig,
+    SamplerConfig,
+    calibration_sampler,
+)
+from adapedit.errors import AdapEditError, ModelError
+from adapedit.image_io import InputImage, fit_image, load_image
+from adapedit.pipelines.calibration_cache import CalibrationCache, calibration_key
+from adapedit.pipelines.controller import (
+    CalibrationRecorder,
+    CalibrationStats,
+    Controller,
+    EditController,
+)
+from adapedit.pipelines.models import Components, latent_size, load_model, make_scheduler
+from adapedit.pipelines.processors import ControlSlot, install_processors
 
 
 @dataclass(frozen=True)
@@ -340,7 +345,8 @@ class EditPipeline(ABC):
         on_step: StepCallback | None = None,
     ) -> torch.Tensor:
         """The CFG sampling loop. ``latents`` [B, 4, h, w]; ``embeddings`` [2B, 77, D] laid out
-        ``[uncond…, cond…]`` (a guided :class:`~adapedit.layout.BatchLayout`). The controller
+        ``[uncond…, cond…]`` (a guided :class:`~adapedit.algorithm.layout.BatchLayout`). The
+        controller
         sees every controlled attention layer, with the index of the UNet call in the pass;
         ``on_step`` is called after each step with the number of steps done.
 
@@ -404,9 +410,11 @@ class EditPipeline(ABC):
         progress: bool = False,
         on_step: StepCallback | None = None,
     ) -> torch.Tensor:
-        """DDIM inversion (:mod:`adapedit.inversion`) of a clean latent ``z0`` [1, 4, h, w] with
+        """DDIM inversion (:mod:`adapedit.algorithm.inversion`) of a clean latent ``z0`` [1, 4, h,
+        w] with
         the text embedding ``cond`` [1, 77, D] at guidance 1, over the DDIM timesteps of
-        ``sampler``: one UNet call per step at batch 1 (:data:`~adapedit.layout.INVERSION`).
+        ``sampler``: one UNet call per step at batch 1
+        (:data:`~adapedit.algorithm.layout.INVERSION`).
 
         Returns:
             The trajectory [N + 1, 4, h, w]: ``z0``, ``z*_{t_1}``, …, ``z*_{t_N}``.
@@ -607,7 +615,8 @@ class EditPipeline(ABC):
         progress: bool = False,
         on_step: StepCallback | None = None,
     ) -> tuple[CalibrationStats, str]:
-        """The calibration pass (:data:`~adapedit.layout.CALIBRATION`, ``[u_edt, c_edt]``) of
+        """The calibration pass (:data:`~adapedit.algorithm.layout.CALIBRATION`, ``[u_edt, c_edt]``)
+        of
         ``target`` from ``x0`` [1, 4, h, w] under ``sampler`` (at the calibration steps), or its
         statistics from the calibration cache (``on_step`` then hears of every step at once).
 

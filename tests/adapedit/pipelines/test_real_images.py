@@ -12,12 +12,12 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
+from adapedit.algorithm.layout import GENERATION
 from adapedit.cli import main
 from adapedit.config import EditConfig, ImageConfig, SamplerConfig
 from adapedit.errors import ConfigError, InputError, ModelError
-from adapedit.layout import GENERATION
-from adapedit.models import load_folder
-from adapedit.pipeline import ReferencePipeline, from_uint8
+from adapedit.pipelines.models import load_folder
+from adapedit.pipelines.pipeline import ReferencePipeline, from_uint8
 
 SRC, TGT = "a big red circle on the left", "a big blue circle on the left"
 SAMPLER = SamplerConfig(steps=4, seed=1)

@@ -9,10 +9,10 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from adapedit.geometry import is_controlled_by_rule, is_cross_layer, self_max_queries
+from adapedit.algorithm.geometry import is_controlled_by_rule, is_cross_layer, self_max_queries
 
 #: What a controlled layer calls: ``hook(layer_id, is_cross, probs, hidden, step) -> probs`` —
-#: a :class:`~adapedit.controller.Controller`, or the exporter's capture of the tensors.
+#: a :class:`~adapedit.pipelines.controller.Controller`, or the exporter's capture of the tensors.
 LayerHook = Callable[[str, bool, torch.Tensor, "torch.Tensor | None", int], torch.Tensor]
 
 
@@ -129,7 +129,7 @@ def controlled_layers(
 ) -> list[str]:
     """Module paths of the layers controlled at a latent size under ``attention_limits``, in
     module order: every cross-attention layer and the self-attention layers with at most
-    :func:`~adapedit.geometry.self_max_queries` queries (ALGORITHM.md §5)."""
+    :func:`~adapedit.algorithm.geometry.self_max_queries` queries (ALGORITHM.md §5)."""
     limit = self_max_queries(attention_limits, latent_hw)
     return [
         name

@@ -2,8 +2,8 @@
 reference pipeline, a baseline for non-rigid edits.
 
 The source and the edit prompt are denoised together from the same seed (the edit batch
-:data:`~adapedit.layout.EDIT`, ``[u_src, u_edt, c_src, c_edt]``). From denoising step ``S`` on,
-and in the decoder's
+:data:`~adapedit.algorithm.layout.EDIT`, ``[u_src, u_edt, c_src, c_edt]``). From denoising step
+``S`` on, and in the decoder's
 self-attention layers from transformer layer ``L`` on (layers counted in call order: down, mid,
 up), the edit branch's self-attention takes its own queries with the **source branch's keys and
 values**, per classifier-free-guidance half (uncond edit ← uncond source, cond edit ← cond
@@ -22,11 +22,11 @@ number of UNet calls of the pass, ``L`` to the UNet's count of transformer layer
 ``round(10 · n / 16)``, which on a UNet with one transformer per down level and two per up
 level — ``tiny``, ``shapes`` — is again the first layer of the decoder's second level).
 
-MasaCtrl runs on :class:`~adapedit.pipeline.ReferencePipeline` only: its processors wrap the
-UNet's for the duration of a run and are removed afterwards. They read the step index the
-sampling loop passes (the pipeline's :class:`~adapedit.processors.ControlSlot`) and act only
-while their :class:`MasaCtrlSchedule` is the slot's controller; every batch index comes from the
-schedule's :class:`~adapedit.layout.BatchLayout`.
+MasaCtrl runs on :class:`~adapedit.pipelines.pipeline.ReferencePipeline` only: its processors wrap
+the UNet's for the duration of a run and are removed afterwards. They read the step index the
+sampling loop passes (the pipeline's :class:`~adapedit.pipelines.processors.ControlSlot`) and act
+only while their :class:`MasaCtrlSchedule` is the slot's controller; every batch index comes from
+the schedule's :class:`~adapedit.algorithm.layout.BatchLayout`.
 """
 
 from __future__ import annotations
@@ -38,11 +38,11 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from adapedit.alignment import tokenize
+from adapedit.algorithm.alignment import tokenize
+from adapedit.algorithm.layout import EDIT, BatchLayout
 from adapedit.config import EditConfig, SamplerConfig
 from adapedit.errors import ConfigError, ModelError
-from adapedit.layout import EDIT, BatchLayout
-from adapedit.processors import ControlSlot, attention_layers, is_cross_layer
+from adapedit.pipelines.processors import ControlSlot, attention_layers, is_cross_layer
 
 #: The paper's schedule on SD v1.4: from step 4 of 50, from transformer layer 10 of 16.
 PAPER_START_STEP, PAPER_STEPS = 4, 50
@@ -95,13 +95,13 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -
 
 def edit_rows(layout: BatchLayout = EDIT) -> list[int]:
     """The batch indices of the edit branch, one per CFG half (``[1, 3]`` in
-    :data:`~adapedit.layout.EDIT`)."""
+    :data:`~adapedit.algorithm.layout.EDIT`)."""
     return [layout.index("edit", h) for h in layout.halves]
 
 
 def lender_rows(layout: BatchLayout = EDIT) -> list[int]:
     """For each of :func:`edit_rows`, the source branch of the same CFG half, which lends its
-    keys and values (``[0, 2]`` in :data:`~adapedit.layout.EDIT`)."""
+    keys and values (``[0, 2]`` in :data:`~adapedit.algorithm.layout.EDIT`)."""
     return [layout.index("source", h) for h in layout.halves]
 
 
@@ -126,9 +126,10 @@ def transformer_layers(unet) -> list[str]:
 @dataclass
 class MasaCtrlSchedule:
     """Where and when the mutual self-attention is on. Passed to the sampling loop as its
-    :class:`~adapedit.controller.Controller` (layout :data:`~adapedit.layout.EDIT`): it leaves
-    the controlled layers' probabilities and the latents as they are — the work happens in
-    :class:`MutualSelfAttnProcessor`, which asks :meth:`active` with the step the loop passed."""
+    :class:`~adapedit.pipelines.controller.Controller` (layout
+    :data:`~adapedit.algorithm.layout.EDIT`): it leaves the controlled layers' probabilities and the
+    latents as they are — the work happens in :class:`MutualSelfAttnProcessor`, which asks
+    :meth:`active` with the step the loop passed."""
 
     start_step: int
     start_layer: int
@@ -250,7 +251,7 @@ def masactrl_edit(
     progress: bool = False,
 ) -> MasaCtrlResult:
     """Edit ``source`` into ``target`` with MasaCtrl on a
-    :class:`~adapedit.pipeline.ReferencePipeline` (one pass, no calibration)."""
+    :class:`~adapedit.pipelines.pipeline.ReferencePipeline` (one pass, no calibration)."""
     for prompt in (source, target):
         tokenize(pipe.tokenizer, prompt)  # validates the length first
     x0 = pipe.initial_latent(sampler)  # [1, 4, h, w]; validates the resolution

@@ -19,8 +19,8 @@ import torch
 from adapedit.defaults import BUILTIN_MODELS
 from adapedit.errors import ConfigError, ModelError
 
-TOKENIZER_DIR = Path(__file__).parent / "data" / "clip-tokenizer"
-SHAPES_DIR = Path(__file__).parent / "data" / "shapes"
+TOKENIZER_DIR = Path(__file__).parents[1] / "data" / "clip-tokenizer"
+SHAPES_DIR = Path(__file__).parents[1] / "data" / "shapes"
 COMPONENTS = ("unet", "text_encoder", "vae", "tokenizer", "scheduler")
 
 #: Stable Diffusion v1.4's scheduler configuration (shared by DDIM and PNDM).

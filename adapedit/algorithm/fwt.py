@@ -9,8 +9,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from adapedit.algorithm.plan import EditPlan
 from adapedit.config import EditConfig
-from adapedit.plan import EditPlan
 
 
 def token_embeddings(

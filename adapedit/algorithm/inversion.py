@@ -27,9 +27,9 @@ from typing import Any
 
 import torch
 
+from adapedit.algorithm.layout import BatchLayout
 from adapedit.config import SamplerConfig
 from adapedit.errors import ConfigError, ModelError
-from adapedit.layout import BatchLayout
 
 #: The scheduler the inversion equation belongs to.
 INVERSION_SCHEDULER = "ddim"

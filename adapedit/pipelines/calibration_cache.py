@@ -2,9 +2,9 @@
 edit-side options (``λ_S``, ``λ_SV``, ``λ_τ``, the τ rule, ``α_m``, LocalBlend, reweight, the
 edit type of the same target) runs the edit pass alone.
 
-What is kept is :class:`~adapedit.controller.CalibrationStats` — never τ — keyed by everything
-the pass depends on (:func:`calibration_key`). The cache is bounded in bytes (least recently used
-out first) and safe to share between threads.
+What is kept is :class:`~adapedit.pipelines.controller.CalibrationStats` — never τ — keyed by
+everything the pass depends on (:func:`calibration_key`). The cache is bounded in bytes (least
+recently used out first) and safe to share between threads.
 """
 
 from __future__ import annotations
@@ -17,8 +17,8 @@ from dataclasses import dataclass
 import torch
 
 from adapedit.config import DEFAULT_CACHE_BYTES, EditConfig, SamplerConfig
-from adapedit.controller import CalibrationStats
 from adapedit.errors import ConfigError
+from adapedit.pipelines.controller import CalibrationStats
 
 
 @dataclass(frozen=True)

@@ -11,11 +11,11 @@ import numpy as np
 import pytest
 import torch
 
-from adapedit.calibration_cache import CalibrationCache, CalibrationKey
 from adapedit.config import EditConfig, SamplerConfig
-from adapedit.controller import CalibrationStats
 from adapedit.errors import ConfigError
-from adapedit.pipeline import ReferencePipeline
+from adapedit.pipelines.calibration_cache import CalibrationCache, CalibrationKey
+from adapedit.pipelines.controller import CalibrationStats
+from adapedit.pipelines.pipeline import ReferencePipeline
 
 SRC, TGT = "a dog standing on the grass", "a dog sitting on the grass"
 SAMPLER = SamplerConfig(steps=4, seed=3)
@@ -28,7 +28,7 @@ def _taus(result) -> list[float]:
 def _tiny(**kwargs) -> ReferencePipeline:
     """A pipeline on a tiny model of its own (a pipeline installs its processors in the UNet,
     so two pipelines never share components)."""
-    from adapedit.models import build_random
+    from adapedit.pipelines.models import build_random
 
     return ReferencePipeline(build_random("tiny", seed=0), **kwargs)
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from adapedit.alignment import (
+from adapedit.algorithm.alignment import (
     MAX_TOKENS,
     TokenizedPrompt,
     equalizer,
@@ -20,9 +20,9 @@ from adapedit.alignment import (
     swapped_words,
     tokenize,
 )
+from adapedit.algorithm.plan import build_plan
 from adapedit.config import EditConfig
 from adapedit.errors import PromptError
-from adapedit.plan import build_plan
 
 START, END = 49406, 49407
 

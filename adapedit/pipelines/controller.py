@@ -28,12 +28,10 @@ from typing import Protocol, runtime_checkable
 
 import torch
 
-from adapedit.blend import apply_local_blend, local_blend_mask
-from adapedit.config import EditConfig
-from adapedit.dps import pixel_similarity
-from adapedit.edit import branch_mean, edit_probs
-from adapedit.errors import ModelError
-from adapedit.fwt import (
+from adapedit.algorithm.blend import apply_local_blend, local_blend_mask
+from adapedit.algorithm.dps import pixel_similarity
+from adapedit.algorithm.edit import branch_mean, edit_probs
+from adapedit.algorithm.fwt import (
     TauPlan,
     compute_tau,
     cross_gates,
@@ -42,10 +40,12 @@ from adapedit.fwt import (
     self_steps,
     token_embeddings,
 )
-from adapedit.geometry import BLEND_DOWNSCALE, blend_pool, layer_downscale, layer_hw
-from adapedit.inversion import on_trajectory
-from adapedit.layout import CALIBRATION, EDIT, BatchLayout
-from adapedit.plan import EditPlan
+from adapedit.algorithm.geometry import BLEND_DOWNSCALE, blend_pool, layer_downscale, layer_hw
+from adapedit.algorithm.inversion import on_trajectory
+from adapedit.algorithm.layout import CALIBRATION, EDIT, BatchLayout
+from adapedit.algorithm.plan import EditPlan
+from adapedit.config import EditConfig
+from adapedit.errors import ModelError
 
 
 @runtime_checkable
@@ -68,7 +68,7 @@ class Controller(Protocol):
 
 @dataclass
 class CalibrationRecorder:
-    """Records, during the calibration pass (:data:`~adapedit.layout.CALIBRATION`,
+    """Records, during the calibration pass (:data:`~adapedit.algorithm.layout.CALIBRATION`,
     ``[u_edt, c_edt]``), what FWT and DPS need: the conditional branch's cross-attention maps at
     the calibration resolution (mean over heads and layers, summed over steps) and each
     cross-attention layer's final-step maps and input hidden states."""
@@ -193,7 +193,7 @@ _CONTROL_TENSORS = ("carry", "alphas", "equalizer", "lambda_s", "lambda_sv", "dp
 @dataclass(frozen=True, eq=False)
 class EditControls:
     """What the per-layer edit of one edit needs besides the step's gates, as tensors: the
-    arguments of :func:`~adapedit.edit.edit_probs` (the fused graph's per-edit inputs).
+    arguments of :func:`~adapedit.algorithm.edit.edit_probs` (the fused graph's per-edit inputs).
 
     Attributes:
         carry: [T, T] the token map's matrix; alphas: [T]; equalizer: [T] (ones unless
@@ -274,8 +274,8 @@ def edit_layer(
     cross_gate: torch.Tensor,
     self_gate: torch.Tensor,
 ) -> torch.Tensor:
-    """:func:`~adapedit.edit.edit_probs` for one controlled layer with an edit's controls and
-    the step's gates (the controller between segments and the fused graph both call this)."""
+    """:func:`~adapedit.algorithm.edit.edit_probs` for one controlled layer with an edit's controls
+    and the step's gates (the controller between segments and the fused graph both call this)."""
     width = hidden.shape[-1] if hidden is not None else 0
     return edit_probs(
         probs,
@@ -296,14 +296,14 @@ def edit_layer(
 
 @dataclass
 class EditController:
-    """Applies §5 to the edit branch of an edit pass (:data:`~adapedit.layout.EDIT`,
+    """Applies §5 to the edit branch of an edit pass (:data:`~adapedit.algorithm.layout.EDIT`,
     ``[u_src, u_edt, c_src, c_edt]``) and collects the maps LocalBlend and the attention image
     need (from the 1/4-resolution cross-attention layers, after the edit, as P2P's
     attention store sees them).
 
     ``trajectory`` (Direct Inversion, editing a given image): the inversion's latents
     [N + 1, C, h, w] (``z0``, ``z*_{t_1}`` … ``z*_{t_N}``); after each step the source branch is
-    set back onto it (:func:`~adapedit.inversion.on_trajectory`)."""
+    set back onto it (:func:`~adapedit.algorithm.inversion.on_trajectory`)."""
 
     plan: EditPlan
     tau: TauPlan

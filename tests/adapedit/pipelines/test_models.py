@@ -10,9 +10,9 @@ import torch
 
 from adapedit.config import EditConfig, SamplerConfig
 from adapedit.errors import ModelError
-from adapedit.models import build_random, load_model
-from adapedit.pipeline import ReferencePipeline
-from adapedit.processors import attention_layers
+from adapedit.pipelines.models import build_random, load_model
+from adapedit.pipelines.pipeline import ReferencePipeline
+from adapedit.pipelines.processors import attention_layers
 
 
 @pytest.fixture(scope="module")

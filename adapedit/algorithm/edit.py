@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import torch
 
-from adapedit.dps import dps_blend, pixel_similarity
-from adapedit.layout import BatchLayout
+from adapedit.algorithm.dps import dps_blend, pixel_similarity
+from adapedit.algorithm.layout import BatchLayout
 
 
 def edit_cross_attention(

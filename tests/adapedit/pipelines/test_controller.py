@@ -17,10 +17,10 @@ import math
 import pytest
 import torch
 
+from adapedit.algorithm.fwt import TauPlan
+from adapedit.algorithm.layout import CALIBRATION, EDIT, BatchLayout
 from adapedit.config import EditConfig
-from adapedit.controller import CalibrationRecorder, Controller, EditController
-from adapedit.fwt import TauPlan
-from adapedit.layout import CALIBRATION, EDIT, BatchLayout
+from adapedit.pipelines.controller import CalibrationRecorder, Controller, EditController
 
 SRC, TGT = "a dog standing on the grass", "a dog sitting on the grass"
 DOG, SITTING, GRASS = 2, 3, 6
@@ -47,7 +47,7 @@ def _hidden(batch=4, edit_index=3):
 
 
 def _controller(tokenizer, **cfg):
-    from adapedit.plan import build_plan
+    from adapedit.algorithm.plan import build_plan
 
     config = EditConfig(lambda_s=0.9, **cfg)
     plan = build_plan(tokenizer, SRC, TGT, config)

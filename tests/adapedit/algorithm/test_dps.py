@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from adapedit.dps import dps_blend, pixel_similarity
+from adapedit.algorithm.dps import dps_blend, pixel_similarity
 
 F64 = torch.float64
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from adapedit.blend import apply_local_blend, local_blend_mask
+from adapedit.algorithm.blend import apply_local_blend, local_blend_mask
 
 
 def _maps(src: dict, edt: dict) -> torch.Tensor:

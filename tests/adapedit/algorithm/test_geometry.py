@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 import torch
 
+from adapedit.algorithm.geometry import blend_pool, self_max_queries
 from adapedit.config import EditConfig, SamplerConfig
-from adapedit.geometry import blend_pool, self_max_queries
-from adapedit.processors import controlled_layers
+from adapedit.pipelines.processors import controlled_layers
 
 DATA = Path(__file__).parent / "data"
 
@@ -41,7 +41,7 @@ def test_the_scaled_rule_controls_the_same_layers_at_every_size(tiny_components)
 
 @pytest.fixture(scope="module")
 def shapes_pipeline():
-    from adapedit.pipeline import ReferencePipeline
+    from adapedit.pipelines.pipeline import ReferencePipeline
 
     pipe = ReferencePipeline.from_model("shapes")
     pipe.use_calibration_cache(None)

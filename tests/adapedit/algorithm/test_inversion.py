@@ -1,4 +1,5 @@
-"""The inversion's pure math (adapedit.inversion) by hand on small tensors, and the controller's
+"""The inversion's pure math (adapedit.algorithm.inversion) by hand on small tensors, and the
+controller's
 and the layout's parts in it."""
 
 from __future__ import annotations
@@ -8,11 +9,8 @@ import math
 import pytest
 import torch
 
-from adapedit.config import EditConfig, ImageConfig, SamplerConfig
-from adapedit.controller import EditController
-from adapedit.errors import ConfigError, ModelError
-from adapedit.fwt import fixed_tau
-from adapedit.inversion import (
+from adapedit.algorithm.fwt import fixed_tau
+from adapedit.algorithm.inversion import (
     check_model,
     check_sampler,
     ddim_inversion_step,
@@ -20,9 +18,12 @@ from adapedit.inversion import (
     on_trajectory,
     to_epsilon,
 )
-from adapedit.layout import EDIT, INVERSION, BatchLayout
-from adapedit.models import SD_SCHEDULER_CONFIG, make_scheduler
-from adapedit.plan import build_plan
+from adapedit.algorithm.layout import EDIT, INVERSION, BatchLayout
+from adapedit.algorithm.plan import build_plan
+from adapedit.config import EditConfig, ImageConfig, SamplerConfig
+from adapedit.errors import ConfigError, ModelError
+from adapedit.pipelines.controller import EditController
+from adapedit.pipelines.models import SD_SCHEDULER_CONFIG, make_scheduler
 
 
 def test_one_inversion_step_by_hand():

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import torch
 
-from adapedit.alignment import TokenMap
-from adapedit.edit import edit_cross_attention, edit_self_attention
+from adapedit.algorithm.alignment import TokenMap
+from adapedit.algorithm.edit import edit_cross_attention, edit_self_attention
 
 F64 = torch.float64
 

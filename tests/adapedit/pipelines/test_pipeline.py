@@ -6,10 +6,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from adapedit.blend import local_blend_mask
+from adapedit.algorithm.blend import local_blend_mask
+from adapedit.algorithm.fwt import fixed_tau
 from adapedit.config import DEFAULT_CACHE_BYTES, EditConfig, SamplerConfig
-from adapedit.controller import EditController
-from adapedit.fwt import fixed_tau
+from adapedit.pipelines.controller import EditController
 
 SRC, TGT = "a dog standing on the grass", "a dog sitting on the grass"
 FAST = SamplerConfig(steps=6, seed=3)
@@ -140,9 +140,9 @@ def test_progress_reports_each_unet_step_and_changes_nothing(tiny_pipeline, phot
 def test_dps_weight_is_s_at_the_last_step_of_the_blend_layers(monkeypatch):
     """On the trained model (the tiny one's random S is clamped to 0 everywhere): the result's
     map is the mean of the S that Eq. 8 used at the last step in the LocalBlend layers."""
-    import adapedit.edit
-    from adapedit.dps import pixel_similarity
-    from adapedit.pipeline import ReferencePipeline
+    import adapedit.algorithm.edit
+    from adapedit.algorithm.dps import pixel_similarity
+    from adapedit.pipelines.pipeline import ReferencePipeline
 
     pipe = ReferencePipeline.from_model("shapes")
     used: list[torch.Tensor] = []
@@ -151,7 +151,7 @@ def test_dps_weight_is_s_at_the_last_step_of_the_blend_layers(monkeypatch):
         used.append(pixel_similarity(*args, **kwargs))
         return used[-1]
 
-    monkeypatch.setattr(adapedit.edit, "pixel_similarity", spy)
+    monkeypatch.setattr(adapedit.algorithm.edit, "pixel_similarity", spy)
     source, target = "a small red circle on the left", "a big red circle on the left"
     r = pipe.edit(source, target, EditConfig(), SamplerConfig(steps=3, seed=2))
     blend = [s for s in used if s.numel() == r.attention_maps[0].numel()]  # the LocalBlend layers
@@ -164,7 +164,7 @@ def test_dps_weight_is_s_at_the_last_step_of_the_blend_layers(monkeypatch):
 
 
 def test_a_pndm_edit_injects_by_the_nominal_steps(tiny_pipeline, monkeypatch):
-    import adapedit.pipeline
+    import adapedit.pipelines.pipeline
 
     built: list[EditController] = []
 
@@ -173,7 +173,7 @@ def test_a_pndm_edit_injects_by_the_nominal_steps(tiny_pipeline, monkeypatch):
             super().__post_init__()
             built.append(self)
 
-    monkeypatch.setattr(adapedit.pipeline, "EditController", Recorded)
+    monkeypatch.setattr(adapedit.pipelines.pipeline, "EditController", Recorded)
     cfg = EditConfig(use_fwt=False, use_dps=False, tau_fixed=0.5, tau_self_fixed=0.5)
     for scheduler, calls in (("ddim", 4), ("pndm", 5)):
         tiny_pipeline.edit("a cat", "a big cat", cfg, SamplerConfig(steps=4, scheduler=scheduler))

@@ -7,9 +7,7 @@ import math
 import pytest
 import torch
 
-from adapedit.config import EditConfig
-from adapedit.controller import EditSchedule
-from adapedit.fwt import (
+from adapedit.algorithm.fwt import (
     TauPlan,
     compute_tau,
     cross_gates,
@@ -19,7 +17,9 @@ from adapedit.fwt import (
     tau_from_similarity,
     token_embeddings,
 )
-from adapedit.plan import build_plan
+from adapedit.algorithm.plan import build_plan
+from adapedit.config import EditConfig
+from adapedit.pipelines.controller import EditSchedule
 
 F64 = torch.float64
 
