@@ -15,15 +15,18 @@ process, and every result is written into ``OUT_DIR`` as soon as it exists:
 A run killed at any moment keeps every line and file written before. Exports are kept in
 ``WORK`` (default ``.gpu-work``, git-ignored) for the next command while the machine is warm.
 
-    bash benchmarks/gpu.sh 1                   # = python3 -m benchmarks.gpu_run 1
-    bash benchmarks/gpu.sh 2
+    GPU_DEADLINE_S=400 bash benchmarks/gpu.sh 1   # = python3 -m benchmarks.gpu_run 1
+    bash benchmarks/gpu.sh 2                      # deadline: 540 s
     GPU_DRY_RUN=1 OUT_DIR=/tmp/o bash benchmarks/gpu.sh 1   # the same steps on the CPU
 
-Command 1 (what matters most, in this order): install, backends and card, the static fp16
-export (fused, batches 2 and 4; whole UNet), then one latency step: the reference and the fused
-runtime with CUDA graphs end to end at 20 and 50 steps, parity with the fp16 reference, one UNet
-call per form, controller time, GPU memory, host syncs per step. Command 2: the segmented form,
-the ``torch.compile`` peer, ONNX Runtime's TensorRT provider and native TensorRT when importable.
+Command 1 (what matters most, in this order): install, onnxruntime-gpu, backends and card, the
+static fp16 export of the fused UNet (batches 2 and 4), then one latency step: the reference and
+the fused runtime with CUDA graphs end to end at 20 and 50 steps, parity with the fp16
+reference, one UNet call, controller time, GPU memory, host syncs per step. Command 2: the
+presets on that export, the segmented form with the whole UNet (whose call the summary sets
+against command 1's fused call), the ``torch.compile`` peer, ONNX Runtime's TensorRT provider
+and native TensorRT when importable. ``GPU_DEADLINE_S`` (at most 540) is what is left of the
+loan: each step runs within it, and a step that cannot fit is skipped and named.
 
 Other verbs: ``probe`` (backends and card, run as a step), ``pack`` (the transfer kit: a package
 directory as xz parts) and ``unpack`` (their reassembly on the machine). The script imports
@@ -77,11 +80,16 @@ class Settings:
     warmup: int = 1
     repeats: int = 3
     jobs: int = 3
+    #: The seconds this command may take from its start (``GPU_DEADLINE_S``; at most
+    #: :data:`COMMAND_LIMIT_S`): set it to what is left of the loan, so that a command started
+    #: late runs what fits, in order, and skips the rest, rather than being cut mid-step.
+    deadline_s: int = 540
 
     @classmethod
     def from_env(cls, env: dict[str, str] | None = None) -> Settings:
         env = dict(os.environ if env is None else env)
         dry = env.get("GPU_DRY_RUN") == "1"
+        deadline = _deadline(env.get("GPU_DEADLINE_S"))
         out = env.get("OUT_DIR") or env.get("OUT")
         if not out:
             if not dry:
@@ -108,22 +116,40 @@ class Settings:
                 warmup=0,
                 repeats=1,
                 jobs=1,
+                deadline_s=deadline,
             )
-        return cls(False, **paths)
+        return cls(False, **paths, deadline_s=deadline)
 
     @property
     def exports(self) -> dict[str, Path]:
         return {"fused": self.work / "export-fused", "segmented": self.work / "export-segmented"}
 
 
+def _deadline(value: str | None) -> int:
+    if value is None:
+        return COMMAND_LIMIT_S
+    try:
+        deadline = int(value)
+    except ValueError:
+        deadline = -1
+    if not 1 <= deadline <= COMMAND_LIMIT_S:
+        raise SystemExit(
+            f"GPU_DEADLINE_S is not a number of seconds a command may take | where: the "
+            f"environment | expected: an integer from 1 to {COMMAND_LIMIT_S} | got: {value!r}"
+        )
+    return deadline
+
+
 @dataclass(frozen=True)
 class Step:
-    """One step of a command: a child process with a time limit; ``needs``: the steps whose
-    success it needs; ``done``: a path whose presence means its result is already there (an
-    export kept from the command before)."""
+    """One step of a command: a child process with a time limit; ``min_s``: the least time in
+    which it can still bring back a result (with less left before the deadline it is skipped);
+    ``needs``: the steps whose success it needs; ``done``: a path whose presence means its
+    result is already there (an export kept from the command before)."""
 
     name: str
     limit_s: int
+    min_s: int
     argv: tuple[str, ...]
     needs: tuple[str, ...] = ()
     done: Path | None = None
@@ -147,7 +173,7 @@ def commands(s: Settings) -> dict[int, list[Step]]:
         jsonl,
     ]
 
-    def export(form: tuple[str, ...], folder: Path, limit: int) -> Step:
+    def export(form: tuple[str, ...], folder: Path, limit: int, min_s: int) -> Step:
         argv = (
             py,
             "-m",
@@ -177,6 +203,7 @@ def commands(s: Settings) -> dict[int, list[Step]]:
         return Step(
             f"export-{folder.name.removeprefix('export-')}",
             limit,
+            min_s,
             argv,
             ("install",),
             done=folder / "manifest.json",
@@ -184,24 +211,38 @@ def commands(s: Settings) -> dict[int, list[Step]]:
 
     install = Step(
         "install",
-        70,
+        60,
+        20,
         ("bash", str(ROOT / "benchmarks" / "gpu" / "install.sh")),
-        env={"WHL_DIR": str(s.whl), "ORT_DIR": str(s.ortgpu), "ADAPEDIT_SITE": str(s.site)},
+        env={"WHL_DIR": str(s.whl), "ADAPEDIT_SITE": str(s.site)},
+    )
+    # nothing needs it: without it the latency step measures the PyTorch reference alone, and
+    # the backends step records which providers there are
+    ort_gpu = Step(
+        "onnxruntime-gpu",
+        30,
+        10,
+        (py, "-m", "benchmarks.gpu_run", "unpack", str(s.ortgpu)),
     )
     fused, segmented = s.exports["fused"], s.exports["segmented"]
     latency = (py, "-m", "benchmarks.latency", *common)
     one = [
         install,
+        ort_gpu,
         Step(
             "backends",
-            30,
+            20,
+            5,
             (py, "-m", "benchmarks.gpu_run", "probe", "--jsonl", jsonl),
             ("install",),
         ),
-        export(("fused", "whole"), fused, 180),
+        # the fused form alone: with the whole UNet beside it each batch is traced twice
+        # (the whole UNet comes with the segmented form in command 2, at no extra trace)
+        export(("fused",), fused, 200, 100),
         Step(
             "latency",
-            260,
+            230,
+            90,
             (
                 *latency,
                 "--export-dir",
@@ -223,12 +264,36 @@ def commands(s: Settings) -> dict[int, list[Step]]:
             ("export-fused",),
         ),
     ]
+    # in the order of what matters: the presets on command 1's fused export, then the whole
+    # UNet and the segmented form (one trace), the peer, TensorRT where importable
     two = [
         install,
-        export(("segmented",), segmented, 160),
+        ort_gpu,
+        Step(
+            "presets",
+            50,
+            30,
+            (
+                py,
+                "-m",
+                "benchmarks.presets",
+                "--paths",
+                f"build:{fused}:fused:{s.backends[0]}",
+                "--repeats",
+                str(s.repeats),
+                "--cached",
+                "--jsonl",
+                jsonl,
+                "--out",
+                str(s.work / "records"),
+            ),
+            ("install", "export-fused"),
+        ),
+        export(("segmented", "whole"), segmented, 160, 100),
         Step(
             "latency-segmented",
-            120,
+            110,
+            60,
             (
                 *latency,
                 "--export-dir",
@@ -248,7 +313,8 @@ def commands(s: Settings) -> dict[int, list[Step]]:
         ),
         Step(
             "peer",
-            120,
+            100,
+            60,
             (
                 py,
                 "-m",
@@ -276,6 +342,7 @@ def commands(s: Settings) -> dict[int, list[Step]]:
         Step(
             "tensorrt",
             30,
+            10,
             (
                 *latency,
                 "--export-dir",
@@ -293,26 +360,7 @@ def commands(s: Settings) -> dict[int, list[Step]]:
                 "--tag",
                 "latency-tensorrt",
             ),
-            ("install",),
-        ),
-        Step(
-            "presets",
-            40,
-            (
-                py,
-                "-m",
-                "benchmarks.presets",
-                "--paths",
-                f"build:{fused}:fused:{s.backends[0]}",
-                "--repeats",
-                str(s.repeats),
-                "--cached",
-                "--jsonl",
-                jsonl,
-                "--out",
-                str(s.work / "records"),
-            ),
-            ("install",),
+            ("install", "export-fused"),
         ),
     ]
     return {1: one, 2: two}
@@ -367,9 +415,13 @@ def _env(s: Settings, step: Step) -> dict[str, str]:
 
 
 def run_command(number: int, s: Settings) -> int:
-    """Run command ``number``: its steps in order, each within its limit; 0 if every step
-    succeeded (or its result was already there), 1 otherwise."""
+    """Run command ``number``: its steps in order, each within its limit and within what is
+    left of the deadline (a step with less than its ``min_s`` left is skipped); 0 if every step
+    succeeded (or its result was already there), 1 otherwise. A SIGTERM or SIGINT (the device
+    tool stopping the command) kills the running step, records it and packs its log."""
+    start = time.monotonic()
     steps = commands(s)[number]
+    others = {x.name: x for n, c in commands(s).items() if n != number for x in c}
     s.out.mkdir(parents=True, exist_ok=True)
     (s.work / "logs").mkdir(parents=True, exist_ok=True)
     results = s.out / RESULTS
@@ -383,18 +435,17 @@ def run_command(number: int, s: Settings) -> int:
         precision=s.precision,
         steps=list(s.steps),
         limits={x.name: x.limit_s for x in steps},
+        deadline_s=s.deadline_s,
     )
     status: dict[str, str] = {}
-    for step in steps:
-        missing = [n for n in step.needs if status.get(n) not in ("ok", "kept")]
-        t0 = time.perf_counter()
-        if missing:
-            state = f"skipped: needs {', '.join(missing)}"
-        elif step.done is not None and step.done.exists():
-            state = "kept"
-        else:
-            print(f"== {step.name} (limit {step.limit_s} s)", flush=True)
-            state = _run_step(s, number, step)
+
+    def met(need: str) -> bool:
+        if need in status:
+            return status[need] in ("ok", "kept")
+        done = others[need].done if need in others else None
+        return done is not None and done.exists()  # kept from the other command
+
+    def finish(step: Step, state: str, t0: float) -> None:
         status[step.name] = state
         emit(
             results,
@@ -402,17 +453,63 @@ def run_command(number: int, s: Settings) -> int:
             command=number,
             name=step.name,
             status=state,
-            seconds=round(time.perf_counter() - t0, 2),
+            seconds=round(time.monotonic() - t0, 2),
             limit_s=step.limit_s,
         )
         print(f"   {step.name}: {state}", flush=True)
-        write_summary(s)
+        shutil.copy(results, s.work / f"results-{number}.jsonl")  # for the next command's summary
+        write_summary(s, number)
         pack_logs(s)
+
+    current: list[tuple[Step, float]] = []
+
+    def stopped(signum: int, _frame) -> None:
+        _kill(_RUNNING)
+        if current:
+            step, t0 = current[0]
+            finish(step, f"killed by signal {signum}", t0)
+        raise SystemExit(128 + signum)
+
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        signal.signal(sig, stopped)
+    for step in steps:
+        missing = [n for n in step.needs if not met(n)]
+        t0 = time.monotonic()
+        left = int(s.deadline_s - (t0 - start) - PACK_RESERVE_S)
+        if missing:
+            state = f"skipped: needs {', '.join(missing)}"
+        elif step.done is not None and step.done.exists():
+            state = "kept"
+        elif left < step.min_s:
+            state = f"skipped: {max(left, 0)} s left before the deadline, needs {step.min_s}"
+        else:
+            limit = min(step.limit_s, left)
+            print(f"== {step.name} (limit {limit} s)", flush=True)
+            current[:] = [(step, t0)]
+            state = _run_step(s, number, step, limit)
+            current.clear()
+        finish(step, state, t0)
     return 0 if all(v in ("ok", "kept") for v in status.values()) else 1
 
 
-def _run_step(s: Settings, number: int, step: Step) -> str:
+#: What a command keeps of its deadline for its last summary and logs.
+PACK_RESERVE_S = 5
+#: How often the logs are packed while a step runs, so a command stopped mid-step still
+#: brings back that step's log so far.
+PACK_EVERY_S = 15
+_RUNNING: list[subprocess.Popen] = []
+
+
+def _kill(running: list[subprocess.Popen]) -> None:
+    for proc in running:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+
+def _run_step(s: Settings, number: int, step: Step, limit_s: int) -> str:
     log = s.work / "logs" / f"{number}-{step.name}.log"
+    end = time.monotonic() + limit_s
     with open(log, "wb") as f:
         proc = subprocess.Popen(
             step.argv,
@@ -422,12 +519,18 @@ def _run_step(s: Settings, number: int, step: Step) -> str:
             stderr=subprocess.STDOUT,
             start_new_session=True,
         )
-        try:
-            rc = proc.wait(timeout=step.limit_s)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-            return f"timeout after {step.limit_s} s"
+        _RUNNING[:] = [proc]
+        rc = None
+        while rc is None and time.monotonic() < end:
+            try:
+                rc = proc.wait(timeout=min(PACK_EVERY_S, max(end - time.monotonic(), 0.01)))
+            except subprocess.TimeoutExpired:
+                f.flush()
+                pack_logs(s)
+        _kill(_RUNNING)
+        _RUNNING.clear()
+    if rc is None:
+        return f"timeout after {limit_s} s"
     if rc != 0:
         tail = log.read_text(errors="replace").strip().splitlines()[-3:]
         print("\n".join(f"   | {t}" for t in tail), flush=True)
@@ -442,10 +545,18 @@ def _median(x: dict) -> str:
     return f"{x['median']:.3f} ({x['p90']:.3f})" if x else "–"
 
 
-def write_summary(s: Settings) -> None:
+def write_summary(s: Settings, number: int) -> None:
     """``summary.md`` from ``results.jsonl``: steps, machine, end to end, parity, UNet calls,
-    memory, syncs, peer and the goals (atomically)."""
+    memory, syncs, peer and the goals (atomically). Command 2's goals also read command 1's
+    UNet calls, kept in the work folder on the same machine (the fused UNet is measured in
+    command 1, the whole UNet in command 2)."""
     lines = read_lines(s.out / RESULTS)
+    earlier = [
+        x
+        for n in range(1, number)
+        for x in read_lines(s.work / f"results-{n}.jsonl")
+        if x["kind"] == "unet_call"
+    ]
     by: dict[str, list[dict]] = {}
     for x in lines:
         by.setdefault(x["kind"], []).append(x)
@@ -511,18 +622,20 @@ def write_summary(s: Settings) -> None:
         for x in by.get(kind, []):
             rest = {k: v for k, v in x.items() if k not in ("kind", "t", "path")}
             md.append(f"\n{kind} — {x.get('path', '')}: `{json.dumps(rest)}`")
-    md += ["", "## Goals", ""] + [f"- {g}" for g in goals(lines)]
+    md += ["", "## Goals", ""] + [f"- {g}" for g in goals(lines, earlier)]
     atomic_write_bytes(s.out / SUMMARY, ("\n".join(md) + "\n").encode())
 
 
-def goals(lines: list[dict]) -> list[str]:
-    """The GPU issue's goals against what was measured (those not measured say so)."""
+def goals(lines: list[dict], earlier: list[dict] = ()) -> list[str]:
+    """The GPU issue's goals against what was measured (those not measured say so);
+    ``earlier``: UNet calls an earlier command measured on the same machine."""
     edits = {
         (x["path"], x["steps"]): x["stages_s"]["total"]["median"]
         for x in lines
         if x["kind"] == "edit"
     }
     calls = {x["path"]: x["seconds"]["median"] for x in lines if x["kind"] == "unet_call"}
+    before = {x["path"]: x["seconds"]["median"] for x in earlier}
     out = []
     for (path, n), total in sorted(edits.items()):
         if path == "reference" or (n != 50 and not path.endswith("fused")):
@@ -531,11 +644,12 @@ def goals(lines: list[dict]) -> list[str]:
         speed = f"{ref / total:.2f}× the reference (goal ≥ 3.5×)" if ref else "no reference"
         budget = f"; {total:.3f} s (goal ≤ 1.0 s on an H100)" if n == 50 else ""
         out.append(f"{path} at {n} steps: {speed}{budget}")
-    for path, t in calls.items():
-        backend, _, form = path.rpartition("-")
+    for path, t in {**before, **calls}.items():
+        backend, _, form = path.removesuffix("-nograph").rpartition("-")
         whole = calls.get(f"{backend}-whole")
         if form == "fused" and whole:
-            out.append(f"{path} UNet call {t / whole:.2f}× the whole UNet's (goal ≤ 1.1×)")
+            where = "" if path in calls else " (measured by command 1, the whole UNet by this one)"
+            out.append(f"{path} UNet call {t / whole:.2f}× the whole UNet's (goal ≤ 1.1×){where}")
     for x in lines:
         if x["kind"] == "syncs" and x.get("passes"):
             per = max(p["per_step"] for p in x["passes"].values())

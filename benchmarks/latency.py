@@ -630,9 +630,9 @@ def main(argv: list[str] | None = None) -> None:
     stem = a.tag or f"latency_{a.model}_{rec['height']}_{a.precision}_{rec['device']}"
     results = Path(a.results)
     results.mkdir(parents=True, exist_ok=True)
-    plot(rec, Path(a.plot_to) if a.plot_to else results / f"{stem}.png")
-    write_results(results, stem, rec, markdown(rec))
+    write_results(results, stem, rec, markdown(rec))  # before the plot, which may fail alone
     print(json.dumps(rec["goals"], indent=1))
+    plot(rec, Path(a.plot_to) if a.plot_to else results / f"{stem}.png")
 
 
 if __name__ == "__main__":

@@ -261,8 +261,6 @@ def make_runner(
             stream=stream,
             cuda_graph=cuda_graph,
         )
-    if cuda_graph and (ort or config.ort).device.type == "cuda":
-        ort = replace(ort or config.ort, cuda_graph=True)
-    return OrtRunner(
-        folder / spec.file, spec, ort or config.ort, name=spec.file, stream=stream, weights=weights
-    )
+    ort = ort or config.ort  # CUDA graphs for this runner exactly as asked, whatever ort says
+    ort = replace(ort, cuda_graph=cuda_graph and ort.device.type == "cuda")
+    return OrtRunner(folder / spec.file, spec, ort, name=spec.file, stream=stream, weights=weights)

@@ -124,13 +124,15 @@ def provider_options(
     """``InferenceSession``'s providers for a GPU run, each with its options under the keys that
     provider reads: the device, the compute stream (``has_user_compute_stream`` and the handle)
     and CUDA graphs (``enable_cuda_graph`` for CUDA, ``trt_cuda_graph_enable`` for TensorRT;
-    a key a provider does not know is an error that sends ONNX Runtime to its fallback)."""
+    a key a provider does not know is an error that sends ONNX Runtime to its fallback). The
+    CUDA provider runs fp32 math in fp32 (``use_tf32`` off, as torch's matmuls by default): an
+    fp32 folder is the exact one, an fp16 folder's math is fp16 either way."""
     common = {"device_id": str(device_id)}
     if stream is not None:
         common |= {"has_user_compute_stream": "1", "user_compute_stream": str(stream)}
     graph = "1" if cuda_graph else "0"
     own = {
-        PROVIDERS["cuda"]: {"enable_cuda_graph": graph},
+        PROVIDERS["cuda"]: {"enable_cuda_graph": graph, "use_tf32": "0"},
         PROVIDERS["tensorrt"]: {"trt_cuda_graph_enable": graph},
     }
     return [(p, common | own[p]) if p in own else p for p in wanted]
@@ -171,8 +173,18 @@ class OrtRunner(Runner):
         weights: WeightPool | None = None,
     ) -> None:
         super().__init__(spec, name or str(path))
+        host = [t.name for t in spec.inputs if t.dtype in HOST_DTYPES]
+        if options.cuda_graph and host:
+            raise EngineError(
+                "a CUDA graph cannot replay inputs bound in host memory (ONNX Runtime copies "
+                "them to a new device buffer at every bind)",
+                where=name or str(path),
+                expected="cuda_graph only for graphs whose inputs live on the device",
+                got=f"integer inputs {host}",
+            )
         self.path = Path(path)
         self.options = options
+        self._target = options.device  # with its index once activated
         self.stream = stream
         self.weights = weights
         self.session = None
@@ -256,6 +268,8 @@ class OrtRunner(Runner):
         if device.type != "cuda":
             return wanted
         index = device.index if device.index is not None else torch.cuda.current_device()
+        # the device with its index: tensors on cuda:0 compare unequal to a bare "cuda"
+        self._target = torch.device("cuda", index)
         stream = self.stream.cuda_stream if self.stream is not None else None
         return provider_options(wanted, index, stream, cuda_graph=self.options.cuda_graph)
 
@@ -271,7 +285,7 @@ class OrtRunner(Runner):
         """Where a tensor of ``dtype`` is bound: integer tensors (shapes and indices passed
         across the cuts of a dynamic export) in host memory, where ONNX Runtime's CUDA kernels
         read shapes; every other tensor on the runner's device."""
-        return torch.device("cpu") if dtype in HOST_DTYPES else self.options.device
+        return torch.device("cpu") if dtype in HOST_DTYPES else self._target
 
     def _buffer(self, name: str, shape: tuple[int, ...], dtype: str) -> torch.Tensor:
         key = (name, shape)
@@ -322,7 +336,7 @@ class OrtRunner(Runner):
 
     def _run(self, feeds: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         binding = self._binding
-        device = self.options.device
+        device = self._target
         keep = []
         for t in self.spec.inputs:
             dev = self._device(t.dtype)

@@ -216,6 +216,10 @@ class TrtRunner(Runner):
 
     def _activate(self) -> None:
         trt = _trt()
+        if self.device.type == "cuda" and self.device.index is None:
+            # with its index: a tensor on cuda:0 compares unequal to a bare "cuda", and every
+            # input would be staged (copied) on every call
+            self.device = torch.device("cuda", torch.cuda.current_device())
         if not self.plan_path.is_file():
             raise EngineError(
                 "engine plan is missing",

@@ -30,6 +30,7 @@ import asyncio
 import logging
 import threading
 from collections.abc import AsyncIterator, Iterator, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -218,21 +219,27 @@ class RayEditor:
 
 @serve.deployment(name="Editor")
 class EditorReplica:
-    """One session, engines loaded at start; its edits run one at a time."""
+    """One session, engines loaded at start; its edits run one at a time, always on the same
+    thread (as ``adapedit serve`` runs them): ONNX Runtime's CUDA provider keeps its CUDA graphs
+    and library handles per thread, so a new thread would capture every graph again."""
 
     def __init__(
         self, engine_dir: str, ort: OrtOptions | None, calibration_cache: int | None
     ) -> None:
         self.session = open_session(engine_dir, ort, calibration_cache)
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="adapedit-edit")
+
+    def _run(self, job: EditRequest, report: ProgressCallback | None = None) -> asyncio.Future:
+        loop = asyncio.get_running_loop()
+        return loop.run_in_executor(self._pool, run_edit, self.session, job, report)
 
     async def edit(self, job: EditRequest) -> Answer:
         """The answer to one job (see :func:`~adapedit.runtime.server.run_edit`)."""
-        return await asyncio.to_thread(run_edit, self.session, job)
+        return await self._run(job)
 
     async def edit_stream(self, job: EditRequest) -> AsyncIterator[Progress | Answer]:
         """Each :class:`~adapedit.pipelines.pipeline.Progress` of one job, then its answer."""
-        run = with_progress(lambda report: asyncio.to_thread(run_edit, self.session, job, report))
-        async for item in run:
+        async for item in with_progress(lambda report: self._run(job, report)):
             yield item
 
 

@@ -253,7 +253,8 @@ class EditSession(EditPipeline):
             )
 
     def encode(self, prompts: list[str]) -> torch.Tensor:
-        ids = self.tokens(prompts).to(self.device)  # [n, 77]
+        # [n, 77] on the host: ONNX Runtime binds integer inputs there, TensorRT stages them
+        ids = self.tokens(prompts)
         n = self.text_encoder.spec.inputs[0].shape[0]  # a static graph's batch, or a symbol
         chunks = ids.split(n) if isinstance(n, int) else [ids]
         return torch.cat(

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 
 from adapedit.engines.base import Profile, eval_dim, solve_symbols
+from adapedit.engines.folder import make_runner
 from adapedit.engines.ort import OrtOptions, OrtRunner, provider_options
 from adapedit.errors import EngineError
+from adapedit.spec import GraphSpec, TensorSpec
 
 
 @pytest.fixture(scope="module")
@@ -141,11 +145,43 @@ def test_each_gpu_provider_gets_its_own_option_keys():
         for p in provider_options([trt, cuda, cpu], 1, 1234, cuda_graph=True)
     )
     stream = {"device_id": "1", "has_user_compute_stream": "1", "user_compute_stream": "1234"}
-    assert got[cuda] == stream | {"enable_cuda_graph": "1"}
+    assert got[cuda] == stream | {"enable_cuda_graph": "1", "use_tf32": "0"}
     assert got[trt] == stream | {"trt_cuda_graph_enable": "1"}  # not enable_cuda_graph
     assert got[cpu] == {}
     plain = provider_options([cuda], 0, None, cuda_graph=False)
-    assert plain == [(cuda, {"device_id": "0", "enable_cuda_graph": "0"})]
+    assert plain == [(cuda, {"device_id": "0", "enable_cuda_graph": "0", "use_tf32": "0"})]
+
+
+TEXT = GraphSpec(
+    "text_encoder.onnx",
+    (TensorSpec("input_ids", "int64", (1, 77)),),
+    (TensorSpec("last_hidden_state", "float16", (1, 77, 768)),),
+)
+UNET = GraphSpec(
+    "unet/b4_fused.onnx",
+    (TensorSpec("sample", "float16", (4, 4, 64, 64)),),
+    (TensorSpec("noise_pred", "float16", (4, 4, 64, 64)),),
+)
+
+
+def test_a_cuda_graph_over_inputs_bound_in_host_memory_is_refused():
+    """ONNX Runtime copies an int64 input to a new device buffer at every bind, and a captured
+    graph replays the address of the first copy: such a runner must never replay a graph."""
+    with pytest.raises(EngineError, match=r"host memory.*input_ids"):
+        OrtRunner("text_encoder.onnx", TEXT, OrtOptions(providers=("cuda",), cuda_graph=True))
+    OrtRunner("text_encoder.onnx", TEXT, OrtOptions(providers=("cuda",)))  # without: fine
+
+
+def test_a_folder_runner_replays_cuda_graphs_only_where_asked(tmp_path):
+    """CUDA graphs are a per-runner choice (the session asks for them on the fused UNet only):
+    options saying ``cuda_graph`` never turn them on for the text encoder or the VAE."""
+    config = SimpleNamespace(backend="ort", ort=OrtOptions(providers=("cuda",), cuda_graph=True))
+    text = make_runner(tmp_path, config, TEXT)  # would be refused with a graph
+    assert not text.options.cuda_graph
+    assert make_runner(tmp_path, config, UNET, cuda_graph=True).options.cuda_graph
+    assert not make_runner(tmp_path, config, UNET).options.cuda_graph
+    cpu = SimpleNamespace(backend="ort", ort=OrtOptions())
+    assert not make_runner(tmp_path, cpu, UNET, cuda_graph=True).options.cuda_graph
 
 
 @pytest.mark.filterwarnings("ignore:Specified provider")

@@ -293,3 +293,34 @@ def test_two_cpu_replicas_on_a_local_cluster(tiny_engines, tiny_session):
     while (left := [p for p in processes if alive(p)]) and time.monotonic() < end:
         time.sleep(0.5)
     assert not left, f"processes left behind: {left}"
+
+
+def test_a_replica_runs_every_edit_on_one_thread_of_its_own(monkeypatch):
+    """ONNX Runtime's CUDA provider keeps CUDA graphs per thread: a replica's edits, plain or
+    streamed, all run on the replica's one edit thread (``asyncio.to_thread`` took whichever
+    thread of the loop's pool was free, and each new one captured every graph again)."""
+    from adapedit.runtime import rayserve
+
+    threads: list[str] = []
+
+    def fake_run_edit(session, job, report=None):
+        threads.append(threading.current_thread().name)
+        if report is not None:
+            report("progress")
+        return f"answer to {job}"
+
+    monkeypatch.setattr(rayserve, "open_session", lambda *a: "session")
+    monkeypatch.setattr(rayserve, "run_edit", fake_run_edit)
+    replica = rayserve.EditorReplica.func_or_class("engines", None, None)
+
+    async def edits() -> list:
+        answers = [await replica.edit(f"job {k}") for k in range(3)]
+        answers += await asyncio.gather(*(replica.edit(f"job {k}") for k in range(3, 6)))
+        streamed = [item async for item in replica.edit_stream("job 6")]
+        return [*answers, streamed]
+
+    answers = asyncio.run(edits())
+    assert answers[:6] == [f"answer to job {k}" for k in range(6)]
+    assert answers[6] == ["progress", "answer to job 6"]
+    assert len(threads) == 7 and len(set(threads)) == 1
+    assert threads[0].startswith("adapedit-edit")

@@ -3,6 +3,8 @@ types and LocalBlend (the P2P and AdapEdit oracles are in test_oracles.py)."""
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 
@@ -10,6 +12,7 @@ from adapedit.algorithm.blend import local_blend_mask
 from adapedit.algorithm.fwt import fixed_tau
 from adapedit.config import DEFAULT_CACHE_BYTES, EditConfig, SamplerConfig
 from adapedit.pipelines.controller import EditController
+from adapedit.pipelines.pipeline import EditPipeline
 
 SRC, TGT = "a dog standing on the grass", "a dog sitting on the grass"
 FAST = SamplerConfig(steps=6, seed=3)
@@ -181,3 +184,15 @@ def test_a_pndm_edit_injects_by_the_nominal_steps(tiny_pipeline, monkeypatch):
         # ⌊0.5·(4+1)⌋ = 2 cross calls, ⌊0.5·4⌋ = 2 self calls, of 4 (DDIM) or 5 (PNDM) calls
         assert schedule.cross.shape[0] == schedule.self.shape[0] == calls
         assert schedule.cross[:, 2].sum().item() == 2.0 and schedule.self.sum().item() == 2.0
+
+
+def test_stage_timings_wait_for_the_gpu_and_never_for_the_cpu(monkeypatch):
+    """On a GPU the work of a stage is queued, not done, when its Python returns: each stage's
+    clock waits for the device first (on the CPU there is nothing to wait for)."""
+    waited = []
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: waited.append(device))
+    gpu = SimpleNamespace(device=torch.device("cuda", 0))
+    assert isinstance(EditPipeline._clock(gpu), float)
+    assert waited == [torch.device("cuda", 0)]
+    EditPipeline._clock(SimpleNamespace(device=torch.device("cpu")))
+    assert len(waited) == 1
