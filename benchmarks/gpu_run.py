@@ -29,8 +29,9 @@ and native TensorRT when importable. ``GPU_DEADLINE_S`` (at most 540) is what is
 loan: each step runs within it, and a step that cannot fit is skipped and named.
 
 Other verbs: ``probe`` (backends and card, run as a step), ``pack`` (the transfer kit: a package
-directory as xz parts) and ``unpack`` (their reassembly on the machine). The script imports
-only the standard library and ``adapedit.io`` (no torch), so it runs before the install.
+directory as xz parts), ``recut`` (a kit cut again for a grown working tree) and ``unpack``
+(their reassembly on the machine). The script imports only the standard library and
+``adapedit.io`` (no torch), so it runs before the install.
 """
 
 from __future__ import annotations
@@ -713,30 +714,32 @@ def pack(source: Path, out: Path, part_mib: int, level: int = 9) -> list[Path]:
     ``.dist-info``) as one xz tar cut into parts of ``part_mib`` MiB (``part-00``, …) and a
     ``SHA256`` of the whole, under ``out`` (old parts removed)."""
     out.mkdir(parents=True, exist_ok=True)
-    for old in out.glob("part-*"):
-        old.unlink()
     buf = io.BytesIO()
     with tarfile.open(fileobj=buf, mode="w:xz", preset=level) as tar:
         for p in sorted(source.iterdir()):
             tar.add(p, arcname=p.name)
     data = buf.getvalue()
+    parts = _cut(data, out, part_mib)
+    (out / "SHA256").write_text(hashlib.sha256(data).hexdigest() + "\n")
+    return parts
+
+
+def _cut(data: bytes, out: Path, part_mib: int) -> list[Path]:
+    """``data`` in parts of ``part_mib`` MiB under ``out`` (``part-00``, …; old parts removed)."""
+    for old in out.glob("part-*"):
+        old.unlink()
     size = part_mib << 20
     parts = []
     for i in range(0, len(data), size):
         parts.append(out / f"part-{i // size:02d}")
         parts[-1].write_bytes(data[i : i + size])
-    (out / "SHA256").write_text(hashlib.sha256(data).hexdigest() + "\n")
     return parts
 
 
-def unpack(folder: Path) -> Path:
-    """Reassemble ``folder``'s parts, check them against ``SHA256`` and extract them into
-    ``folder/site`` (replaced as a whole; a stamp records which archive it holds)."""
+def _joined(folder: Path) -> bytes:
+    """``folder``'s parts joined and checked against its ``SHA256``."""
     parts = sorted(folder.glob("part-*"))
     want = (folder / "SHA256").read_text().strip()
-    site, stamp = folder / "site", folder / "site" / ".installed"
-    if stamp.is_file() and stamp.read_text().strip() == want:
-        return site
     data = b"".join(p.read_bytes() for p in parts)
     got = hashlib.sha256(data).hexdigest()
     if got != want:
@@ -744,6 +747,23 @@ def unpack(folder: Path) -> Path:
             f"the carried parts do not add up | where: {folder} | expected: sha256 {want} | "
             f"got: {got} from {len(parts)} parts (send every part, in order)"
         )
+    return data
+
+
+def recut(folder: Path, part_mib: int) -> list[Path]:
+    """An existing kit cut again into parts of ``part_mib`` MiB (the same archive, checked:
+    seconds, where packing it again takes minutes) — for a working tree that has grown."""
+    return _cut(_joined(folder), folder, part_mib)
+
+
+def unpack(folder: Path) -> Path:
+    """Reassemble ``folder``'s parts, check them against ``SHA256`` and extract them into
+    ``folder/site`` (replaced as a whole; a stamp records which archive it holds)."""
+    want = (folder / "SHA256").read_text().strip()
+    site, stamp = folder / "site", folder / "site" / ".installed"
+    if stamp.is_file() and stamp.read_text().strip() == want:
+        return site
+    data = _joined(folder)
     tmp = folder / "site.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     with tarfile.open(fileobj=io.BytesIO(data), mode="r:xz") as tar:
@@ -768,6 +788,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", required=True)
     p.add_argument("--part-mib", type=int, required=True)
     p.add_argument("--level", type=int, default=9)
+    p = sub.add_parser("recut")
+    p.add_argument("folder")
+    p.add_argument("--part-mib", type=int, required=True)
     p = sub.add_parser("unpack")
     p.add_argument("folder")
     a = ap.parse_args(argv)
@@ -777,8 +800,13 @@ def main(argv: list[str] | None = None) -> int:
         return run_command(int(a.verb), s)
     if a.verb == "probe":
         probe(Path(a.jsonl))
-    elif a.verb == "pack":
-        for part in pack(Path(a.source), Path(a.out), a.part_mib, a.level):
+    elif a.verb in ("pack", "recut"):
+        parts = (
+            pack(Path(a.source), Path(a.out), a.part_mib, a.level)
+            if a.verb == "pack"
+            else recut(Path(a.folder), a.part_mib)
+        )
+        for part in parts:
             print(f"{part} {part.stat().st_size / 2**20:.1f} MiB")
     else:
         print(unpack(Path(a.folder)))

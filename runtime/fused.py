@@ -16,7 +16,14 @@ from adapedit.algorithm.geometry import BLEND_DOWNSCALE, is_cross_layer, layer_d
 from adapedit.engines.base import TORCH_DTYPES, Runner
 from adapedit.errors import EngineError
 from adapedit.pipelines.controller import CalibrationRecorder, Controller, EditController
-from adapedit.pipelines.fused import CONTROLS, MODES, hidden_output, key_input, map_output
+from adapedit.pipelines.fused import (
+    CONTROLS,
+    DPS_WEIGHT,
+    MODES,
+    hidden_output,
+    key_input,
+    map_output,
+)
 from adapedit.runtime.segmented import StageClock
 from adapedit.spec import NOISE, Manifest, UNetGraphs
 
@@ -100,6 +107,8 @@ class FusedUNet:
                 controller.record_maps(
                     out["maps.source"], out["maps.edit"], layers=self.blend_layers
                 )
+                if DPS_WEIGHT in out and controller.wants_dps_weight(step):
+                    controller.record_dps(out[DPS_WEIGHT], layers=self.blend_layers)
             elif controller is not None:
                 for layer in self.cross:
                     controller.record(

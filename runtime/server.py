@@ -206,7 +206,7 @@ def pictures(result: EditResult) -> dict[str, Any]:
     resolution (the LocalBlend layers': 1/4 of the latent): ``attention_maps``, one
     ``{"token", "png"}`` per token of the edit prompt after the start token (each map
     stretched to its own range, ``inferno`` colours), and ``dps_weight_png``, DPS's ``S`` at the
-    last edit step (0 → 1 on the same colours; null without DPS or from the fused UNet)."""
+    last edit step (0 → 1 on the same colours; null without DPS)."""
     maps = token_heat(result.attention_maps)
     s = result.dps_weight
     return {

@@ -358,12 +358,22 @@ class EditController:
             self.record_maps(
                 branch_mean(probs, self.layout, "source"), branch_mean(out, self.layout, "edit")
             )
-            if self.keys is not None and step == self.num_steps - 1:
+            if self.wants_dps_weight(step):
                 e_k = c.key(layer_id, hidden.shape[-1], probs)
-                s_map = pixel_similarity(hidden[self.layout.index("edit")], e_k, c.lambda_sv)
-                self.dps_sum = s_map.float() + (0 if self.dps_sum is None else self.dps_sum)
-                self.dps_count += 1
+                self.record_dps(
+                    pixel_similarity(hidden[self.layout.index("edit")], e_k, c.lambda_sv)
+                )
         return out
+
+    def wants_dps_weight(self, step: int) -> bool:
+        """Whether ``step``'s ``S`` is kept for :meth:`dps_weight`: the last step, with DPS."""
+        return self.keys is not None and step == self.num_steps - 1
+
+    def record_dps(self, s: torch.Tensor, layers: int = 1) -> None:
+        """DPS's ``S`` [P] of the LocalBlend-resolution layers at the last step, summed over
+        ``layers`` layers (the fused graph sums them in its forward)."""
+        self.dps_sum = s.float() + (0 if self.dps_sum is None else self.dps_sum)
+        self.dps_count += layers
 
     def record_maps(self, src_map: torch.Tensor, edt_map: torch.Tensor, layers: int = 1) -> None:
         """Maps of the LocalBlend-resolution layers at one step: the source branch's and the
@@ -412,8 +422,8 @@ class EditController:
 
     def dps_weight(self) -> torch.Tensor | None:
         """DPS's pixel weight ``S`` (Eq. 9) at the last step of the pass, averaged over the
-        LocalBlend-resolution layers: [h, w] in [0, 1]; None without DPS, or where the layers
-        were not seen one by one (the fused UNet)."""
+        LocalBlend-resolution layers: [h, w] in [0, 1]; None without DPS (or from a fused graph
+        exported before it gave ``S``)."""
         if self.dps_sum is None:
             return None
         hw = layer_hw(self.latent_hw, self.dps_sum.shape[0])

@@ -10,9 +10,10 @@ as extra outputs. Three modes, by batch:
 
 - ``edit`` (batch 4, ``[u_src, u_edt, c_src, c_edt]``): every controlled layer edited (§5);
   inputs: the per-edit controls (token map, alphas, equalizer, λ_S, λ_SV, the DPS switch, each
-  cross-attention layer's ``E_k``) and the step's gates; outputs: the noise prediction and the
+  cross-attention layer's ``E_k``) and the step's gates; outputs: the noise prediction, the
   LocalBlend-resolution maps of the source branch and of the edited branch, summed over those
-  layers (LocalBlend and the attention image).
+  layers (LocalBlend and the attention image), and DPS's ``S`` (Eq. 9) summed over the same
+  layers (the picture of ``S`` the runtime keeps from the last step).
 - ``calibration`` (batch 2, ``[u_edt, c_edt]``): no edit; outputs each cross-attention layer's
   conditional head-mean map and input hidden states (FWT's τ and DPS's ``E_k``).
 - ``plain`` (batch 1): the UNet alone (DDIM inversion).
@@ -24,6 +25,7 @@ from collections.abc import Sequence
 
 import torch
 
+from adapedit.algorithm.dps import pixel_similarity
 from adapedit.algorithm.edit import branch_mean
 from adapedit.algorithm.geometry import BLEND_DOWNSCALE, is_cross_layer, layer_downscale
 from adapedit.algorithm.layout import CALIBRATION, EDIT, INVERSION, BatchLayout
@@ -44,6 +46,8 @@ CONTROLS = (
 )
 GATES = ("ctl.cross_gate", "ctl.self_gate")
 BLEND_MAPS = ("maps.source", "maps.edit")
+#: DPS's ``S`` [P] of the edit branch, summed over the LocalBlend-resolution layers.
+DPS_WEIGHT = "dps.weight"
 
 
 def key_input(layer: str) -> str:
@@ -74,6 +78,7 @@ class _EditHook:
         self.latent_hw = latent_hw
         self.source: list[torch.Tensor] = []
         self.edited: list[torch.Tensor] = []
+        self.dps: list[torch.Tensor] = []
 
     def __call__(self, layer_id, is_cross, probs, hidden, step):
         out = edit_layer(
@@ -89,6 +94,9 @@ class _EditHook:
         if is_cross and layer_downscale(self.latent_hw, probs.shape[1]) == BLEND_DOWNSCALE:
             self.source.append(branch_mean(probs, self.layout, "source"))
             self.edited.append(branch_mean(out, self.layout, "edit"))
+            e_k = self.controls.key(layer_id, hidden.shape[-1], probs)
+            edit = hidden[self.layout.index("edit")]  # [P, C]
+            self.dps.append(pixel_similarity(edit, e_k, self.controls.lambda_sv))  # [P]
         return out
 
 
@@ -142,7 +150,7 @@ class FusedUNet(torch.nn.Module):
         finally:
             self.slot.controller = None
         if self.mode == "edit":
-            return noise, sum(hook.source[1:], hook.source[0]), sum(hook.edited[1:], hook.edited[0])
+            return noise, *(sum(x[1:], x[0]) for x in (hook.source, hook.edited, hook.dps))
         if self.mode == "calibration":
             return (noise, *(t for layer in self.cross for t in hook.outputs[layer]))
         return noise
@@ -176,7 +184,7 @@ def input_names(mode: str, layers: Sequence[str]) -> list[str]:
 def output_names(mode: str, layers: Sequence[str]) -> list[str]:
     """The fused graph's outputs in ``forward``'s order."""
     if mode == "edit":
-        return ["noise_pred", *BLEND_MAPS]
+        return ["noise_pred", *BLEND_MAPS, DPS_WEIGHT]
     if mode == "calibration":
         cross = [x for x in layers if is_cross_layer(x)]
         return ["noise_pred", *(n for x in cross for n in (map_output(x), hidden_output(x)))]

@@ -127,7 +127,7 @@ class EditResult:
         calibration: ``computed`` (the pass ran), ``cached`` (its statistics came from the
             calibration cache) or ``off`` (neither FWT nor DPS: no pass).
         dps_weight: DPS's pixel weight ``S`` [h, w] at the last edit step, averaged over the
-            LocalBlend-resolution layers (None without DPS, or from the fused UNet).
+            LocalBlend-resolution layers (None without DPS).
     """
 
     source_image: np.ndarray

@@ -61,9 +61,18 @@ def test_pack_and_unpack_round_trip_and_refuse_a_missing_part(tmp_path):
     assert (site / "pkg" / "blob.bin").read_bytes() == (src / "pkg" / "blob.bin").read_bytes()
     assert gpu_run.unpack(tmp_path / "kit") == site  # unpacked once per archive
     shutil.rmtree(site)
-    parts[2].unlink()
-    with pytest.raises(SystemExit, match="do not add up"):
-        gpu_run.unpack(tmp_path / "kit")
+    # cut again for a grown working tree: the same archive in fewer, larger parts
+    parts = gpu_run.recut(tmp_path / "kit", part_mib=2)
+    sizes = [p.stat().st_size for p in parts]
+    assert len(parts) == 2 and sizes[0] == 2 << 20 and 0 < sizes[1] <= 2 << 20
+    assert sorted((tmp_path / "kit").glob("part-*")) == parts
+    site = gpu_run.unpack(tmp_path / "kit")
+    assert (site / "pkg" / "blob.bin").read_bytes() == (src / "pkg" / "blob.bin").read_bytes()
+    shutil.rmtree(site)
+    parts[1].unlink()
+    for broken in (gpu_run.unpack, lambda kit: gpu_run.recut(kit, 1)):
+        with pytest.raises(SystemExit, match="do not add up"):
+            broken(tmp_path / "kit")
     assert not site.exists()
 
 

@@ -39,6 +39,10 @@ def _check(ref, run, steps, relative=False):
     assert p["tau_max_abs"] <= 1e-6 and p["tau_self_abs"] <= 1e-6
     assert run.keywords == ref.keywords
     assert p["attention_maps"]["max_abs"] <= 1e-4
+    # DPS's S at the last step, from the graph's own output
+    assert (run.dps_weight is None) == (ref.dps_weight is None)
+    if ref.dps_weight is not None:
+        torch.testing.assert_close(run.dps_weight, ref.dps_weight, rtol=0, atol=1e-5)
     return p
 
 

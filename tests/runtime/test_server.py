@@ -500,10 +500,11 @@ def test_an_answer_has_each_tokens_map_and_dps_weight(url, tiny_session, tiny_fu
     assert sizes == {(4, 4, 3)}  # 1/4 of the 16×16 latent
     assert image(doc["dps_weight_png"]).shape == (4, 4, 3)
     assert request(url, "POST", "/edit", {**REQUEST, "use_dps": False})[2]["dps_weight_png"] is None
-    # the fused UNet runs its layers inside one graph: no S to show
+    # the fused UNet runs its layers inside one graph, which gives S as an output
     with running(tiny_fused_session) as (fused_url, _):
         fused = request(fused_url, "POST", "/edit", REQUEST)[2]
-    assert fused["dps_weight_png"] is None and len(fused["attention_maps"]) == target_tokens
+    assert image(fused["dps_weight_png"]).shape == (4, 4, 3)
+    assert len(fused["attention_maps"]) == target_tokens
 
 
 @pytest.mark.parametrize("levels", [1000, 100_000])
