@@ -201,9 +201,16 @@ class Manifest:
 
     @classmethod
     def load(
-        cls, folder: str | Path, *, model_hash: str | None = None, precision: str | None = None
+        cls,
+        folder: str | Path,
+        *,
+        model_hash: str | None = None,
+        precision: str | None = None,
+        check_files: bool = True,
     ) -> Manifest:
-        """Read and validate ``folder/manifest.json``.
+        """Read and validate ``folder/manifest.json`` (and, with ``check_files``, that every
+        graph it lists is there: an engine folder of TensorRT plans holds no ONNX file, and its
+        reader checks the plans instead).
 
         Raises:
             ManifestError: missing or unreadable manifest, other format, a listed file missing,
@@ -232,7 +239,7 @@ class Manifest:
             raise ManifestError(
                 "unreadable manifest", where=str(path), expected=f"a {FORMAT} manifest", got=repr(e)
             ) from None
-        for g in m.all_graphs():
+        for g in m.all_graphs() if check_files else ():
             if not (folder / g.file).is_file():
                 raise ManifestError(
                     "a file listed in the manifest is missing",

@@ -209,7 +209,8 @@ def load_engine_folder(
             expected=f"{ENGINE_JSON} written by 'adapedit build'",
             got="none",
         )
-    manifest = Manifest.load(folder, model_hash=model_hash, precision=precision)
+    # the engine files are checked below, per backend (a TensorRT folder holds plans, no ONNX)
+    manifest = Manifest.load(folder, model_hash=model_hash, precision=precision, check_files=False)
     try:
         config = EngineConfig.from_json(json.loads(path.read_text()))
     except (ValueError, KeyError, TypeError) as e:

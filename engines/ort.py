@@ -158,8 +158,9 @@ class OrtRunner(Runner):
 
     On the CUDA (or TensorRT) provider with a ``stream``, ONNX Runtime runs its kernels on that
     stream (``user_compute_stream``) and does not synchronise after a run: callers issue their
-    own torch work on the same stream, so nothing waits on the host. ``weights`` shares the
-    graph's stored weights with every other session of the folder.
+    own torch work on the same stream, so nothing waits on the host (a caller on another stream
+    is ordered before and after the run with events). ``weights`` shares the graph's stored
+    weights with every other session of the folder.
     """
 
     def __init__(
@@ -274,6 +275,8 @@ class OrtRunner(Runner):
         return provider_options(wanted, index, stream, cuda_graph=self.options.cuda_graph)
 
     def _deactivate(self) -> None:
+        if self.stream is not None:
+            self.stream.synchronize()  # no work in flight on what is released
         self.session = self._binding = self._run_options = None
         self._buffers.clear()
         self._outputs = {}
@@ -356,8 +359,11 @@ class OrtRunner(Runner):
                     x.data_ptr(),
                 )
                 self._bound[t.name] = x.data_ptr()
-        if device.type == "cuda" and self.stream is None:
-            torch.cuda.current_stream(device).synchronize()  # no shared stream: order by hand
+        caller = torch.cuda.current_stream(device) if device.type == "cuda" else None
+        if caller is not None and self.stream is None:
+            caller.synchronize()  # no stream of the runner's own: order by hand
+        elif caller is not None and caller != self.stream:
+            self.stream.wait_stream(caller)  # inputs written on the caller's stream (an event)
         run_options = self._run_options
         if self.options.cuda_graph:
             addresses = (
@@ -379,4 +385,6 @@ class OrtRunner(Runner):
             ) from e
         if self._sync_after:
             torch.cuda.synchronize(device)
+        elif caller is not None and self.stream is not None and caller != self.stream:
+            caller.wait_stream(self.stream)  # outputs read on the caller's stream (an event)
         return self._outputs

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import logging
+from functools import cache
 from pathlib import Path
 
 import torch
@@ -38,6 +39,14 @@ def _trt():
             got=str(e),
         ) from e
     return tensorrt
+
+
+@cache
+def _logger():
+    """One TensorRT logger per process (TensorRT keeps the first it is given and warns of any
+    other)."""
+    trt = _trt()
+    return trt.Logger(trt.Logger.WARNING)
 
 
 def profile_shapes(
@@ -76,7 +85,7 @@ def build_plan(
     ``timing_cache`` the build starts from the kernel timings stored there and adds its own
     (every graph of a folder shares one file: the UNet's segments time the same layers)."""
     trt = _trt()
-    logger = trt.Logger(trt.Logger.WARNING)
+    logger = _logger()
     builder = trt.Builder(logger)
     major = int(trt.__version__.split(".")[0])
     flags = 0 if major >= 11 else 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED)
@@ -108,7 +117,13 @@ def build_plan(
     if timing_cache is not None:
         stored = timing_cache.read_bytes() if timing_cache.is_file() else b""
         cache = config.create_timing_cache(stored)
-        config.set_timing_cache(cache, ignore_mismatch=False)
+        if not config.set_timing_cache(cache, ignore_mismatch=False):
+            raise EngineError(
+                "TensorRT refused the timing cache (another TensorRT or GPU wrote it?)",
+                where=str(timing_cache),
+                expected="a timing cache of this TensorRT and GPU",
+                got="set_timing_cache returned False (delete the file to start a new one)",
+            )
     opt_profile = builder.create_optimization_profile()
     for name, (lo, opt, hi) in shapes.items():
         opt_profile.set_shape(name, lo, opt, hi)
@@ -227,7 +242,7 @@ class TrtRunner(Runner):
                 expected="a plan built by 'adapedit build --backend trt'",
                 got="no such file",
             )
-        runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
+        runtime = trt.Runtime(_logger())
         self.engine = runtime.deserialize_cuda_engine(self.plan_path.read_bytes())
         if self.engine is None:
             raise EngineError(
@@ -237,8 +252,21 @@ class TrtRunner(Runner):
                 got="deserialization failed",
             )
         self.context = self.engine.create_execution_context()
+        if self.context is None:
+            raise EngineError(
+                "TensorRT could not make an execution context (out of GPU memory?)",
+                where=str(self.plan_path),
+                expected="an execution context",
+                got="None",
+            )
+        if self.stream is None and self.device.type == "cuda":
+            # a stream of its own: CUDA graphs cannot be captured on the default stream, and
+            # TensorRT synchronises the device after each enqueue on it
+            self.stream = torch.cuda.Stream(self.device)
 
     def _deactivate(self) -> None:
+        if self.stream is not None and self.device.type == "cuda":
+            self.stream.synchronize()  # no work in flight on what is released
         self.context = self.engine = None
         self._buffers.clear()
         self._staging.clear()
@@ -290,12 +318,26 @@ class TrtRunner(Runner):
         return buf.copy_(x)
 
     def _run(self, feeds: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Stage, bind and run on the runner's stream, ordered after the caller's stream (where
+        the inputs were written) and before it (where the outputs are read), with events: no
+        host wait."""
+        if self.device.type != "cuda":  # the fake TensorRT of the CPU tests
+            return self._enqueue(feeds, self.stream)
+        caller = torch.cuda.current_stream(self.device)
+        if caller == self.stream:
+            return self._enqueue(feeds, self.stream)
+        self.stream.wait_stream(caller)
+        with torch.cuda.stream(self.stream):
+            out = self._enqueue(feeds, self.stream)
+        caller.wait_stream(self.stream)
+        return out
+
+    def _enqueue(self, feeds: dict[str, torch.Tensor], stream) -> dict[str, torch.Tensor]:
         bound = []
         for t in self.spec.inputs:
             x = self._input(t.name, feeds[t.name])
             self._bind(t.name, x)
             bound.append(x.data_ptr())
-        stream = self.stream or torch.cuda.current_stream(self.device)
 
         def enqueue() -> bool:
             return self.context.execute_async_v3(stream.cuda_stream)

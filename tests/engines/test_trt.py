@@ -13,7 +13,7 @@ import torch
 from adapedit.engines.base import Profile
 from adapedit.engines.cache import PlanCache, PlanKey, file_digest
 from adapedit.engines.trt import TrtRunner, profile_shapes
-from adapedit.errors import EngineError
+from adapedit.errors import EngineError, ManifestError
 from adapedit.spec import GraphSpec, TensorSpec
 
 KEY = PlanKey("a" * 64, "10.9.0", "NVIDIA H100 sm90", '{"sample": [[1,4,16,16]]}')
@@ -272,6 +272,7 @@ class FakeTensorRT(types.ModuleType):
         super().__init__("tensorrt")
         self.caches_seen: list[bytes] = []  # what each build's timing cache started from
         self.built: list[str] = []
+        self.refuse_cache = False  # set_timing_cache's answer to a cache of another TensorRT
         fake = self
 
         class Logger:
@@ -300,6 +301,7 @@ class FakeTensorRT(types.ModuleType):
 
             def set_timing_cache(self, cache, ignore_mismatch):
                 self.cache = cache
+                return not fake.refuse_cache
 
             def get_timing_cache(self):
                 return self.cache
@@ -375,6 +377,36 @@ def test_every_graph_of_a_build_shares_one_timing_cache(
     assert fake_tensorrt.caches_seen == [b"timing;" * i for i in range(n)]
     (cache,) = (tmp_path / "c").glob("timing-*.cache")
     assert cache.read_bytes() == b"timing;" * n
+
+
+def test_a_timing_cache_tensorrt_refuses_is_an_error_naming_it(
+    tiny_static_export, tmp_path, fake_tensorrt
+):
+    from adapedit.engines.folder import build_engines
+
+    fake_tensorrt.refuse_cache = True
+    with pytest.raises(EngineError, match="refused the timing cache") as e:
+        build_engines(
+            tiny_static_export[0], tmp_path / "e", backend="trt", cache_dir=tmp_path / "c"
+        )
+    assert "timing-" in e.value.where and not (tmp_path / "e").exists()
+
+
+def test_a_built_folder_of_plans_loads(tiny_static_export, tmp_path, fake_tensorrt):
+    """A TensorRT engine folder holds plans and no ONNX file: it loads (the manifest's own
+    check for its ONNX files refused every one), and a missing plan is still named."""
+    from adapedit.engines.folder import build_engines, load_engine_folder
+
+    folder, _ = tiny_static_export
+    eng = tmp_path / "eng"
+    build_engines(folder, eng, backend="trt", cache_dir=tmp_path / "c", progress=False)
+    assert not list(eng.rglob("*.onnx"))
+    manifest, config = load_engine_folder(eng)
+    assert config.backend == "trt" and set(config.plans) == {g.file for g in manifest.all_graphs()}
+    plan = eng / next(iter(config.plans.values()))
+    plan.unlink()
+    with pytest.raises(ManifestError, match="an engine file is missing"):
+        load_engine_folder(eng)
 
 
 def test_a_plan_is_stale_when_the_shared_weights_change(tiny_static_export, tmp_path):
