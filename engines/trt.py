@@ -259,6 +259,15 @@ class TrtRunner(Runner):
                 expected="an execution context",
                 got="None",
             )
+        tensors = {self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)}
+        graph = {t.name for t in (*self.spec.inputs, *self.spec.outputs)}
+        if tensors != graph:
+            raise EngineError(
+                "the plan's tensors are not the graph's (a plan built from another export?)",
+                where=str(self.plan_path),
+                expected=sorted(graph),
+                got=sorted(tensors),
+            )
         if self.stream is None and self.device.type == "cuda":
             # a stream of its own: CUDA graphs cannot be captured on the default stream, and
             # TensorRT synchronises the device after each enqueue on it
@@ -290,6 +299,13 @@ class TrtRunner(Runner):
         outputs = {}
         for t in self.spec.outputs:
             shape = tuple(self.context.get_tensor_shape(t.name))
+            if any(d < 0 for d in shape):  # known only after the run: no buffer to bind
+                raise EngineError(
+                    f"TensorRT gives output {t.name!r} a shape known only at run time",
+                    where=self.name,
+                    expected="every output's shape fixed by the input shapes (a static export)",
+                    got=list(shape),
+                )
             key = (t.name, shape)
             if key not in self._buffers:
                 self._buffers[key] = aligned_empty(shape, TORCH_DTYPES[t.dtype], self.device)

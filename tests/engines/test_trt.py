@@ -137,7 +137,9 @@ class FakeContext:
         return True
 
     def get_tensor_shape(self, name):
-        return self.shapes["x"]
+        return self.dynamic_output if name == "y" and self.dynamic_output else self.shapes["x"]
+
+    dynamic_output: tuple | None = None  # an output whose size only the run decides
 
     def set_tensor_address(self, name, address):
         if name in self.refuse or address % 256:
@@ -239,6 +241,40 @@ def test_what_tensorrt_refuses_is_an_error_naming_the_tensor(monkeypatch):
     assert "shape" in e.value.what
     with pytest.raises(EngineError, match="wrong shape"):
         r.infer({"x": torch.randn(2, 9)})  # the manifest's shape, checked first
+
+
+def test_an_output_whose_shape_only_the_run_decides_is_an_error(monkeypatch):
+    context = FakeContext()
+    context.dynamic_output = (-1, 8)
+    r, _ = _runner(monkeypatch, context)
+    with pytest.raises(EngineError, match="'y' a shape known only at run time"):
+        r.infer({"x": torch.randn(2, 8)})
+
+
+def test_a_plan_of_other_tensors_than_the_graph_is_refused_on_load(monkeypatch, tmp_path):
+    """A plan whose tensors are not the manifest's graph's (built from another export): named
+    when it is loaded, not as a KeyError or a failed enqueue later."""
+    from adapedit.engines import trt
+
+    class Engine:
+        num_io_tensors = 2
+
+        def get_tensor_name(self, i):
+            return ["x", "noise_pred"][i]
+
+        def create_execution_context(self):
+            return FakeContext()
+
+    fake = types.SimpleNamespace(
+        Logger=type("Logger", (), {"WARNING": 0, "__init__": lambda self, level: None}),
+        Runtime=lambda logger: types.SimpleNamespace(deserialize_cuda_engine=lambda b: Engine()),
+    )
+    monkeypatch.setattr(trt, "_trt", lambda: fake)
+    (tmp_path / "g.plan").write_bytes(b"plan")
+    r = TrtRunner(tmp_path / "g.plan", SPEC, device="cpu")
+    with pytest.raises(EngineError, match="not the graph's") as e:
+        r.activate()
+    assert e.value.expected == ["x", "y"] and e.value.got == ["noise_pred", "x"]
 
 
 def test_cuda_graph_replays_new_data_at_the_same_address_and_recaptures_elsewhere(monkeypatch):
