@@ -421,8 +421,9 @@ def run_command(number: int, s: Settings) -> int:
     succeeded (or its result was already there), 1 otherwise. A SIGTERM or SIGINT (the device
     tool stopping the command) kills the running step, records it and packs its log."""
     start = time.monotonic()
-    steps = commands(s)[number]
-    others = {x.name: x for n, c in commands(s).items() if n != number for x in c}
+    every = commands(s)
+    steps = every[number]
+    others = {x.name: x for n, c in every.items() if n != number for x in c}
     s.out.mkdir(parents=True, exist_ok=True)
     (s.work / "logs").mkdir(parents=True, exist_ok=True)
     results = s.out / RESULTS
@@ -462,10 +463,11 @@ def run_command(number: int, s: Settings) -> int:
         write_summary(s, number)
         pack_logs(s)
 
-    current: list[tuple[Step, float]] = []
+    current: list[tuple[Step, float]] = []  # the step running, and when it started
+    running: list[subprocess.Popen] = []  # its process
 
     def stopped(signum: int, _frame) -> None:
-        _kill(_RUNNING)
+        _kill(running)
         if current:
             step, t0 = current[0]
             finish(step, f"killed by signal {signum}", t0)
@@ -487,7 +489,7 @@ def run_command(number: int, s: Settings) -> int:
             limit = min(step.limit_s, left)
             print(f"== {step.name} (limit {limit} s)", flush=True)
             current[:] = [(step, t0)]
-            state = _run_step(s, number, step, limit)
+            state = _run_step(s, number, step, limit, running)
             current.clear()
         finish(step, state, t0)
     return 0 if all(v in ("ok", "kept") for v in status.values()) else 1
@@ -498,7 +500,6 @@ PACK_RESERVE_S = 5
 #: How often the logs are packed while a step runs, so a command stopped mid-step still
 #: brings back that step's log so far.
 PACK_EVERY_S = 15
-_RUNNING: list[subprocess.Popen] = []
 
 
 def _kill(running: list[subprocess.Popen]) -> None:
@@ -508,7 +509,11 @@ def _kill(running: list[subprocess.Popen]) -> None:
             proc.wait()
 
 
-def _run_step(s: Settings, number: int, step: Step, limit_s: int) -> str:
+def _run_step(
+    s: Settings, number: int, step: Step, limit_s: int, running: list[subprocess.Popen]
+) -> str:
+    """Run ``step`` within ``limit_s``, its process in ``running`` while it runs (for a signal
+    handler to kill); packs the logs every :data:`PACK_EVERY_S` meanwhile."""
     log = s.work / "logs" / f"{number}-{step.name}.log"
     end = time.monotonic() + limit_s
     with open(log, "wb") as f:
@@ -520,7 +525,7 @@ def _run_step(s: Settings, number: int, step: Step, limit_s: int) -> str:
             stderr=subprocess.STDOUT,
             start_new_session=True,
         )
-        _RUNNING[:] = [proc]
+        running[:] = [proc]
         rc = None
         while rc is None and time.monotonic() < end:
             try:
@@ -528,8 +533,8 @@ def _run_step(s: Settings, number: int, step: Step, limit_s: int) -> str:
             except subprocess.TimeoutExpired:
                 f.flush()
                 pack_logs(s)
-        _kill(_RUNNING)
-        _RUNNING.clear()
+        _kill(running)
+        running.clear()
     if rc is None:
         return f"timeout after {limit_s} s"
     if rc != 0:

@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import re
 from abc import ABC, abstractmethod
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import lru_cache
 
@@ -242,6 +244,22 @@ class GraphSlots:
         """Forget every graph (the engine was released)."""
         self._ids.clear()
         self._runs.clear()
+
+
+@contextmanager
+def ordered_with_caller(stream: torch.cuda.Stream) -> Iterator[None]:
+    """Work issued inside runs on ``stream`` (a runner's own), after what the caller's current
+    stream has queued (its inputs) and before what the caller queues next (reading the
+    outputs), ordered with events: no host wait. A caller already on ``stream`` needs
+    nothing."""
+    caller = torch.cuda.current_stream(stream.device)
+    if caller == stream:
+        yield
+        return
+    stream.wait_stream(caller)
+    with torch.cuda.stream(stream):
+        yield
+    caller.wait_stream(stream)
 
 
 @dataclass(frozen=True)

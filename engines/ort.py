@@ -3,6 +3,7 @@ tensors, output buffers allocated once per shape and reused."""
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from dataclasses import dataclass
 from functools import cache, lru_cache
 from pathlib import Path
@@ -10,7 +11,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from adapedit.engines.base import TORCH_DTYPES, GraphSlots, Runner, require_cuda
+from adapedit.engines.base import (
+    TORCH_DTYPES,
+    GraphSlots,
+    Runner,
+    ordered_with_caller,
+    require_cuda,
+)
 from adapedit.engines.weights import WeightPool
 from adapedit.errors import EngineError
 from adapedit.spec import GraphSpec
@@ -359,11 +366,11 @@ class OrtRunner(Runner):
                     x.data_ptr(),
                 )
                 self._bound[t.name] = x.data_ptr()
-        caller = torch.cuda.current_stream(device) if device.type == "cuda" else None
-        if caller is not None and self.stream is None:
-            caller.synchronize()  # no stream of the runner's own: order by hand
-        elif caller is not None and caller != self.stream:
-            self.stream.wait_stream(caller)  # inputs written on the caller's stream (an event)
+        ordered = nullcontext()
+        if device.type == "cuda" and self.stream is None:
+            torch.cuda.current_stream(device).synchronize()  # no stream of its own: by hand
+        elif device.type == "cuda":  # a caller on another stream: ordered with events
+            ordered = ordered_with_caller(self.stream)
         run_options = self._run_options
         if self.options.cuda_graph:
             addresses = (
@@ -375,7 +382,8 @@ class OrtRunner(Runner):
             if run_options is None:
                 run_options = self._graph_options[graph_id] = self._options_for_run(graph_id)
         try:
-            self.session.run_with_iobinding(binding, run_options)
+            with ordered:
+                self.session.run_with_iobinding(binding, run_options)
         except Exception as e:  # onnxruntime raises its own exception types
             raise EngineError(
                 "ONNX Runtime failed to run the graph",
@@ -385,6 +393,4 @@ class OrtRunner(Runner):
             ) from e
         if self._sync_after:
             torch.cuda.synchronize(device)
-        elif caller is not None and self.stream is not None and caller != self.stream:
-            caller.wait_stream(self.stream)  # outputs read on the caller's stream (an event)
         return self._outputs

@@ -18,7 +18,14 @@ from pathlib import Path
 
 import torch
 
-from adapedit.engines.base import TORCH_DTYPES, GraphSlots, Profile, Runner, eval_shape
+from adapedit.engines.base import (
+    TORCH_DTYPES,
+    GraphSlots,
+    Profile,
+    Runner,
+    eval_shape,
+    ordered_with_caller,
+)
 from adapedit.engines.cache import PlanCache, PlanKey, graph_digest
 from adapedit.errors import EngineError
 from adapedit.io import atomic_write_bytes
@@ -339,14 +346,8 @@ class TrtRunner(Runner):
         host wait."""
         if self.device.type != "cuda":  # the fake TensorRT of the CPU tests
             return self._enqueue(feeds, self.stream)
-        caller = torch.cuda.current_stream(self.device)
-        if caller == self.stream:
+        with ordered_with_caller(self.stream):
             return self._enqueue(feeds, self.stream)
-        self.stream.wait_stream(caller)
-        with torch.cuda.stream(self.stream):
-            out = self._enqueue(feeds, self.stream)
-        caller.wait_stream(self.stream)
-        return out
 
     def _enqueue(self, feeds: dict[str, torch.Tensor], stream) -> dict[str, torch.Tensor]:
         bound = []

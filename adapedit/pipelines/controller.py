@@ -294,6 +294,16 @@ def edit_layer(
     )
 
 
+def edit_similarity(
+    layer_id: str, hidden: torch.Tensor, layout: BatchLayout, controls: EditControls
+) -> torch.Tensor:
+    """DPS's ``S`` [P] (Eq. 9) of the edit branch of a controlled cross-attention layer, from
+    its input ``hidden`` [B, P, C] (what the controller between segments keeps of the last step
+    and the fused graph gives as an output, for the picture of ``S``)."""
+    e_k = controls.key(layer_id, hidden.shape[-1], hidden)
+    return pixel_similarity(hidden[layout.index("edit")], e_k, controls.lambda_sv)
+
+
 @dataclass
 class EditController:
     """Applies §5 to the edit branch of an edit pass (:data:`~adapedit.algorithm.layout.EDIT`,
@@ -359,10 +369,7 @@ class EditController:
                 branch_mean(probs, self.layout, "source"), branch_mean(out, self.layout, "edit")
             )
             if self.wants_dps_weight(step):
-                e_k = c.key(layer_id, hidden.shape[-1], probs)
-                self.record_dps(
-                    pixel_similarity(hidden[self.layout.index("edit")], e_k, c.lambda_sv)
-                )
+                self.record_dps(edit_similarity(layer_id, hidden, self.layout, c))
         return out
 
     def wants_dps_weight(self, step: int) -> bool:

@@ -25,11 +25,10 @@ from collections.abc import Sequence
 
 import torch
 
-from adapedit.algorithm.dps import pixel_similarity
 from adapedit.algorithm.edit import branch_mean
 from adapedit.algorithm.geometry import BLEND_DOWNSCALE, is_cross_layer, layer_downscale
 from adapedit.algorithm.layout import CALIBRATION, EDIT, INVERSION, BatchLayout
-from adapedit.pipelines.controller import EditControls, edit_layer
+from adapedit.pipelines.controller import EditControls, edit_layer, edit_similarity
 from adapedit.pipelines.processors import ControlSlot, attention_layers, install_processors
 
 MODES = {4: "edit", 2: "calibration", 1: "plain"}
@@ -94,9 +93,7 @@ class _EditHook:
         if is_cross and layer_downscale(self.latent_hw, probs.shape[1]) == BLEND_DOWNSCALE:
             self.source.append(branch_mean(probs, self.layout, "source"))
             self.edited.append(branch_mean(out, self.layout, "edit"))
-            e_k = self.controls.key(layer_id, hidden.shape[-1], probs)
-            edit = hidden[self.layout.index("edit")]  # [P, C]
-            self.dps.append(pixel_similarity(edit, e_k, self.controls.lambda_sv))  # [P]
+            self.dps.append(edit_similarity(layer_id, hidden, self.layout, self.controls))
         return out
 
 

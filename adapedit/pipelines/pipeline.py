@@ -586,8 +586,8 @@ class EditPipeline(ABC):
         t = self._clock()
         images = self.decode(latents)
         src_img, edt_img = (images[EDIT.latent_index(p)] for p in ("source", "edit"))
-        timings["decode"] = self._clock() - t
-        timings["total"] = self._clock() - t_start
+        end = self._clock()
+        timings["decode"], timings["total"] = end - t, end - t_start
 
         n_tok = plan.target.length - 1  # tokens 1 … end
         maps = editor.attention_maps()[1 : n_tok + 1].cpu()
