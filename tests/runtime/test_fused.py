@@ -97,6 +97,35 @@ def test_a_python_controller_runs_segmented_beside_the_fused_form(own_fused_sess
     assert r.layer_probs and own_fused_session._unets
 
 
+def test_every_fused_call_of_an_edit_replays_one_cuda_graph(own_fused_session, monkeypatch):
+    """A CUDA graph replays the addresses it captured, and a runner names its graph by the
+    addresses a call binds (``GraphSlots``): every call of an edit, and of the next edit, must
+    bind the same buffers, or each step would capture a graph of its own (and past four, run
+    uncaptured). The runners choose their graphs on the CPU as on a GPU; ONNX Runtime ignores
+    the choice here."""
+    from dataclasses import replace
+
+    from adapedit.engines.base import GraphSlots
+
+    session = own_fused_session
+    runners = {b: session.fused(b).runner for b in (2, 4)}
+    for r in runners.values():
+        r.options = replace(r.options, cuda_graph=True)  # a GPU session's runners
+    owner = {id(r._graphs): b for b, r in runners.items()}
+    slot, ids = GraphSlots.slot, {2: [], 4: []}
+
+    def recording(self, addresses):
+        got = slot(self, addresses)
+        ids[owner[id(self)]].append(got[0])
+        return got
+
+    monkeypatch.setattr(GraphSlots, "slot", recording)
+    sampler = SamplerConfig(steps=3, seed=1)
+    session.edit(SRC, TGT, EditConfig(), sampler)
+    session.edit(SRC, "a cat sitting on the grass", EditConfig(local_blend=("cat",)), sampler)
+    assert ids == {2: [0] * 6, 4: [0] * 6}  # calibration and edit: 3 calls an edit, one graph
+
+
 def test_fused_unet_refuses_a_foreign_controller(tiny_fused_session):
     unet = tiny_fused_session.fused(4)
     assert isinstance(unet, FusedUNet)
