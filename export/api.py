@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import multiprocessing
 from concurrent.futures import ProcessPoolExecutor
+from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -153,7 +154,7 @@ def export_model(
     ``height``/``width`` (pixels, default the model's) are the export resolution: the static
     shapes, and which self-attention layers are controlled. With ``jobs`` > 1 the UNet variants
     of a static export are traced in that many processes at once (each needs the memory of a
-    whole export).
+    whole export), started first, while this process exports the text encoder and the VAE.
 
     Raises:
         ExportError: ``out`` exists, unsupported opset, or a graph that cannot be cut.
@@ -192,32 +193,30 @@ def _export_into(
     one = 1 if o.shapes == "static" else None  # the text encoder and the VAE: batch 1 if static
     variants = o.unet_batches
     bar = tqdm(total=3 + len(variants), desc="export", disable=not progress)
-    graphs: dict[str, GraphSpec] = {}
-    for key, fn in (
-        ("text_encoder", lambda: export_text_encoder(c, o.precision, o.opset, one)),
-        ("vae_decoder", lambda: export_vae_decoder(c, o.precision, o.opset, latent_hw, one)),
-        ("vae_encoder", lambda: export_vae_encoder(c, o.precision, o.opset, latent_hw, one)),
-    ):
-        bar.set_postfix_str(key)
-        m = fn()
-        save_onnx(m, tmp / f"{key}.onnx")
-        graphs[key] = graph_spec(m, f"{key}.onnx")
-        bar.update(1)
-
-    bar.set_postfix_str("UNet")
     parallel = jobs > 1 and len(variants) > 1
     args = [(source if parallel else c, o, latent_hw, batch, tmp) for batch in variants]
-    if parallel:
-        spawn = multiprocessing.get_context("spawn")
-        with ProcessPoolExecutor(min(jobs, len(variants)), mp_context=spawn) as pool:
-            results = []
-            for r in pool.map(_unet_variant_star, args):
-                results.append(r)
-                bar.update(1)
-    else:
+    with ExitStack() as stack:
+        pending = []
+        if parallel:  # the UNet variants start first; the text encoder and the VAE meanwhile
+            spawn = multiprocessing.get_context("spawn")
+            pool = ProcessPoolExecutor(min(jobs, len(variants)), mp_context=spawn)
+            stack.callback(pool.shutdown, cancel_futures=True)
+            pending = [pool.submit(_unet_variant, *a) for a in args]
+        graphs: dict[str, GraphSpec] = {}
+        for key, fn in (
+            ("text_encoder", lambda: export_text_encoder(c, o.precision, o.opset, one)),
+            ("vae_decoder", lambda: export_vae_decoder(c, o.precision, o.opset, latent_hw, one)),
+            ("vae_encoder", lambda: export_vae_encoder(c, o.precision, o.opset, latent_hw, one)),
+        ):
+            bar.set_postfix_str(key)
+            m = fn()
+            save_onnx(m, tmp / f"{key}.onnx")
+            graphs[key] = graph_spec(m, f"{key}.onnx")
+            bar.update(1)
+        bar.set_postfix_str("UNet")
         results = []
-        for a in args:
-            results.append(_unet_variant(*a))
+        for k, a in enumerate(args):
+            results.append(pending[k].result() if pending else _unet_variant(*a))
             bar.update(1)
     bar.close()
     unets = tuple(r[0] for r in results)
@@ -247,10 +246,6 @@ def _export_into(
     )
     manifest.save(tmp)
     return manifest
-
-
-def _unet_variant_star(args):
-    return _unet_variant(*args)
 
 
 def _unet_variant(

@@ -147,6 +147,19 @@ def tiny_fused_engines(tiny_components, tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def tiny_fp16_fused_export(tmp_path_factory):
+    """The tiny model exported as the GPU script exports SD 1.4: static, fp16, the fused UNet at
+    batches 2 (calibration) and 4 (edit), the variants traced in two processes (``jobs=2``, the
+    model loaded there by name). Returns (folder, options)."""
+    from adapedit.export.api import ExportOptions, export_model
+
+    out = tmp_path_factory.mktemp("exports") / "tiny-fp16-fused"
+    options = ExportOptions(precision="fp16", forms=("fused",), shapes="static")
+    export_model("tiny", out, options, jobs=2, progress=False)
+    return out, options
+
+
+@pytest.fixture(scope="session")
 def tiny_fused_session(tiny_fused_engines):
     from adapedit.runtime.session import EditSession
 

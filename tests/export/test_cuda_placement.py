@@ -17,7 +17,6 @@ import onnx
 import pytest
 from onnx import shape_inference
 
-from adapedit.export.api import ExportOptions, export_model
 from adapedit.spec import Manifest
 
 #: Op type → (opsets, element types of its data input) that ONNX Runtime 1.31's CUDA provider
@@ -107,16 +106,6 @@ def _graphs(folder: Path) -> list[Path]:
     return [folder / spec.file for spec in m.all_graphs()]
 
 
-@pytest.fixture(scope="module")
-def tiny_fp16_fused_export(tiny_components, tmp_path_factory):
-    """The tiny model exported as the GPU script exports SD 1.4: static, fp16, the fused UNet
-    at batches 2 (calibration) and 4 (edit)."""
-    out = tmp_path_factory.mktemp("exports") / "tiny-fp16-fused"
-    options = ExportOptions(precision="fp16", forms=("fused",), shapes="static")
-    export_model(tiny_components, out, options, progress=False)
-    return out
-
-
 def test_the_checker_finds_a_node_off_the_cuda_provider(tmp_path):
     from onnx import TensorProto, helper
 
@@ -145,7 +134,7 @@ def test_fp32_static_graphs_stay_on_the_cuda_provider(tiny_static_export, tiny_f
 
 @pytest.mark.slow
 def test_fp16_fused_export_stays_on_the_cuda_provider(tiny_fp16_fused_export):
-    graphs = _graphs(tiny_fp16_fused_export)
+    graphs = _graphs(tiny_fp16_fused_export[0])
     assert {p.name for p in graphs} >= {"b2_fused.onnx", "b4_fused.onnx", "text_encoder.onnx"}
     for path in graphs:
         assert off_cuda(path) == [], path

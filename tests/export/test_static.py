@@ -185,6 +185,24 @@ def test_static_runtime_output_matches_the_dynamic_one(tiny_session, tiny_static
     assert np.abs(a.latents[-1].numpy() - b.latents[-1].numpy()).max() <= 1e-4
 
 
+@pytest.mark.slow
+def test_a_parallel_export_writes_what_a_sequential_one_does(tiny_fp16_fused_export, tmp_path):
+    """The GPU script exports with ``--jobs``: the UNet variants traced in processes of their
+    own (started first, the text encoder and the VAE exported meanwhile) give the very files of
+    one process doing it all in order."""
+    parallel, options = tiny_fp16_fused_export
+    export_model("tiny", tmp_path / "seq", options, jobs=1, progress=False)
+    files = sorted(p.relative_to(parallel) for p in parallel.rglob("*") if p.is_file())
+    assert files == sorted(
+        p.relative_to(tmp_path / "seq") for p in (tmp_path / "seq").rglob("*") if p.is_file()
+    )
+    assert {"unet/b2_fused.onnx", "unet/b4_fused.onnx", "text_encoder.onnx"} <= {
+        str(f) for f in files
+    }
+    for f in files:
+        assert (parallel / f).read_bytes() == (tmp_path / "seq" / f).read_bytes(), f
+
+
 def test_equal_bytes_under_two_shapes_are_two_stored_tensors(tmp_path):
     """Random-initialised norms are all ones: a [C] LayerNorm scale and a folded [C, 1, 1]
     GroupNorm scale share their bytes but not their shape, and each graph must get its own."""
