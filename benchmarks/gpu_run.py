@@ -416,8 +416,11 @@ def _env(s: Settings, step: Step) -> dict[str, str]:
 
 
 def run_command(number: int, s: Settings) -> int:
-    """Run command ``number``: its steps in order, each within its limit and within what is
-    left of the deadline (a step with less than its ``min_s`` left is skipped); 0 if every step
+    """Run command ``number``: its steps in order, each within what is left of the deadline (a
+    step with less than its ``min_s`` left is skipped) and within its limit, to which it adds
+    what the steps before it left unused: a step ends by the time the plan ends it (the sum of
+    the limits so far, from the command's start), so a step that finishes early gives its time
+    to the next and one that hangs takes none from those after it. Returns 0 if every step
     succeeded (or its result was already there), 1 otherwise. A SIGTERM or SIGINT (the device
     tool stopping the command) kills the running step, records it and packs its log."""
     start = time.monotonic()
@@ -447,7 +450,7 @@ def run_command(number: int, s: Settings) -> int:
         done = others[need].done if need in others else None
         return done is not None and done.exists()  # kept from the other command
 
-    def finish(step: Step, state: str, t0: float) -> None:
+    def finish(step: Step, state: str, t0: float, granted: int | None = None) -> None:
         status[step.name] = state
         emit(
             results,
@@ -457,27 +460,30 @@ def run_command(number: int, s: Settings) -> int:
             status=state,
             seconds=round(time.monotonic() - t0, 2),
             limit_s=step.limit_s,
+            granted_s=granted,  # its limit with what the steps before it left (None: not run)
         )
         print(f"   {step.name}: {state}", flush=True)
         shutil.copy(results, s.work / f"results-{number}.jsonl")  # for the next command's summary
         write_summary(s, number)
         pack_logs(s)
 
-    current: list[tuple[Step, float]] = []  # the step running, and when it started
+    current: list[tuple[Step, float, int]] = []  # the step running, its start and its limit
     running: list[subprocess.Popen] = []  # its process
 
     def stopped(signum: int, _frame) -> None:
         _kill(running)
         if current:
-            step, t0 = current[0]
-            finish(step, f"killed by signal {signum}", t0)
+            step, t0, granted = current[0]
+            finish(step, f"killed by signal {signum}", t0, granted)
         raise SystemExit(128 + signum)
 
     for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         signal.signal(sig, stopped)
+    planned_end = 0  # s from the command's start: when the plan ends the step
     for step in steps:
+        planned_end += step.limit_s
         missing = [n for n in step.needs if not met(n)]
-        t0 = time.monotonic()
+        t0, granted = time.monotonic(), None
         left = int(s.deadline_s - (t0 - start) - PACK_RESERVE_S)
         if missing:
             state = f"skipped: needs {', '.join(missing)}"
@@ -486,12 +492,12 @@ def run_command(number: int, s: Settings) -> int:
         elif left < step.min_s:
             state = f"skipped: {max(left, 0)} s left before the deadline, needs {step.min_s}"
         else:
-            limit = min(step.limit_s, left)
-            print(f"== {step.name} (limit {limit} s)", flush=True)
-            current[:] = [(step, t0)]
-            state = _run_step(s, number, step, limit, running)
+            granted = min(max(step.limit_s, int(planned_end - (t0 - start))), left)
+            print(f"== {step.name} (limit {granted} s, its own {step.limit_s} s)", flush=True)
+            current[:] = [(step, t0, granted)]
+            state = _run_step(s, number, step, granted, running)
             current.clear()
-        finish(step, state, t0)
+        finish(step, state, t0, granted)
     return 0 if all(v in ("ok", "kept") for v in status.values()) else 1
 
 
@@ -574,9 +580,10 @@ def write_summary(s: Settings, number: int) -> None:
         )
     for b in by.get("backends", [])[-1:]:
         md += ["", f"Machine: {b['card']}; {b['versions']}; providers {b['providers']}."]
-    md += ["", "| step | status | s (limit) |", "|---|---|---|"]
+    md += ["", "| step | status | s | limit: its own, granted |", "|---|---|---|---|"]
     md += [
-        f"| {x['command']}: {x['name']} | {x['status']} | {x['seconds']:.0f} ({x['limit_s']}) |"
+        f"| {x['command']}: {x['name']} | {x['status']} | {x['seconds']:.0f} | "
+        f"{x['limit_s']}, {x.get('granted_s') or '–'} |"
         for x in by.get("step", [])
     ]
     if by.get("edit"):

@@ -76,6 +76,39 @@ def test_pack_and_unpack_round_trip_and_refuse_a_missing_part(tmp_path):
     assert not site.exists()
 
 
+@pytest.mark.slow
+def test_a_step_that_ends_early_gives_its_time_to_the_next(tmp_path, monkeypatch):
+    """A step runs within its own limit and what the steps before it left unused, never past
+    the time the plan ends it (the limits so far): the export may use what a quick install
+    left, and a step that hangs takes nothing from those after it."""
+
+    def sleeping(seconds: float) -> tuple[str, ...]:
+        return (sys.executable, "-c", f"import time; time.sleep({seconds})")
+
+    steps = [
+        gpu_run.Step("quick", 8, 1, sleeping(0)),  # leaves about 8 s
+        gpu_run.Step("long", 3, 1, sleeping(6)),  # 6 s: its own 3 and what "quick" left
+        gpu_run.Step("hung", 2, 1, sleeping(60)),  # ends when the plan ends it, at 13 s
+        gpu_run.Step("after", 3, 1, sleeping(0)),
+    ]
+    monkeypatch.setattr(gpu_run, "commands", lambda s: {1: steps})
+    env = {"GPU_DRY_RUN": "1", "OUT_DIR": str(tmp_path / "out"), "WORK": str(tmp_path / "w")}
+    handlers = {x: signal.getsignal(x) for x in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)}
+    t0 = time.monotonic()
+    try:
+        assert gpu_run.run_command(1, gpu_run.Settings.from_env(env)) == 1  # "hung" failed
+    finally:
+        for x, handler in handlers.items():
+            signal.signal(x, handler)
+    took = time.monotonic() - t0
+    done = {x["name"]: x for x in _check_out_folder(tmp_path / "out") if x["kind"] == "step"}
+    assert [done[n]["status"] for n in ("quick", "long", "after")] == ["ok"] * 3
+    assert done["long"]["granted_s"] >= 3 + 7 and done["long"]["seconds"] >= 6
+    assert done["hung"]["status"].startswith("timeout after ")
+    assert 2 <= done["hung"]["granted_s"] <= 13 - 6  # the plan's 13 s, less what ran before
+    assert done["after"]["granted_s"] >= 3 and took < 16 + 3  # the plan's 16 s, and packing
+
+
 @pytest.fixture(scope="module")
 def carried(tmp_path_factory):
     """What travels to a GPU machine, made here offline: a wheel in ``whl/`` (a probe package)
