@@ -104,13 +104,19 @@ def test_the_equations_import_only_each_other_the_configs_and_the_errors():
 
 
 def test_every_package_folder_is_declared_in_pyproject():
-    """A folder with an ``__init__.py`` missing from ``[tool.setuptools] packages`` is left out
-    of a wheel (``pip install .``), though an editable install still finds it."""
+    """A folder Python can import, code (an ``__init__.py``) or data (files in a folder named
+    like a module: the model files, the page), missing from ``[tool.setuptools] packages`` is
+    left out of a wheel (``pip install .``), though an editable install still finds it
+    (setuptools warns of such data folders now and will drop them)."""
     setuptools = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
     found = {
-        ".".join([package, *init.parent.relative_to(folder).parts])
+        ".".join([package, *d.relative_to(folder).parts])
         for package, folder in PACKAGES.items()
-        for init in folder.rglob("__init__.py")
+        for d in [folder, *folder.rglob("*")]
+        if d.is_dir()
+        and all(part.isidentifier() for part in d.relative_to(folder).parts)
+        and "__pycache__" not in d.parts
+        and any(f.is_file() for f in d.rglob("*"))
     }
     assert set(setuptools["packages"]) == found
     assert setuptools["package-dir"] == {p: str(f.relative_to(ROOT)) for p, f in PACKAGES.items()}
