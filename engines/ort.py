@@ -265,7 +265,9 @@ class OrtRunner(Runner):
         if any(p not in used for p in wanted):
             self.session = None
             raise EngineError(
-                "ONNX Runtime did not use the execution providers asked for",
+                "ONNX Runtime did not use the execution providers asked for (it fell back; its "
+                "log above says why: for CUDA, most often a CUDA or cuDNN library it could not "
+                "load)",
                 where=self.name,
                 expected=wanted,
                 got=used,
