@@ -417,12 +417,13 @@ def _env(s: Settings, step: Step) -> dict[str, str]:
 
 def run_command(number: int, s: Settings) -> int:
     """Run command ``number``: its steps in order, each within what is left of the deadline (a
-    step with less than its ``min_s`` left is skipped) and within its limit, to which it adds
-    what the steps before it left unused: a step ends by the time the plan ends it (the sum of
-    the limits so far, from the command's start), so a step that finishes early gives its time
-    to the next and one that hangs takes none from those after it. Returns 0 if every step
-    succeeded (or its result was already there), 1 otherwise. A SIGTERM or SIGINT (the device
-    tool stopping the command) kills the running step, records it and packs its log."""
+    step with less than its ``min_s`` left is skipped) and within at least its own limit, more
+    when the steps before it left time unused: up to when the plan ends it (the sum of the
+    limits so far, from the command's start). A step that finishes early gives its time to the
+    next; one that hangs takes none from those after it but the seconds of its bookkeeping.
+    Returns 0 if every step succeeded (or its result was already there), 1 otherwise. A SIGTERM
+    or SIGINT (the device tool stopping the command) kills the running step, records it and
+    packs its log."""
     start = time.monotonic()
     every = commands(s)
     steps = every[number]

@@ -23,8 +23,9 @@ src=$(mktemp -d -t adapedit-src-XXXX)
 trap 'rm -rf "$src"' EXIT
 cp -r pyproject.toml README.md adapedit export engines runtime "$src"/
 find "$src" -name __pycache__ -prune -exec rm -rf {} +
+echo "setuptools: $(python3 -c 'import setuptools; print(setuptools.__version__)' 2>/dev/null || echo none) (the project builds with ≥ 77)"
 if ! pip_install --no-build-isolation "$src"; then
-  echo "pip could not install the project (no pip or no setuptools?): its sources copied into $SITE instead"
+  echo "pip could not install the project (no pip, or no setuptools ≥ 77?): its sources copied into $SITE instead"
   rm -rf "$SITE/adapedit"
   cp -r "$src/adapedit" "$SITE/adapedit"
   for pkg in export engines runtime; do cp -r "$src/$pkg" "$SITE/adapedit/$pkg"; done

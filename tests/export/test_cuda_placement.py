@@ -61,6 +61,7 @@ CUDA_KERNELS: dict[str, tuple[range, frozenset[str]]] = {
 #: The inputs (by position) that ONNX Runtime's CUDA kernels take in host memory: a node that
 #: computes one is placed on the CPU, whatever its op.
 HOST_INPUTS: dict[str, tuple[int, ...]] = {
+    "Clip": (1, 2),
     "Reshape": (1,),
     "Expand": (1,),
     "Slice": (1, 2, 3, 4),
@@ -90,6 +91,8 @@ def off_cuda(path: Path) -> list[str]:
     produced = {o for n in graph.node if n.op_type != "Constant" for o in n.output}
     found = []
     for n in graph.node:
+        if n.op_type == "Constant":  # a value, not a kernel: ONNX Runtime makes it an initializer
+            continue
         data = n.input[1] if n.op_type == "Where" else n.input[0]
         dtype = onnx.helper.tensor_dtype_to_np_dtype(dtypes[data]).name
         opsets, types = CUDA_KERNELS.get(n.op_type, (range(0), frozenset()))

@@ -101,8 +101,8 @@ def test_every_fused_call_of_an_edit_replays_one_cuda_graph(own_fused_session, m
     """A CUDA graph replays the addresses it captured, and a runner names its graph by the
     addresses a call binds (``GraphSlots``): every call of an edit, and of the next edit, must
     bind the same buffers, or each step would capture a graph of its own (and past four, run
-    uncaptured). The runners choose their graphs on the CPU as on a GPU; ONNX Runtime ignores
-    the choice here."""
+    uncaptured). The runners choose their graphs on the CPU by the same addresses a GPU
+    session binds; ONNX Runtime ignores the choice here."""
     from dataclasses import replace
 
     from adapedit.engines.base import GraphSlots
