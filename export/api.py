@@ -201,6 +201,7 @@ def _export_into(
             spawn = multiprocessing.get_context("spawn")
             pool = ProcessPoolExecutor(min(jobs, len(variants)), mp_context=spawn)
             stack.callback(pool.shutdown, cancel_futures=True)
+            stack.push(_stopping_workers_on_error(pool))  # runs before the shutdown
             pending = [pool.submit(_unet_variant, *a) for a in args]
         graphs: dict[str, GraphSpec] = {}
         for key, fn in (
@@ -246,6 +247,24 @@ def _export_into(
     )
     manifest.save(tmp)
     return manifest
+
+
+def _stopping_workers_on_error(pool: ProcessPoolExecutor):
+    """An exit callback that kills ``pool``'s processes when the block ends in an error, so the
+    error reaches the caller at once rather than after every other variant's trace (minutes on
+    SD 1.4); nothing they write outlives the temporary folder, which is removed after them."""
+
+    def stop(exc_type, exc, tb) -> bool:
+        if exc_type is not None:
+            kill = getattr(pool, "kill_workers", None)  # Python ≥ 3.14
+            if kill is not None:
+                kill()
+            else:
+                for process in list((getattr(pool, "_processes", None) or {}).values()):
+                    process.kill()
+        return False
+
+    return stop
 
 
 def _unet_variant(

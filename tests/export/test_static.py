@@ -203,6 +203,27 @@ def test_a_parallel_export_writes_what_a_sequential_one_does(tiny_fp16_fused_exp
         assert (parallel / f).read_bytes() == (tmp_path / "seq" / f).read_bytes(), f
 
 
+@pytest.mark.slow
+def test_a_parallel_export_that_fails_stops_its_workers_at_once(tmp_path, monkeypatch):
+    """An error beside the variants' processes (here the text encoder's export) reaches the
+    caller at once, their traces stopped, rather than after them; nothing is left behind."""
+    import multiprocessing
+    import time
+
+    import adapedit.export.api as api
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("the text encoder broke")
+
+    monkeypatch.setattr(api, "export_text_encoder", broken)  # in this process only
+    options = ExportOptions(shapes="static", forms=("fused",))
+    t0 = time.monotonic()
+    with pytest.raises(RuntimeError, match="the text encoder broke"):
+        export_model("tiny", tmp_path / "x", options, jobs=2, progress=False)
+    assert time.monotonic() - t0 < 10  # each variant's process takes 20 s or more to trace
+    assert multiprocessing.active_children() == [] and list(tmp_path.iterdir()) == []
+
+
 def test_equal_bytes_under_two_shapes_are_two_stored_tensors(tmp_path):
     """Random-initialised norms are all ones: a [C] LayerNorm scale and a folded [C, 1, 1]
     GroupNorm scale share their bytes but not their shape, and each graph must get its own."""
