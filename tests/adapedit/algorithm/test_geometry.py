@@ -67,34 +67,25 @@ def literal_cases() -> list[tuple[str, str, str, EditConfig, int]]:
 
 def test_the_literal_rule_gives_todays_edits_unchanged(shapes_pipeline):
     """The final latents of two edits (one with LocalBlend) recorded before the rule existed
-    (``data/p2p_literal_latents.npz``): bit for bit on the machine kind that recorded them
-    (its CPU and torch are stored beside them), on one thread as they were recorded; within 1e-4
-    on another, whose float kernels may round differently (a change of controlled layers or
-    blend maps moves them by far more)."""
+    (``data/p2p_literal_latents.npz``, on one thread, as they are made here), within 1e-4: float
+    kernels round differently from one machine to another, even under one CPU name (an "AMD
+    EPYC" with AVX2 gives them 7e-6 from the record, made where they were equal bit for bit),
+    and a change of controlled layers or blend maps moves them by far more."""
     stored = np.load(DATA / "p2p_literal_latents.npz")
-    cpu = next(
-        line.split(":", 1)[1].strip()
-        for line in Path("/proc/cpuinfo").read_text().splitlines()
-        if line.startswith("model name")
-    )
-    same_machine = str(stored["recorded_on"]) == f"{cpu} | torch {torch.__version__}"
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as recorded: work split over threads rounds differently
     try:
-        check_literal(shapes_pipeline, stored, same_machine)
+        check_literal(shapes_pipeline, stored)
     finally:
         torch.set_num_threads(threads)
 
 
-def check_literal(pipe, stored, same_machine: bool) -> None:
+def check_literal(pipe, stored) -> None:
     for name, source, target, config, seed in literal_cases():
         literal = replace(config, attention_limits="p2p-literal")
         sampler = SamplerConfig(steps=10, seed=seed)
         r = pipe.edit(source, target, literal, sampler, record_latents=True)
         expected = torch.from_numpy(stored[name])
-        if same_machine:
-            assert torch.equal(r.latents[-1], expected), name
-        else:
-            torch.testing.assert_close(r.latents[-1], expected, atol=1e-4, rtol=0)
+        torch.testing.assert_close(r.latents[-1], expected, atol=1e-4, rtol=0)
         scaled = pipe.edit(source, target, config, sampler, record_latents=True)
         assert (scaled.latents[-1] - expected).abs().max() > 1e-2, name  # the rules differ here
