@@ -5,6 +5,7 @@ stored once, and requests for other shapes are refused."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -191,16 +192,17 @@ def test_a_parallel_export_writes_what_a_sequential_one_does(tiny_fp16_fused_exp
     own (started first, the text encoder and the VAE exported meanwhile) give the very files of
     one process doing it all in order."""
     parallel, options = tiny_fp16_fused_export
-    export_model("tiny", tmp_path / "seq", options, jobs=1, progress=False)
-    files = sorted(p.relative_to(parallel) for p in parallel.rglob("*") if p.is_file())
-    assert files == sorted(
-        p.relative_to(tmp_path / "seq") for p in (tmp_path / "seq").rglob("*") if p.is_file()
-    )
-    assert {"unet/b2_fused.onnx", "unet/b4_fused.onnx", "text_encoder.onnx"} <= {
-        str(f) for f in files
-    }
+    sequential = tmp_path / "seq"
+    export_model("tiny", sequential, options, jobs=1, progress=False)
+
+    def listed(folder: Path) -> list[str]:
+        return sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file())
+
+    files = listed(parallel)
+    assert files == listed(sequential)
+    assert {"unet/b2_fused.onnx", "unet/b4_fused.onnx", "text_encoder.onnx"} <= set(files)
     for f in files:
-        assert (parallel / f).read_bytes() == (tmp_path / "seq" / f).read_bytes(), f
+        assert (parallel / f).read_bytes() == (sequential / f).read_bytes(), f
 
 
 @pytest.mark.slow
