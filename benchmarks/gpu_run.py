@@ -48,7 +48,7 @@ import sys
 import tarfile
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from adapedit.io import atomic_write_bytes
@@ -581,6 +581,12 @@ def write_summary(s: Settings, number: int) -> None:
         )
     for b in by.get("backends", [])[-1:]:
         md += ["", f"Machine: {b['card']}; {b['versions']}; providers {b['providers']}."]
+    for k in by.get("smoke", []):
+        verdict = "ok" if k["ok"] else f"FAILED ({k.get('error', 'wrong values')})"
+        md.append(
+            f"Smoke graph on {k['backend']} (asked {k['asked']}, got {k.get('providers')}, "
+            f"CUDA graph {k['cuda_graph']}): {verdict}."
+        )
     md += ["", "| step | status | s | limit: its own, granted |", "|---|---|---|---|"]
     md += [
         f"| {x['command']}: {x['name']} | {x['status']} | {x['seconds']:.0f} | "
@@ -706,6 +712,7 @@ def probe(jsonl: Path) -> None:
     trt = importlib.util.find_spec("tensorrt") is not None
     record = {
         "card": card,
+        "gpu": torch.cuda.is_available(),
         "driver": driver,
         "versions": {
             "python": sys.version.split()[0],
@@ -720,6 +727,58 @@ def probe(jsonl: Path) -> None:
     }
     print(json.dumps(record, indent=1))
     emit(jsonl, "backends", **record)
+    for backend in available_backends():
+        if backend.build == "ort" and (backend.ort.device.type == "cuda" or not record["gpu"]):
+            with tempfile.TemporaryDirectory() as folder:
+                check = smoke(backend, Path(folder))
+            print(json.dumps(check))
+            emit(jsonl, "smoke", **check)
+
+
+def smoke(backend, folder: Path) -> dict:
+    """One tiny graph (``y = x + x``, [2, 8], fp16 on a GPU) through the runtime's own runner on
+    ``backend``'s providers, with a CUDA graph where they are on the GPU, four runs over one
+    bound input: whether ONNX Runtime loads the providers asked (``get_providers()``; a CUDA
+    provider whose libraries are missing is listed as available all the same) and replays the
+    graph with the right values. Seconds, where the export is minutes: a provider that cannot
+    load is named before the export, with ONNX Runtime's reason."""
+    import onnx
+    import torch
+    from onnx import TensorProto, helper
+
+    from adapedit.engines.ort import OrtRunner
+    from adapedit.spec import GraphSpec, TensorSpec
+
+    gpu = backend.ort.device.type == "cuda"
+    dtype, onnx_type = (
+        (torch.float16, TensorProto.FLOAT16) if gpu else (torch.float32, TensorProto.FLOAT)
+    )
+    spec = GraphSpec(
+        "smoke.onnx",
+        (TensorSpec("x", str(dtype).removeprefix("torch."), (2, 8)),),
+        (TensorSpec("y", str(dtype).removeprefix("torch."), (2, 8)),),
+    )
+    x_info, y_info = (helper.make_tensor_value_info(n, onnx_type, [2, 8]) for n in ("x", "y"))
+    add = helper.make_node("Add", ["x", "x"], ["y"])
+    graph = helper.make_graph([add], "smoke", [x_info], [y_info])
+    onnx.save(
+        helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), folder / spec.file
+    )
+    options = replace(backend.ort, cuda_graph=gpu)
+    record = {"backend": backend.name, "cuda_graph": gpu, "asked": list(options.providers)}
+    t0 = time.perf_counter()
+    try:
+        stream = torch.cuda.Stream() if gpu and torch.cuda.is_available() else None
+        with OrtRunner(folder / spec.file, spec, options, stream=stream) as runner:
+            x = torch.arange(16, dtype=dtype, device=options.device).reshape(2, 8)
+            ys = [runner.infer({"x": x})["y"].clone() for _ in range(4)]
+            record["providers"] = runner.session.get_providers()
+        if gpu:
+            torch.cuda.synchronize()
+        record["ok"] = all(torch.equal(y, x + x) for y in ys)
+    except Exception as e:  # recorded: the steps after it say what it means for them
+        record |= {"ok": False, "error": f"{type(e).__name__}: {e}"}
+    return record | {"seconds": time.perf_counter() - t0}
 
 
 def pack(source: Path, out: Path, part_mib: int, level: int = 9) -> list[Path]:

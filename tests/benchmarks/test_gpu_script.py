@@ -44,6 +44,30 @@ def test_a_real_command_needs_its_output_folder():
         gpu_run.Settings.from_env({"GPU_DRY_RUN": "0"})
 
 
+def test_the_smoke_graph_names_a_provider_that_cannot_run_and_passes_one_that_can(tmp_path):
+    """The probe's smoke graph, through the runtime's runner: on this machine the CPU provider
+    runs it right, and the CUDA provider is refused by name (as a CUDA provider whose libraries
+    do not load would be on the GPU machine) — a record, not a crash of the probe."""
+    from adapedit.engines.ort import OrtOptions
+    from benchmarks.common import Backend
+
+    cpu = gpu_run.smoke(Backend("ort-cpu", "ort"), tmp_path)
+    assert cpu["ok"] and cpu["providers"] == ["CPUExecutionProvider"] and not cpu["cuda_graph"]
+    cuda = gpu_run.smoke(Backend("ort-cuda", "ort", OrtOptions(providers=("cuda",))), tmp_path)
+    assert not cuda["ok"] and cuda["cuda_graph"]
+    assert "EngineError" in cuda["error"] and "CUDAExecutionProvider" in cuda["error"]
+    out = tmp_path / "out"
+    out.mkdir()
+    for check in (cpu, cuda):
+        gpu_run.emit(out / gpu_run.RESULTS, "smoke", **check)
+    gpu_run.write_summary(gpu_run.Settings.from_env({"GPU_DRY_RUN": "1", "OUT_DIR": str(out)}), 1)
+    summary = (out / gpu_run.SUMMARY).read_text()
+    assert "Smoke graph on ort-cpu (asked ['cpu'], got ['CPUExecutionProvider'], " in summary
+    assert (
+        "Smoke graph on ort-cuda (asked ['cuda'], got None, CUDA graph True): FAILED (" in summary
+    )
+
+
 @pytest.mark.parametrize("value", ["0", "600", "ten", ""])
 def test_a_deadline_beyond_one_command_is_refused(value, tmp_path):
     with pytest.raises(SystemExit, match=f"GPU_DEADLINE_S.*from 1 to 540.*got: '{value}'"):
@@ -212,6 +236,8 @@ def test_both_commands_run_dry_from_carried_files_and_record_everything(tmp_path
     # installed from the carried files alone: the carried onnxruntime is the one imported
     (probe,) = [x for x in lines if x["kind"] == "backends"]
     assert probe["onnxruntime_file"].startswith(str(tmp_path / "ort" / "site"))
+    (check,) = [x for x in lines if x["kind"] == "smoke"]  # a graph run through that onnxruntime
+    assert check["ok"] and check["providers"] == ["CPUExecutionProvider"]
     assert (tmp_path / "site" / "adapedit_carried_probe" / "__init__.py").is_file()
     assert (tmp_path / "site" / "adapedit" / "runtime" / "session.py").is_file()
     edits = {(x["path"], x["steps"]) for x in lines if x["kind"] == "edit"}
@@ -222,6 +248,7 @@ def test_both_commands_run_dry_from_carried_files_and_record_everything(tmp_path
     assert any(x["kind"] == "syncs" and x["measured"] is False for x in lines)  # CUDA only
     summary = (tmp_path / "out" / gpu_run.SUMMARY).read_text()
     assert "| ort-cpu-fused vs reference | 3 |" in summary and "## Goals" in summary
+    assert "Smoke graph on ort-cpu (asked ['cpu'], got ['CPUExecutionProvider']" in summary
     with tarfile.open(tmp_path / "out" / gpu_run.LOGS) as tar:
         names = set(tar.getnames())
     ran = ("install", "onnxruntime-gpu", "backends", "export-fused", "latency")
