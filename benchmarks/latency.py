@@ -371,6 +371,11 @@ def run(a: argparse.Namespace) -> dict:
             except Exception as e:
                 _failed(out, notes, f"{backend.name}-{form}", e)
                 if gpu and form == "fused":  # the numbers without CUDA graphs, named as such
+                    why_not = _why_not_without_graphs(rec, f"{backend.name}-{form}")
+                    if why_not is not None:
+                        notes.append(f"{backend.name}-{form}-nograph not run: {why_not}")
+                        out.emit("skipped", path=f"{backend.name}-{form}-nograph", reason=why_not)
+                        continue
                     try:
                         measure(backend, form, cuda_graphs=False)
                     except Exception as e2:
@@ -379,6 +384,23 @@ def run(a: argparse.Namespace) -> dict:
     out.emit("goals", **rec["goals"])
     shutil.rmtree(work, ignore_errors=True)
     return rec
+
+
+def _why_not_without_graphs(rec: dict, name: str) -> str | None:
+    """Why a GPU path whose measurement with CUDA graphs failed is not measured again without
+    them, or None to measure it. Not when its timed edits were recorded before the failure (it
+    came after them — the syncs, the UNet call — and repeating every edit would spend the
+    step's time on numbers already taken), nor when the device no longer answers (after a
+    sticky CUDA error, such as an illegal address in a replay, every later call fails too)."""
+    import torch
+
+    if any(name in run["stages_s"] for run in rec["runs"].values()):
+        return "its timed edits with CUDA graphs were recorded before the failure"
+    try:
+        torch.cuda.synchronize()
+    except Exception as e:  # torch raises its own error types for a broken context
+        return f"the device no longer answers ({type(e).__name__}: {e})"
+    return None
 
 
 def _failed(out: JsonLines, notes: list[str], name: str, e: Exception) -> None:
