@@ -88,7 +88,10 @@ def _time_unet(folder: Path, batch: int, repeats: int) -> dict[str, object]:
     }
 
     def time_form(specs) -> tuple[list[float], np.ndarray]:
-        sessions = [ort.InferenceSession(str(folder / s.file), so) for s in specs]
+        sessions = [
+            ort.InferenceSession(str(folder / s.file), so, providers=["CPUExecutionProvider"])
+            for s in specs
+        ]
 
         def run():
             env = dict(feeds)
