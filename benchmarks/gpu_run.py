@@ -673,7 +673,10 @@ def goals(lines: list[dict], earlier: list[dict] = ()) -> list[str]:
     for x in lines:
         if x["kind"] == "syncs" and x.get("passes"):
             per = max(p["per_step"] for p in x["passes"].values())
-            out.append(f"{x['path']}: {per:.1f} host syncs per step (goal 0)")
+            waits = host_waits(x)
+            out.append(
+                f"{x['path']}: {per:.1f} host syncs per step (goal 0)" + (waits and f"; {waits}")
+            )
         if x["kind"] == "parity":
             out.append(
                 f"{x['path']} parity at {x['steps']} steps: latents {x['latents_max_abs']:.1e} "
@@ -681,6 +684,27 @@ def goals(lines: list[dict], earlier: list[dict] = ()) -> list[str]:
                 + ("met" if x["meets_goal"] else "NOT met")
             )
     return out or ["nothing measured yet"]
+
+
+#: A UNet call whose host time is at least this part of its GPU time waited for the GPU.
+WAITS_AT = 0.5
+
+
+def host_waits(syncs: dict) -> str:
+    """What a ``syncs`` record says of the waits torch does not count: a UNet call's host time
+    against its GPU time after the first step ('' where not measured)."""
+    c = syncs.get("unet_calls_after_the_first_step") or {}
+    if c.get("host_over_gpu") is None:
+        return ""
+    verdict = (
+        "the host waits for the GPU inside the call (a sync torch does not count)"
+        if c["host_over_gpu"] >= WAITS_AT
+        else "no wait inside the call"
+    )
+    return (
+        f"a UNet call after the first step takes {c['host_ms']:.2f} ms on the host against "
+        f"{c['gpu_ms']:.2f} ms on the GPU ({c['host_over_gpu']:.2f}×): {verdict}"
+    )
 
 
 # -- verbs that run on the machine ------------------------------------------------------------

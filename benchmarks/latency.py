@@ -32,7 +32,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from benchmarks.common import available_backends, export_cli, machine_info, write_results
-from benchmarks.gpu_run import emit
+from benchmarks.gpu_run import emit, host_waits
 
 STAGES = ("text", "calibration", "edit", "decode", "total")
 SOURCE, TARGET = "a dog standing on the grass", "a dog sitting on the grass"
@@ -105,17 +105,28 @@ class JsonLines:
 
 def count_syncs(session, edit, sampler) -> dict:
     """One edit under ``torch.cuda.set_sync_debug_mode("warn")``: the host syncs torch makes
-    (warnings it raises), attributed to the UNet call or the loop body of each step. What ONNX
-    Runtime synchronises inside its own run is not seen by torch and not counted."""
+    (warnings it raises), attributed to the UNet call or the loop body of each step; and, for
+    the waits torch cannot see (ONNX Runtime synchronising inside its own run, as its CUDA
+    graph replay did before it honoured ``disable_synchronize_execution_providers``), each UNet
+    call's host time against its GPU time (CUDA events on the caller's stream). After the first
+    step, a call that does not wait returns in a small part of its GPU time; one that waits
+    takes at least all of it (``host_over_gpu`` near 1 or more)."""
     import torch
 
     where = {"now": ("setup", -1, -1)}
     seen: list[tuple[tuple[str, int, int], str]] = []
+    calls: list[tuple[int, float, object, object]] = []  # step, host seconds, GPU events
     unet = session.unet
 
     def watched(x, t, embeddings, controller, step):
         where["now"] = ("unet", x.shape[0], step)
+        start, end = (torch.cuda.Event(enable_timing=True) for _ in range(2))
+        start.record(torch.cuda.current_stream())
+        t0 = time.perf_counter()
         out = unet(x, t, embeddings, controller, step)
+        host = time.perf_counter() - t0
+        end.record(torch.cuda.current_stream())
+        calls.append((step, host, start, end))
         where["now"] = ("loop", x.shape[0], step)  # the scheduler step after this call
         return out
 
@@ -133,6 +144,7 @@ def count_syncs(session, edit, sampler) -> dict:
                 torch.cuda.set_sync_debug_mode(0)
     finally:
         del session.unet
+    torch.cuda.synchronize()  # the events' times, read after the edit
     n = session.num_steps(sampler)
     passes = {}
     for batch in sorted({w[1] for w, _ in seen if w[1] > 0} | {2, 4}):
@@ -147,11 +159,19 @@ def count_syncs(session, edit, sampler) -> dict:
             "per_step": len(inside) / max(n - 1, 1),
             "first_step": sum(1 for w, _ in seen if w[1] == batch and w[2] == 0),
         }
+    later = [(host, start.elapsed_time(end) / 1e3) for step, host, start, end in calls if step]
     return {
         "passes": passes,
         "total": len(seen),
         "examples": sorted({f"{w[0]} b{w[1]} step {w[2]}: {m}" for w, m in seen})[:8],
         "goal_per_step": 0,
+        "unet_calls_after_the_first_step": {
+            "host_ms": statistics.median(h for h, _ in later) * 1e3 if later else None,
+            "gpu_ms": statistics.median(g for _, g in later) * 1e3 if later else None,
+            "host_over_gpu": statistics.median(h / max(g, 1e-9) for h, g in later)
+            if later
+            else None,
+        },
     }
 
 
@@ -576,7 +596,12 @@ def markdown(rec: dict) -> str:
     ]
     for name, s in rec["syncs"].items():
         per = ", ".join(f"{k}: {v['per_step']:.1f}" for k, v in s["passes"].items())
-        lines.append(f"Host syncs per step ({name}, torch's sync debug mode): {per}.")
+        waits = host_waits(s)
+        lines.append(
+            f"Host syncs per step ({name}, torch's sync debug mode): {per}"
+            + (waits and f"; {waits}")
+            + "."
+        )
     if rec["export_s"] is not None:
         lines += [f"Export (not timed above): {rec['export_s']:.0f} s."]
     lines += [f"Note: {n}" for n in rec["notes"]]

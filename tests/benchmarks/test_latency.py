@@ -3,9 +3,14 @@ GPU script's dry run, ``test_gpu_script.py``)."""
 
 from __future__ import annotations
 
+import time
+import warnings
+
+import pytest
 import torch
 
-from benchmarks.latency import _why_not_without_graphs
+from benchmarks.gpu_run import WAITS_AT, goals, host_waits
+from benchmarks.latency import _why_not_without_graphs, count_syncs
 
 
 def _record(*timed: str) -> dict:
@@ -30,3 +35,68 @@ def test_a_graph_failure_is_measured_again_without_graphs_only_before_its_timed_
     monkeypatch.setattr(torch.cuda, "synchronize", broken)
     why = _why_not_without_graphs(_record(), "ort-cuda-fused")
     assert why is not None and "no longer answers" in why and "illegal memory access" in why
+
+
+class _GpuClock:
+    """CUDA events over a pretend GPU timeline: what the fake UNet's calls advance."""
+
+    now = 0.0
+
+    def __init__(self, **kw) -> None:
+        self.at = None
+
+    def record(self, stream=None) -> None:
+        self.at = _GpuClock.now
+
+    def elapsed_time(self, end: _GpuClock) -> float:
+        return (end.at - self.at) * 1e3  # milliseconds, as torch's
+
+
+class _Session:
+    """Two passes (batches 2 and 4) of three steps; each UNet call is 10 ms of GPU work, and
+    waits for it on the host when ``waits``; the loop after batch 4's second call syncs."""
+
+    def __init__(self, waits: bool) -> None:
+        self.waits = waits
+
+    def num_steps(self, sampler) -> int:
+        return 3
+
+    def unet(self, x, t, embeddings, controller, step):
+        _GpuClock.now += 0.010
+        if self.waits:
+            time.sleep(0.010)
+        return x
+
+    def edit(self, source, target, edit, sampler) -> None:
+        for batch in (2, 4):
+            for step in range(3):
+                self.unet(torch.zeros(batch), None, None, None, step)
+                if (batch, step) == (4, 1):
+                    warnings.warn("called a synchronizing CUDA operation", stacklevel=1)
+
+
+def test_the_sync_count_sees_the_waits_torch_does_not_count(monkeypatch):
+    """``count_syncs`` (CUDA only, so its pieces are faked here): torch's sync warnings are
+    attributed to their pass and step, and a UNet call that waits for the GPU on the host (as
+    ONNX Runtime's graph replay did before it honoured ``disable_synchronize_execution_providers``)
+    is told from one that does not by its host time against its GPU time."""
+    monkeypatch.setattr(torch.cuda, "Event", _GpuClock)
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda *a: None)
+    monkeypatch.setattr(torch.cuda, "set_sync_debug_mode", lambda mode: None)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda *a: None)
+    found = {}
+    for waits in (False, True):
+        session = _Session(waits)
+        found[waits] = count_syncs(session, None, None)
+        assert "unet" not in vars(session)  # its own UNet call again
+    quick = found[False]
+    assert quick["passes"]["batch 4"]["between_first_and_last_step"] == 1
+    assert quick["passes"]["batch 2"]["between_first_and_last_step"] == 0
+    calls = quick["unet_calls_after_the_first_step"]
+    assert calls["gpu_ms"] == pytest.approx(10.0) and calls["host_over_gpu"] < WAITS_AT
+    assert "no wait inside the call" in host_waits(quick)
+    assert found[True]["unet_calls_after_the_first_step"]["host_over_gpu"] >= 1.0
+    assert "the host waits for the GPU inside the call" in host_waits(found[True])
+    (goal,) = goals([{"kind": "syncs", "path": "ort-cuda-fused", **found[True]}])
+    assert goal.startswith("ort-cuda-fused: 0.5 host syncs per step (goal 0); a UNet call after")
