@@ -34,6 +34,10 @@ def _files(root: Path, depth: int | None = None) -> set[str]:
 def pytest_configure(config):
     # matplotlib's font cache goes to a folder of the run's, not ~/.cache/matplotlib
     os.environ.setdefault("MPLCONFIGDIR", tempfile.mkdtemp(prefix="adapedit-mpl-"))
+    # onnxruntime ≥ 1.32 writes a device id and a database under ~/.cache/Microsoft on import
+    # and on its first session unless its telemetry is off (set before any test imports it,
+    # inherited by the processes tests start)
+    os.environ.setdefault("ORT_DISABLE_TELEMETRY", "1")
     config._written_before = (_files(_ROOT), _files(_HOME_CACHE, 2))
 
 
