@@ -5,6 +5,7 @@ stored once, and requests for other shapes are refused."""
 from __future__ import annotations
 
 import json
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -18,7 +19,7 @@ from adapedit.engines.ort import OrtRunner
 from adapedit.errors import ConfigError, EngineError
 from adapedit.export.api import ExportOptions, export_model
 from adapedit.runtime.session import EditSession
-from adapedit.spec import UNET_INPUTS
+from adapedit.spec import UNET_INPUTS, Manifest
 
 INTEGER = ("int64", "int32", "int16", "int8", "uint8", "bool")
 
@@ -46,6 +47,30 @@ def test_static_graphs_have_no_shape_arithmetic(tiny_static_export):
             assert not ops & {"Shape", "ConstantOfShape", "Constant", "Range"}, (spec.file, ops)
     for name in ("text_encoder", "vae_decoder", "vae_encoder"):
         assert m.graphs[name].inputs[0].shape[0] == 1  # batch 1, called once per sample
+
+
+def test_no_static_unet_graph_computes_anything_twice(tiny_static_export, tiny_fp16_fused_export):
+    """No two nodes of a UNet graph do the same work (one op on the same inputs with the same
+    attributes). The fused graph's edit hook asks for DPS's ``S`` of the LocalBlend-resolution
+    layers twice — inside the shared ``edit_probs`` and again for the picture of ``S``
+    (``dps.weight``) — and the export keeps one computation of it."""
+    (static, m), (fused, _) = tiny_static_export, tiny_fp16_fused_export
+    checked = [(static, spec.file) for u in m.unet for spec in u.specs]
+    checked += [(fused, u.fused.file) for u in Manifest.load(fused).unet]
+    assert [f for _, f in checked if f.endswith("_fused.onnx")] == [
+        "unet/b2_fused.onnx",
+        "unet/b4_fused.onnx",
+    ]
+    for folder, file in checked:
+        graph = onnx.load(str(folder / file), load_external_data=False).graph
+        if file.endswith("b4_fused.onnx"):
+            assert "dps.weight" in {o.name for o in graph.output}
+        work = Counter(
+            (n.op_type, tuple(n.input), tuple(a.SerializeToString() for a in n.attribute))
+            for n in graph.node
+        )
+        twice = [(op, inputs[:2]) for (op, inputs, _), k in work.items() if k > 1]
+        assert not twice, (file, twice[:5])
 
 
 def _feeds(batch, seed=0):
