@@ -785,9 +785,10 @@ def smoke(backend, folder: Path) -> dict:
     x_info, y_info = (helper.make_tensor_value_info(n, onnx_type, [2, 8]) for n in ("x", "y"))
     add = helper.make_node("Add", ["x", "x"], ["y"])
     graph = helper.make_graph([add], "smoke", [x_info], [y_info])
-    onnx.save(
-        helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), folder / spec.file
-    )
+    # IR 10, as the exports: onnx 1.23 writes 14 unless told, and onnxruntime-gpu 1.31 reads
+    # up to 13 (its refusal would read as a provider that cannot run)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=10)
+    onnx.save(model, folder / spec.file)
     options = replace(backend.ort, cuda_graph=gpu)
     record = {"backend": backend.name, "cuda_graph": gpu, "asked": list(options.providers)}
     t0 = time.perf_counter()

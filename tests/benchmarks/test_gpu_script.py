@@ -16,6 +16,7 @@ import tarfile
 import time
 from pathlib import Path
 
+import onnx
 import pytest
 
 from benchmarks import gpu_run
@@ -53,6 +54,9 @@ def test_the_smoke_graph_names_a_provider_that_cannot_run_and_passes_one_that_ca
 
     cpu = gpu_run.smoke(Backend("ort-cpu", "ort"), tmp_path)
     assert cpu["ok"] and cpu["providers"] == ["CPUExecutionProvider"] and not cpu["cuda_graph"]
+    assert (
+        onnx.load(tmp_path / "smoke.onnx").ir_version == 10
+    )  # as the exports: ORT 1.31 reads ≤ 13
     cuda = gpu_run.smoke(Backend("ort-cuda", "ort", OrtOptions(providers=("cuda",))), tmp_path)
     assert not cuda["ok"] and cuda["cuda_graph"]
     assert "EngineError" in cuda["error"] and "CUDAExecutionProvider" in cuda["error"]

@@ -2,7 +2,8 @@
 
 ONNX Runtime places a node on the CPU when the CUDA provider has no kernel for its op at the
 graph's opset and input types, and when the node computes an input that CUDA kernels read in
-host memory (a shape, axes, sizes). Either costs two copies per call, and a graph with any node
+host memory (a shape, axes, sizes); and it loads no file of a newer ONNX IR version than
+its own. Either of the first two costs two copies per call, and a graph with any node
 off the CUDA provider cannot be captured as a CUDA graph, which is what the fused runtime's
 speed rests on. No GPU is needed to check this: the graphs' ops and types are read here and set
 against the CUDA kernels of ONNX Runtime 1.31 (:data:`CUDA_KERNELS`), in fp32 (the CPU
@@ -78,10 +79,17 @@ HOST_INPUTS: dict[str, tuple[int, ...]] = {
 }
 
 
+#: The newest ONNX IR version ONNX Runtime 1.31 loads (onnx 1.23 writes 14 unless told).
+MAX_IR_VERSION = 13
+
+
 def off_cuda(path: Path) -> list[str]:
     """The nodes of the ONNX graph at ``path`` that ONNX Runtime would place off the CUDA
-    provider, each with why (empty: every node runs there)."""
+    provider, each with why (empty: every node runs there); first, a file it would not load."""
     model = onnx.load(str(path), load_external_data=False)
+    found = []
+    if model.ir_version > MAX_IR_VERSION:
+        found.append(f"IR version {model.ir_version}: ONNX Runtime 1.31 loads up to 13")
     opset = next(o.version for o in model.opset_import if o.domain in ("", "ai.onnx"))
     graph = shape_inference.infer_shapes(model).graph
     dtypes = {v.name: v.type.tensor_type.elem_type for v in (*graph.value_info, *graph.output)}
@@ -89,7 +97,6 @@ def off_cuda(path: Path) -> list[str]:
     dtypes |= {t.name: t.data_type for t in graph.initializer}
     fixed = {t.name for t in graph.initializer}
     produced = {o for n in graph.node if n.op_type != "Constant" for o in n.output}
-    found = []
     for n in graph.node:
         if n.op_type == "Constant":  # a value, not a kernel: ONNX Runtime makes it an initializer
             continue
@@ -124,6 +131,7 @@ def test_the_checker_finds_a_node_off_the_cuda_provider(tmp_path):
         helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]), tmp_path / "g.onnx"
     )
     found = off_cuda(tmp_path / "g.onnx")
+    assert "IR version 14: ONNX Runtime 1.31 loads up to 13" in found  # onnx 1.23's default
     assert any(f.startswith("shape: Shape") for f in found), found
     assert "flatten: Reshape input 1 is computed on the CPU" in found
 
