@@ -771,16 +771,11 @@ def smoke(backend, folder: Path) -> dict:
     from onnx import TensorProto, helper
 
     from adapedit.engines.ort import OrtRunner
-    from adapedit.spec import GraphSpec, TensorSpec
+    from adapedit.export.api import graph_spec
 
     gpu = backend.ort.device.type == "cuda"
     dtype, onnx_type = (
         (torch.float16, TensorProto.FLOAT16) if gpu else (torch.float32, TensorProto.FLOAT)
-    )
-    spec = GraphSpec(
-        "smoke.onnx",
-        (TensorSpec("x", str(dtype).removeprefix("torch."), (2, 8)),),
-        (TensorSpec("y", str(dtype).removeprefix("torch."), (2, 8)),),
     )
     x_info, y_info = (helper.make_tensor_value_info(n, onnx_type, [2, 8]) for n in ("x", "y"))
     add = helper.make_node("Add", ["x", "x"], ["y"])
@@ -788,6 +783,7 @@ def smoke(backend, folder: Path) -> dict:
     # IR 10, as the exports: onnx 1.23 writes 14 unless told, and onnxruntime-gpu 1.31 reads
     # up to 13 (its refusal would read as a provider that cannot run)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=10)
+    spec = graph_spec(model, "smoke.onnx")
     onnx.save(model, folder / spec.file)
     options = replace(backend.ort, cuda_graph=gpu)
     record = {"backend": backend.name, "cuda_graph": gpu, "asked": list(options.providers)}

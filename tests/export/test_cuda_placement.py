@@ -89,7 +89,9 @@ def off_cuda(path: Path) -> list[str]:
     model = onnx.load(str(path), load_external_data=False)
     found = []
     if model.ir_version > MAX_IR_VERSION:
-        found.append(f"IR version {model.ir_version}: ONNX Runtime 1.31 loads up to 13")
+        found.append(
+            f"IR version {model.ir_version}: ONNX Runtime 1.31 loads up to {MAX_IR_VERSION}"
+        )
     opset = next(o.version for o in model.opset_import if o.domain in ("", "ai.onnx"))
     graph = shape_inference.infer_shapes(model).graph
     dtypes = {v.name: v.type.tensor_type.elem_type for v in (*graph.value_info, *graph.output)}
