@@ -30,6 +30,8 @@ if ! pip_install --no-build-isolation "$src"; then
   cp -r "$src/adapedit" "$SITE/adapedit"
   for pkg in export engines runtime; do cp -r "$src/$pkg" "$SITE/adapedit/$pkg"; done
 fi
+# the carried wheels were installed without their dependencies: importing them here names a
+# missing one (diffusers checks requests, filelock and numpy on import) at this step, not the export's
 PYTHONPATH="$SITE" PYTHONSAFEPATH=1 python3 -c '
-import adapedit.runtime.session, adapedit.algorithm.edit
-print("adapedit", adapedit.__file__)'
+import adapedit.runtime.session, adapedit.algorithm.edit, diffusers, onnx_graphsurgeon
+print("adapedit", adapedit.__file__, "diffusers", diffusers.__version__)'

@@ -17,11 +17,24 @@ if [ ! -f .ortgpu/SHA256 ] || [ ! -d .whl ]; then
 fi
 venv=${REHEARSAL_VENV:-/tmp/adapedit-rehearsal-venv}
 if [ ! -x "$venv/bin/python3" ]; then
-  py=${PYTHON312:-$(command -v python3.12 || echo /root/.pyenv/versions/3.12.1/bin/python3.12)}
+  # a pyenv shim answers `command -v python3.12` and then fails to run: take one that runs
+  py=${PYTHON312:-}
+  for candidate in python3.12 /root/.pyenv/versions/3.12.*/bin/python3.12; do
+    [ -n "$py" ] && break
+    if "$candidate" -c "" 2>/dev/null; then py=$candidate; fi
+  done
+  if [ -z "$py" ]; then
+    echo "no Python 3.12 found (tried python3.12 and pyenv's): name one in PYTHON312" >&2
+    exit 2
+  fi
   "$py" -m venv "$venv"
-  "$venv/bin/pip" install -q torch==2.11.0 onnx==1.23.1 onnx-ir==1.0.0 onnxscript==0.7.2 \
-    onnxruntime==1.30.0 transformers==5.17.0 numpy==2.5.2 safetensors sympy pillow tqdm matplotlib
 fi
+# every run (seconds once satisfied), so that a venv made by an earlier version of this list
+# gets what was added since: requests, which the lent machine has and the carried diffusers
+# needs (the kit installs it --no-deps)
+"$venv/bin/pip" install -q torch==2.11.0 onnx==1.23.1 onnx-ir==1.0.0 onnxscript==0.7.2 \
+  onnxruntime==1.30.0 transformers==5.17.0 numpy==2.5.2 safetensors sympy pillow tqdm matplotlib \
+  requests
 for absent in diffusers onnx_graphsurgeon adapedit; do
   if (cd / && "$venv/bin/python3" -c "import $absent" 2>/dev/null); then
     echo "$venv has $absent, which the lent machine has not (it comes from the kit)" >&2
