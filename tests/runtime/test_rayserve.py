@@ -300,7 +300,8 @@ def test_two_cpu_replicas_on_a_local_cluster(tiny_engines, tiny_session):
     finally:
         stop(cluster=True)
     assert processes, "the cluster's processes were not found"
-    # a loaded 2-core CI host can take more than a minute to end the cluster's processes
+    # 120 s: once a process counted as the cluster's outlived 60 s, most likely the resource
+    # tracker that is no longer counted (that message did not name it)
     end = time.monotonic() + 120
     while (left := [p for p in processes if alive(p)]) and time.monotonic() < end:
         time.sleep(0.5)
