@@ -83,14 +83,14 @@ def test_pack_and_unpack_round_trip_and_refuse_a_missing_part(tmp_path):
     (src / "pkg").mkdir(parents=True)
     (src / "pkg" / "__init__.py").write_text("VALUE = 1\n")
     (src / "pkg" / "blob.bin").write_bytes(os.urandom(3 << 20))  # does not compress
-    parts = gpu_run.pack(src, tmp_path / "kit", part_mib=1, level=0)
+    parts = gpu_run.pack(src, tmp_path / "kit", part_kib=1024, level=0)
     assert len(parts) == 4 and all(p.stat().st_size <= 1 << 20 for p in parts)
     site = gpu_run.unpack(tmp_path / "kit")
     assert (site / "pkg" / "blob.bin").read_bytes() == (src / "pkg" / "blob.bin").read_bytes()
     assert gpu_run.unpack(tmp_path / "kit") == site  # unpacked once per archive
     shutil.rmtree(site)
     # cut again for a grown working tree: the same archive in fewer, larger parts
-    parts = gpu_run.recut(tmp_path / "kit", part_mib=2)
+    parts = gpu_run.recut(tmp_path / "kit", part_kib=2048)
     sizes = [p.stat().st_size for p in parts]
     assert len(parts) == 2 and sizes[0] == 2 << 20 and 0 < sizes[1] <= 2 << 20
     assert sorted((tmp_path / "kit").glob("part-*")) == parts
@@ -98,10 +98,38 @@ def test_pack_and_unpack_round_trip_and_refuse_a_missing_part(tmp_path):
     assert (site / "pkg" / "blob.bin").read_bytes() == (src / "pkg" / "blob.bin").read_bytes()
     shutil.rmtree(site)
     parts[1].unlink()
-    for broken in (gpu_run.unpack, lambda kit: gpu_run.recut(kit, 1)):
+    for broken in (gpu_run.unpack, lambda kit: gpu_run.recut(kit, 1024)):
         with pytest.raises(SystemExit, match="do not add up"):
             broken(tmp_path / "kit")
     assert not site.exists()
+
+
+def test_the_kit_leaves_out_what_no_step_loads_and_keeps_the_rest(tmp_path):
+    """The C API library and the model tools stay behind; the binding, every provider library
+    (``libonnxruntime_providers_*`` is not ``libonnxruntime.so*``) and the metadata travel."""
+    src = tmp_path / "wheel"
+    kept = [
+        "onnxruntime/__init__.py",
+        "onnxruntime/capi/onnxruntime_pybind11_state.cpython-312-x86_64-linux-gnu.so",
+        "onnxruntime/capi/libonnxruntime_providers_cuda.so",
+        "onnxruntime/capi/libonnxruntime_providers_shared.so",
+        "onnxruntime/capi/libonnxruntime_providers_tensorrt.so",
+        "onnxruntime/tools_of_our_own.py",
+        "onnxruntime_gpu-1.31.1.dist-info/METADATA",
+    ]
+    left = [
+        "onnxruntime/capi/libonnxruntime.so.1.31.1",
+        "onnxruntime/tools/symbolic_shape_infer.py",
+        "onnxruntime/transformers/models/gpt2/convert.py",
+        "onnxruntime/quantization/quantize.py",
+    ]
+    for name in kept + left:
+        (src / name).parent.mkdir(parents=True, exist_ok=True)
+        (src / name).write_text(name)
+    gpu_run.pack(src, tmp_path / "kit", part_kib=1024, level=0)
+    site = gpu_run.unpack(tmp_path / "kit")
+    got = {str(p.relative_to(site)) for p in site.rglob("*") if p.is_file()} - {".installed"}
+    assert got == set(kept)
 
 
 @pytest.mark.slow
@@ -162,7 +190,7 @@ def carried(tmp_path_factory):
     wheel = root / "ort-wheel"
     wheel.mkdir()
     shutil.copytree(package, wheel / "onnxruntime")
-    gpu_run.pack(wheel, root / "ort", part_mib=16, level=0)
+    gpu_run.pack(wheel, root / "ort", part_kib=16 << 10, level=0)
     return root
 
 
