@@ -10,7 +10,7 @@ import torch
 
 from adapedit.config import EditConfig, SamplerConfig
 from adapedit.errors import ModelError
-from adapedit.pipelines.models import build_random, load_model
+from adapedit.pipelines.models import build_random, load_model, load_tokenizer
 from adapedit.pipelines.pipeline import ReferencePipeline
 from adapedit.pipelines.processors import attention_layers
 
@@ -47,6 +47,17 @@ def test_folder_round_trip(tiny_components, tiny_folder):
     torch.testing.assert_close(a, b)
     assert loaded.tokenizer("a dog").input_ids == tiny_components.tokenizer("a dog").input_ids
     assert loaded.config_hash() == tiny_components.config_hash()
+
+
+def test_the_default_model_tokenizes_as_the_vendored_clip_tokenizer():
+    """``shapes`` was trained over the vendored tokenizer; its folder ships that vocabulary as
+    ``vocab.json`` + ``merges.txt`` (1.5 MB, where ``tokenizer.json`` takes 3.6 MB)."""
+    shapes, vendored = load_model("shapes").tokenizer, load_tokenizer()
+    assert shapes.get_vocab() == vendored.get_vocab()
+    for prompt in ("a small red circle on the left", "A Dog, sitting!  on the grass…", "x" * 300):
+        got = shapes(prompt, padding="max_length", truncation=True, return_offsets_mapping=True)
+        want = vendored(prompt, padding="max_length", truncation=True, return_offsets_mapping=True)
+        assert got == want
 
 
 @pytest.mark.parametrize("component", ["unet", "text_encoder", "vae", "tokenizer", "scheduler"])
