@@ -142,6 +142,12 @@ def _deadline(value: str | None) -> int:
     return deadline
 
 
+#: The latency steps print ONNX Runtime's warnings into their logs: what it does silently
+#: otherwise (a shared weight copied rather than used in place, Memcpy nodes, nodes left to
+#: the CPU) is what a first GPU run must show.
+ORT_WARNINGS = ("--ort-log-severity", "2")
+
+
 @dataclass(frozen=True)
 class Step:
     """One step of a command: a child process with a time limit; ``min_s``: the least time in
@@ -227,7 +233,7 @@ def commands(s: Settings) -> dict[int, list[Step]]:
         (py, "-m", "benchmarks.gpu_run", "unpack", str(s.ortgpu)),
     )
     fused, segmented = s.exports["fused"], s.exports["segmented"]
-    latency = (py, "-m", "benchmarks.latency", *common)
+    latency = (py, "-m", "benchmarks.latency", *common, *ORT_WARNINGS)
     one = [
         install,
         ort_gpu,

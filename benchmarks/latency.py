@@ -29,6 +29,7 @@ import time
 import traceback
 import warnings
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 
 from benchmarks.common import available_backends, export_cli, machine_info, write_results
@@ -189,7 +190,11 @@ def run(a: argparse.Namespace) -> dict:
     device = a.device if a.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.float16 if a.precision == "fp16" else torch.float32
     edit = EditConfig()
-    backends = [b for b in available_backends() if a.backends is None or b.name in a.backends]
+    backends = [
+        replace(b, ort=replace(b.ort, log_severity=a.ort_log_severity))
+        for b in available_backends()
+        if a.backends is None or b.name in a.backends
+    ]
     notes = []
     if device == "cuda" and a.backends is None:
         backends = [b for b in backends if b.name != "ort-cpu"]
@@ -652,6 +657,13 @@ def main(argv: list[str] | None = None) -> None:
         "--forms", nargs="+", choices=("fused", "segmented"), default=["fused", "segmented"]
     )
     ap.add_argument("--syncs", action="store_true", help="count host syncs per step (GPU)")
+    ap.add_argument(
+        "--ort-log-severity",
+        type=int,
+        choices=range(5),
+        default=3,
+        help="ONNX Runtime's log level for the engines (2: its warnings too, into the log)",
+    )
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--work", default=None)

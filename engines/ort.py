@@ -49,7 +49,10 @@ class OrtOptions:
     their peak), ``shared`` (one arena of the process, registered once, that every session
     with this option allocates from: sessions that run one after another reuse the same memory;
     CPU-provider sessions only, a GPU session keeps its own) or ``off`` (freed after every
-    run).
+    run). ``log_severity``: what ONNX Runtime prints of its sessions (0 verbose, 1 info,
+    2 warnings, 3 errors — the default —, 4 fatal); at 2 it says what it otherwise does
+    silently: a shared weight it copied rather than used in place (its planned device differs
+    from the buffer's), the Memcpy nodes it added, the nodes it left to the CPU.
 
     The defaults hold one copy of the weights on the CPU: optimisation level ``extended`` (``all``
     adds the CPU-only NCHWc layout pass, which keeps re-laid-out weights per session), no
@@ -66,6 +69,7 @@ class OrtOptions:
     cuda_graph: bool = False
     prepacking: bool = False
     cpu_arena: str = "shared"
+    log_severity: int = 3
 
     def __post_init__(self) -> None:
         unknown = [p for p in self.providers if p not in PROVIDERS]
@@ -86,6 +90,13 @@ class OrtOptions:
                 )
         if self.threads < 0:
             raise EngineError("threads must be ≥ 0", where="OrtOptions", got=self.threads)
+        if self.log_severity not in range(5):
+            raise EngineError(
+                "unknown log severity",
+                where="OrtOptions",
+                expected="0 (verbose) to 4 (fatal)",
+                got=self.log_severity,
+            )
 
     @property
     def device(self) -> torch.device:
@@ -218,7 +229,7 @@ class OrtRunner(Runner):
                 got="no such file",
             )
         so = ort.SessionOptions()
-        so.log_severity_level = 3
+        so.log_severity_level = self.options.log_severity
         so.intra_op_num_threads = self.options.threads
         so.add_session_config_entry(
             "session.intra_op.allow_spinning", "1" if self.options.spinning else "0"

@@ -104,6 +104,17 @@ def test_pack_and_unpack_round_trip_and_refuse_a_missing_part(tmp_path):
     assert not site.exists()
 
 
+def test_the_latency_steps_log_onnx_runtimes_warnings(tmp_path):
+    """What ONNX Runtime does silently at its default level (a shared weight copied rather than
+    used in place, Memcpy nodes) reaches the logs a GPU run brings back."""
+    s = gpu_run.Settings.from_env({"GPU_DRY_RUN": "1", "OUT_DIR": str(tmp_path)})
+    steps = [x for c in gpu_run.commands(s).values() for x in c if "benchmarks.latency" in x.argv]
+    assert len(steps) == 3
+    for step in steps:
+        i = step.argv.index("--ort-log-severity")
+        assert step.argv[i + 1] == "2", step.name
+
+
 def test_the_kit_leaves_out_what_no_step_loads_and_keeps_the_rest(tmp_path):
     """The C API library and the model tools stay behind; the binding, every provider library
     (``libonnxruntime_providers_*`` is not ``libonnxruntime.so*``) and the metadata travel."""

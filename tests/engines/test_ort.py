@@ -83,6 +83,8 @@ def test_options_and_providers(tiny_export):
         OrtOptions(optimization="max")
     with pytest.raises(EngineError, match="unknown CPU arena"):
         OrtOptions(cpu_arena="pooled")
+    with pytest.raises(EngineError, match="unknown log severity"):
+        OrtOptions(log_severity=5)
     assert OrtOptions(providers=("cuda", "cpu")).device.type == "cuda"
     folder, m = tiny_export
     import onnxruntime as ort
@@ -263,3 +265,13 @@ def test_prepacking_and_the_cpu_arena_reach_the_session(decoder_file, prepacking
             "0" if prepacking else "1"
         )
         assert so.graph_optimization_level.name == "ORT_ENABLE_EXTENDED"
+
+
+@pytest.mark.parametrize("severity", [2, 3])
+def test_the_log_severity_reaches_the_session(decoder_file, severity):
+    """At 2, ONNX Runtime's warnings (a shared weight copied, not used in place; Memcpy nodes)
+    are printed; 3, errors only, is the default."""
+    file, spec = decoder_file
+    options = OrtOptions(log_severity=severity) if severity != 3 else OrtOptions()
+    with OrtRunner(file, spec, options) as r:
+        assert r.session.get_session_options().log_severity_level == severity
