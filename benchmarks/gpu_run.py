@@ -589,7 +589,8 @@ def write_summary(s: Settings, number: int) -> None:
     for b in by.get("backends", [])[-1:]:
         md += ["", f"Machine: {b['card']}; {b['versions']}; providers {b['providers']}."]
     for k in by.get("smoke", []):
-        verdict = "ok" if k["ok"] else f"FAILED ({k.get('error', 'wrong values')})"
+        why = k.get("error") or f"shared weight {k.get('shared_weight')}"
+        verdict = "ok, shared weight used in place" if k["ok"] else f"FAILED ({why})"
         md.append(
             f"Smoke graph on {k['backend']} (asked {k['asked']}, got {k.get('providers')}, "
             f"CUDA graph {k['cuda_graph']}): {verdict}."
@@ -767,43 +768,69 @@ def probe(jsonl: Path) -> None:
 
 
 def smoke(backend, folder: Path) -> dict:
-    """One tiny graph (``y = x + x``, [2, 8], fp16 on a GPU) through the runtime's own runner on
-    ``backend``'s providers, with a CUDA graph where they are on the GPU, four runs over one
-    bound input: whether ONNX Runtime loads the providers asked (``get_providers()``; a CUDA
-    provider whose libraries are missing is listed as available all the same) and replays the
-    graph with the right values. Seconds, where the export is minutes: a provider that cannot
-    load is named before the export, with ONNX Runtime's reason."""
+    """One tiny graph (``y = x + w``, [2, 8], fp16 on a GPU) through the runtime's own runner
+    on ``backend``'s providers, with a CUDA graph where they are on the GPU, and ``w`` shared
+    as an export's weights are (a ``WeightPool`` buffer on the runner's device, handed to the
+    session with ``add_initializer``): whether ONNX Runtime loads the providers asked
+    (``get_providers()``; a CUDA provider whose libraries are missing is listed as available
+    all the same), replays the graph with the right values, and reads the shared buffer in
+    place (``shared_weight``: the graph's own ``w`` is 3 — not 0, which an optimiser may drop
+    as an identity —, the shared one 1, then refilled with 2: ``copied`` if the refill is not
+    seen, ``not used`` if ONNX Runtime kept the graph's own copy, as it does, with a warning
+    only, when the buffer is not on the device it planned). Seconds, where the export is
+    minutes: a provider that cannot load, or weights that would not be shared, are named before
+    the export, with ONNX Runtime's reason."""
+    import numpy as np
     import onnx
     import torch
-    from onnx import TensorProto, helper
+    from onnx import TensorProto, helper, numpy_helper
 
     from adapedit.engines.ort import OrtRunner
+    from adapedit.engines.weights import WeightPool
     from adapedit.export.api import graph_spec
 
     gpu = backend.ort.device.type == "cuda"
-    dtype, onnx_type = (
-        (torch.float16, TensorProto.FLOAT16) if gpu else (torch.float32, TensorProto.FLOAT)
+    dtype, np_type, onnx_type = (
+        (torch.float16, np.float16, TensorProto.FLOAT16)
+        if gpu
+        else (torch.float32, np.float32, TensorProto.FLOAT)
     )
     x_info, y_info = (helper.make_tensor_value_info(n, onnx_type, [2, 8]) for n in ("x", "y"))
-    add = helper.make_node("Add", ["x", "x"], ["y"])
-    graph = helper.make_graph([add], "smoke", [x_info], [y_info])
+    add = helper.make_node("Add", ["x", "w"], ["y"])
+    own = numpy_helper.from_array(np.full((2, 8), 3, np_type), "w")
+    graph = helper.make_graph([add], "smoke", [x_info], [y_info], [own])
     # IR 10, as the exports: onnx 1.23 writes 14 unless told, and onnxruntime-gpu 1.31 reads
     # up to 13 (its refusal would read as a provider that cannot run)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=10)
     spec = graph_spec(model, "smoke.onnx")
     onnx.save(model, folder / spec.file)
-    options = replace(backend.ort, cuda_graph=gpu)
+    shared = np.ones((2, 8), np_type)
+    (folder / "w.bin").write_bytes(shared.tobytes())
+    entry = {"file": "w.bin", "offset": 0, "length": shared.nbytes, "shape": [2, 8]}
+    index = {
+        "tensors": {"w": entry | {"dtype": shared.dtype.name}},
+        "graphs": {spec.file: {"w": "w"}},
+    }
+    (folder / "weights.json").write_text(json.dumps(index))
+    options = replace(backend.ort, cuda_graph=gpu, log_severity=2)  # its warnings into the log
     record = {"backend": backend.name, "cuda_graph": gpu, "asked": list(options.providers)}
     t0 = time.perf_counter()
     try:
         stream = torch.cuda.Stream() if gpu and torch.cuda.is_available() else None
-        with OrtRunner(folder / spec.file, spec, options, stream=stream) as runner:
+        pool = WeightPool(folder, "weights.json", options.device)
+        with OrtRunner(folder / spec.file, spec, options, stream=stream, weights=pool) as runner:
             x = torch.arange(16, dtype=dtype, device=options.device).reshape(2, 8)
             ys = [runner.infer({"x": x})["y"].clone() for _ in range(4)]
+            pool.buffer("w").fill_(2)  # the caller's stream: the runner's run is ordered after
+            refilled = runner.infer({"x": x})["y"].clone()
             record["providers"] = runner.session.get_providers()
         if gpu:
             torch.cuda.synchronize()
-        record["ok"] = all(torch.equal(y, x + x) for y in ys)
+        if all(torch.equal(y, x + 1) for y in ys):
+            state = "used in place" if torch.equal(refilled, x + 2) else "copied"
+        else:
+            state = "not used" if all(torch.equal(y, x + 3) for y in ys) else "wrong values"
+        record |= {"ok": state == "used in place", "shared_weight": state}
     except Exception as e:  # recorded: the steps after it say what it means for them
         record |= {"ok": False, "error": f"{type(e).__name__}: {e}"}
     return record | {"seconds": time.perf_counter() - t0}

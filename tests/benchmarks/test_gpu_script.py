@@ -54,6 +54,7 @@ def test_the_smoke_graph_names_a_provider_that_cannot_run_and_passes_one_that_ca
 
     cpu = gpu_run.smoke(Backend("ort-cpu", "ort"), tmp_path)
     assert cpu["ok"] and cpu["providers"] == ["CPUExecutionProvider"] and not cpu["cuda_graph"]
+    assert cpu["shared_weight"] == "used in place"
     assert (
         onnx.load(tmp_path / "smoke.onnx").ir_version == 10
     )  # as the exports: ORT 1.31 reads ≤ 13
@@ -67,9 +68,39 @@ def test_the_smoke_graph_names_a_provider_that_cannot_run_and_passes_one_that_ca
     gpu_run.write_summary(gpu_run.Settings.from_env({"GPU_DRY_RUN": "1", "OUT_DIR": str(out)}), 1)
     summary = (out / gpu_run.SUMMARY).read_text()
     assert "Smoke graph on ort-cpu (asked ['cpu'], got ['CPUExecutionProvider'], " in summary
+    assert "CUDA graph False): ok, shared weight used in place." in summary
     assert (
         "Smoke graph on ort-cuda (asked ['cuda'], got None, CUDA graph True): FAILED (" in summary
     )
+
+
+@pytest.mark.parametrize(
+    ("mutation", "state"),
+    [("not handed to the session", "not used"), ("copied by the pool", "copied")],
+)
+def test_the_smoke_graph_names_a_shared_weight_that_is_not_read_in_place(
+    tmp_path, monkeypatch, mutation, state
+):
+    """ONNX Runtime keeps the graph's own copy of a weight whose buffer is not on the device it
+    planned, with a warning only: the smoke graph tells that (and a weight copied at session
+    creation) from the weight read in place, before the export."""
+    from adapedit.engines.weights import WeightPool
+    from benchmarks.common import Backend
+
+    if mutation == "not handed to the session":
+        monkeypatch.setattr(WeightPool, "initializers", lambda self, graph_file: {})
+    else:
+        import onnxruntime
+
+        def copies(self, graph_file):  # a copy of each buffer, not the buffer itself
+            return {
+                name: onnxruntime.OrtValue.from_dlpack(self.buffer(key).clone())
+                for name, key in self.graphs[graph_file].items()
+            }
+
+        monkeypatch.setattr(WeightPool, "initializers", copies)
+    check = gpu_run.smoke(Backend("ort-cpu", "ort"), tmp_path)
+    assert not check["ok"] and check["shared_weight"] == state
 
 
 @pytest.mark.parametrize("value", ["0", "600", "ten", ""])
