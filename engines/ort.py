@@ -139,21 +139,26 @@ def _preload(ort) -> None:
 def provider_options(
     wanted: list[str], device_id: int, stream: int | None, *, cuda_graph: bool
 ) -> list:
-    """``InferenceSession``'s providers for a GPU run, each with its options under the keys that
-    provider reads: the device, the compute stream (``has_user_compute_stream`` and the handle)
-    and CUDA graphs (``enable_cuda_graph`` for CUDA, ``trt_cuda_graph_enable`` for TensorRT;
-    a key a provider does not know is an error that sends ONNX Runtime to its fallback). The
-    CUDA provider runs fp32 math in fp32 (``use_tf32`` off, as torch's matmuls by default): an
-    fp32 folder is the exact one, an fp16 folder's math is fp16 either way."""
-    common = {"device_id": str(device_id)}
-    if stream is not None:
-        common |= {"has_user_compute_stream": "1", "user_compute_stream": str(stream)}
-    graph = "1" if cuda_graph else "0"
+    """``InferenceSession``'s providers for a GPU run, each with its options under the keys and
+    in the spelling that provider's parser reads (a key or value it does not know is an error):
+    the device, the compute stream and CUDA graphs. CUDA: ``has_user_compute_stream`` with the
+    handle, ``enable_cuda_graph`` as ``1``/``0``; TensorRT (whose Python parser knows no
+    ``has_user_compute_stream``: the handle alone sets it) ``trt_cuda_graph_enable`` as
+    ``True``/``False``. The CUDA provider runs fp32 math in fp32 (``use_tf32`` off, as torch's
+    matmuls by default): an fp32 folder is the exact one, an fp16 folder's math is fp16 either
+    way."""
+    device = {"device_id": str(device_id)}
+    handle = {} if stream is None else {"user_compute_stream": str(stream)}
     own = {
-        PROVIDERS["cuda"]: {"enable_cuda_graph": graph, "use_tf32": "0"},
-        PROVIDERS["tensorrt"]: {"trt_cuda_graph_enable": graph},
+        PROVIDERS["cuda"]: device
+        | ({"has_user_compute_stream": "1"} if handle else {})
+        | handle
+        | {"enable_cuda_graph": "1" if cuda_graph else "0", "use_tf32": "0"},
+        PROVIDERS["tensorrt"]: device
+        | handle
+        | {"trt_cuda_graph_enable": "True" if cuda_graph else "False"},
     }
-    return [(p, common | own[p]) if p in own else p for p in wanted]
+    return [(p, own[p]) if p in own else p for p in wanted]
 
 
 #: Tensor dtypes bound in host memory whatever the provider (see ``OrtRunner._device``).
@@ -260,8 +265,10 @@ class OrtRunner(Runner):
             if self.weights is not None:
                 for name, value in self.weights.initializers(self.spec.file).items():
                     so.add_initializer(name, value)
+            # no fallback: on an error ONNX Runtime's wrapper would print it and build the
+            # session again on the CPU (copying shared weights back) before anything is raised
             self.session = ort.InferenceSession(
-                str(self.path), so, providers=self._providers(wanted)
+                str(self.path), so, providers=self._providers(wanted), enable_fallback=0
             )
         except Exception as e:  # onnxruntime raises its own exception types
             raise EngineError(

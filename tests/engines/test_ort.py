@@ -148,10 +148,18 @@ def test_each_gpu_provider_gets_its_own_option_keys():
     )
     stream = {"device_id": "1", "has_user_compute_stream": "1", "user_compute_stream": "1234"}
     assert got[cuda] == stream | {"enable_cuda_graph": "1", "use_tf32": "0"}
-    assert got[trt] == stream | {"trt_cuda_graph_enable": "1"}  # not enable_cuda_graph
+    # onnxruntime's Python parser of TensorRT options (onnxruntime_pybind_state.cc) throws on a
+    # key it does not know (has_user_compute_stream: the handle sets it) and on a boolean not
+    # spelt True/False ("1" included)
+    assert got[trt] == {"device_id": "1", "user_compute_stream": "1234"} | {
+        "trt_cuda_graph_enable": "True"
+    }
     assert got[cpu] == {}
-    plain = provider_options([cuda], 0, None, cuda_graph=False)
-    assert plain == [(cuda, {"device_id": "0", "enable_cuda_graph": "0", "use_tf32": "0"})]
+    plain = provider_options([cuda, trt], 0, None, cuda_graph=False)
+    assert plain == [
+        (cuda, {"device_id": "0", "enable_cuda_graph": "0", "use_tf32": "0"}),
+        (trt, {"device_id": "0", "trt_cuda_graph_enable": "False"}),
+    ]
 
 
 TEXT = GraphSpec(
@@ -203,6 +211,22 @@ def test_a_provider_onnx_runtime_falls_back_from_is_an_error(tiny_export, monkey
         r.activate()
     assert e.value.expected == ["CUDAExecutionProvider"]
     assert e.value.got == ["CPUExecutionProvider"] and r.session is None
+
+
+def test_a_session_that_fails_is_an_error_at_once_not_a_retry_elsewhere(
+    decoder_file, tmp_path, capfd
+):
+    """ONNX Runtime's Python wrapper, left to itself, meets a session's creation error (a
+    provider option, a CUDA graph over a graph not all on CUDA) by printing it and building the
+    session again on the CPU: the runner raises the error itself, nothing rebuilt."""
+    _, spec = decoder_file
+    broken = tmp_path / spec.file
+    broken.write_bytes(b"not an onnx file")
+    with pytest.raises(EngineError, match="could not load the graph") as e:
+        OrtRunner(broken, spec).activate()
+    out = capfd.readouterr().out
+    assert "Falling back" not in out and "EP Error" not in out
+    assert "Protobuf parsing failed" in e.value.got or "INVALID_PROTOBUF" in e.value.got
 
 
 def test_an_engine_folder_asked_for_a_missing_provider_is_refused_at_once(
