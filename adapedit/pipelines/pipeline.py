@@ -389,10 +389,12 @@ class EditPipeline(ABC):
             latents = scheduler.step(eps, t, latents).prev_sample
             if controller is not None:
                 latents = controller.after_step(step, latents)
-            if record is not None:
-                record.append(latents.detach().cpu().clone())
+            if record is not None:  # kept on the device: no wait between steps
+                record.append(latents.detach().clone())
             if on_step is not None:
                 on_step(step + 1)
+        if record:  # to the host in one copy, once the pass is done
+            record[:] = torch.stack(record).cpu().unbind()
         return latents
 
     def to_device(self, x: torch.Tensor) -> torch.Tensor:
@@ -430,7 +432,8 @@ class EditPipeline(ABC):
         scheduler = make_scheduler(INVERSION_SCHEDULER, self.scheduler_config)
         scheduler.set_timesteps(sampler.steps)
         timesteps, alphas = inversion_schedule(scheduler)  # [N + 1] each
-        on_device = self.to_device(timesteps)
+        # on the device before the loop: a host ᾱ moved there each step would make it wait
+        on_device, alphas = self.to_device(timesteps), self.to_device(alphas)
         kind = scheduler.config.prediction_type
         emb = INVERSION.stack(None, {"source": cond})  # [1, 77, D]
         z, out = z0, [z0]
@@ -657,7 +660,11 @@ class EditPipeline(ABC):
 
 
 class ReferencePipeline(EditPipeline):
-    """AdapEdit on diffusers modules with explicit attention in the controlled layers."""
+    """AdapEdit on diffusers modules with explicit attention in the controlled layers.
+
+    Latents and the scheduler's arithmetic are fp32 whatever the modules' dtype
+    (:attr:`model_dtype`), as in the runtime: an fp16 reference and an fp16 engine differ by
+    their UNets alone (fp16 scheduler steps would drift by ~1e-2 over a pass by themselves)."""
 
     def __init__(
         self,
@@ -672,7 +679,9 @@ class ReferencePipeline(EditPipeline):
         self.tokenizer = components.tokenizer
         self.scheduler_config = components.scheduler_config
         self.device = torch.device(device)
-        self.dtype = next(components.unet.parameters()).dtype
+        # latents and scheduler in fp32, as the runtime keeps them; the models take their dtype
+        self.dtype = torch.float32
+        self.model_dtype = next(components.unet.parameters()).dtype
         self.vae_scale_factor = components.vae_scale_factor
         self.size_multiple = components.size_multiple
         self.default_size = components.default_size
@@ -692,7 +701,7 @@ class ReferencePipeline(EditPipeline):
         """The model's name, architecture hash, dtype and device, and a fingerprint of every
         weight tensor of the three models (its shape and first values)."""
         h = hashlib.sha256(
-            f"reference:{self.name}:{self.components.config_hash()}:{self.dtype}:{self.device}".encode()
+            f"reference:{self.name}:{self.components.config_hash()}:{self.model_dtype}:{self.device}".encode()
         )
         c = self.components
         for module in (c.unet, c.text_encoder, c.vae):
@@ -722,14 +731,19 @@ class ReferencePipeline(EditPipeline):
     ) -> torch.Tensor:
         self.slot.controller, self.slot.step = controller, step
         try:
-            return self.components.unet(x, t, encoder_hidden_states=embeddings).sample
+            eps = self.components.unet(
+                x.to(self.model_dtype),
+                t,
+                encoder_hidden_states=embeddings.to(self.model_dtype),
+            ).sample
+            return eps.to(self.dtype)
         finally:
             self.slot.controller, self.slot.step = None, 0
 
     @torch.no_grad()
     def decode_one(self, latent: torch.Tensor) -> torch.Tensor:
         vae = self.components.vae
-        return vae.decode(latent / vae.config.scaling_factor).sample[0]
+        return vae.decode((latent / vae.config.scaling_factor).to(self.model_dtype)).sample[0]
 
     def check_image_encoder(self) -> None:
         if not self.components.has_vae_encoder:
@@ -743,5 +757,5 @@ class ReferencePipeline(EditPipeline):
     @torch.no_grad()
     def encode_image_one(self, image: torch.Tensor) -> torch.Tensor:
         vae = self.components.vae
-        x = image.to(self.device, self.dtype)
-        return vae.encode(x).latent_dist.mean * vae.config.scaling_factor
+        x = image.to(self.device, self.model_dtype)
+        return (vae.encode(x).latent_dist.mean * vae.config.scaling_factor).to(self.dtype)

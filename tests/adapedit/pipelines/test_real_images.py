@@ -55,6 +55,33 @@ def test_direct_keeps_the_source_branch_on_the_inversion_trajectory(tiny_pipelin
     assert not torch.equal(r.latents[-1][1], r.latents[-1][0])  # the edit branch is its own
 
 
+def test_the_inversion_loop_reads_only_what_was_put_on_the_device_before_it(
+    tiny_pipeline, image, monkeypatch
+):
+    """The timesteps and every ᾱ the inversion steps read are copied to the device once, before
+    the loop (:meth:`~adapedit.pipelines.pipeline.EditPipeline.to_device`): a host tensor moved
+    there inside the loop makes the host wait for the GPU at every step."""
+    import adapedit.pipelines.pipeline as module
+
+    moved, read = set(), []
+    real_step = module.ddim_inversion_step
+
+    def to_device(x):  # a copy, as on a GPU: what the loop reads must come from it
+        y = x.clone()
+        moved.add(y.untyped_storage().data_ptr())
+        return y
+
+    def step(z, eps, alpha, alpha_next):
+        read.extend(a.untyped_storage().data_ptr() for a in (alpha, alpha_next))
+        return real_step(z, eps, alpha, alpha_next)
+
+    monkeypatch.setattr(tiny_pipeline, "to_device", to_device)
+    monkeypatch.setattr(module, "ddim_inversion_step", step)
+    z0 = tiny_pipeline.encode_image_one(from_uint8(image))
+    tiny_pipeline.invert(z0, tiny_pipeline.encode([SRC]), SAMPLER)
+    assert len(read) == 2 * SAMPLER.steps and set(read) <= moved
+
+
 def test_plain_ddim_drifts_from_the_encoded_latent(runs):
     r = runs["ddim"]
     assert torch.equal(r.trajectory, runs["direct"].trajectory)  # the same inversion
