@@ -589,8 +589,8 @@ def write_summary(s: Settings, number: int) -> None:
     for b in by.get("backends", [])[-1:]:
         md += ["", f"Machine: {b['card']}; {b['versions']}; providers {b['providers']}."]
     for k in by.get("smoke", []):
-        why = k.get("error") or f"shared weight {k.get('shared_weight')}"
-        verdict = "ok, shared weight used in place" if k["ok"] else f"FAILED ({why})"
+        seen = f"shared weight {k.get('shared_weight')}, input read {k.get('input')}"
+        verdict = f"ok, {seen}" if k["ok"] else f"FAILED ({k.get('error') or seen})"
         md.append(
             f"Smoke graph on {k['backend']} (asked {k['asked']}, got {k.get('providers')}, "
             f"CUDA graph {k['cuda_graph']}): {verdict}."
@@ -618,12 +618,15 @@ def write_summary(s: Settings, number: int) -> None:
     if by.get("parity"):
         md += [
             "",
-            "| parity | steps | latents max abs | τ max abs | goal met |",
-            "|---|---|---|---|---|",
+            "| parity | steps | latents max abs | relative | τ max abs | goal met |",
+            "|---|---|---|---|---|---|",
         ]
         md += [
             f"| {p['path']} vs {p['against']} | {p['steps']} | {p['latents_max_abs']:.2e} | "
-            f"{max(p['tau_max_abs'], p['tau_self_abs']):.1e} | {p['meets_goal']} |"
+            f"{p.get('latents_max_rel', float('nan')):.1e} | "
+            f"{max(p['tau_max_abs'], p['tau_self_abs']):.1e} | "
+            + (str(p["meets_goal"]) if p["against"] == "reference" else "(fp16's own noise)")
+            + " |"
             for p in by["parity"]
         ]
     calls = [(c["path"], c) for c in by.get("unet_call", [])]
@@ -673,11 +676,25 @@ def goals(lines: list[dict], earlier: list[dict] = ()) -> list[str]:
         budget = f"; {total:.3f} s (goal ≤ 1.0 s on an H100)" if n == 50 else ""
         out.append(f"{path} at {n} steps: {speed}{budget}")
     for path, t in {**before, **calls}.items():
-        backend, _, form = path.removesuffix("-nograph").rpartition("-")
-        whole = calls.get(f"{backend}-whole")
-        if form == "fused" and whole:
+        plain = path.removesuffix("-nograph")
+        backend, _, form = plain.rpartition("-")
+        if form != "fused":
+            continue
+        # against the whole UNet run as the call was, with CUDA graphs or without
+        suffix = path.removeprefix(plain)
+        other = "-nograph" if not suffix else ""
+        whole, unlike = calls.get(f"{backend}-whole{suffix}"), None
+        if whole is None and f"{backend}-whole{other}" in calls:
+            whole = calls[f"{backend}-whole{other}"]
+            unlike = " (not alike: the whole UNet ran " + (
+                "without CUDA graphs)" if other else "with CUDA graphs)"
+            )
+        if whole:
             where = "" if path in calls else " (measured by command 1, the whole UNet by this one)"
-            out.append(f"{path} UNet call {t / whole:.2f}× the whole UNet's (goal ≤ 1.1×){where}")
+            out.append(
+                f"{path} UNet call {t / whole:.2f}× the whole UNet's (goal ≤ 1.1×)"
+                f"{unlike or ''}{where}"
+            )
     for x in lines:
         if x["kind"] == "syncs" and x.get("passes"):
             per = max(p["per_step"] for p in x["passes"].values())
@@ -685,7 +702,13 @@ def goals(lines: list[dict], earlier: list[dict] = ()) -> list[str]:
             out.append(
                 f"{x['path']}: {per:.1f} host syncs per step (goal 0)" + (waits and f"; {waits}")
             )
-        if x["kind"] == "parity":
+        if x["kind"] == "parity" and x["against"] != "reference":  # the fp32 reference
+            out.append(
+                f"{x['path']} against the fp32 reference at {x['steps']} steps: latents "
+                f"{x['latents_max_abs']:.1e}, relative {x['latents_max_rel']:.1e} (context, "
+                "not a goal: how far fp16 itself is from fp32)"
+            )
+        elif x["kind"] == "parity":
             out.append(
                 f"{x['path']} parity at {x['steps']} steps: latents {x['latents_max_abs']:.1e} "
                 f"(≤ 5e-3), τ {max(x['tau_max_abs'], x['tau_self_abs']):.1e} (≤ 1e-3): "
@@ -777,7 +800,10 @@ def smoke(backend, folder: Path) -> dict:
     place (``shared_weight``: the graph's own ``w`` is 3 — not 0, which an optimiser may drop
     as an identity —, the shared one 1, then refilled with 2: ``copied`` if the refill is not
     seen, ``not used`` if ONNX Runtime kept the graph's own copy, as it does, with a warning
-    only, when the buffer is not on the device it planned). Seconds, where the export is
+    only, when the buffer is not on the device it planned), and reads new values written at
+    the bound input's address (``input``: ``stale`` if ONNX Runtime copied the input when it
+    was bound, which it does for a device it does not take as its own: every fixed input of the
+    fused UNet would then be read once). Seconds, where the export is
     minutes: a provider that cannot load, or weights that would not be shared, are named before
     the export, with ONNX Runtime's reason."""
     import numpy as np
@@ -823,14 +849,18 @@ def smoke(backend, folder: Path) -> dict:
             ys = [runner.infer({"x": x})["y"].clone() for _ in range(4)]
             pool.buffer("w").fill_(2)  # the caller's stream: the runner's run is ordered after
             refilled = runner.infer({"x": x})["y"].clone()
+            x.add_(16)  # new values at the bound address: the replay must read them
+            moved = runner.infer({"x": x})["y"].clone()
             record["providers"] = runner.session.get_providers()
         if gpu:
             torch.cuda.synchronize()
-        if all(torch.equal(y, x + 1) for y in ys):
-            state = "used in place" if torch.equal(refilled, x + 2) else "copied"
+        if all(torch.equal(y, x - 16 + 1) for y in ys):
+            state = "used in place" if torch.equal(refilled, x - 16 + 2) else "copied"
         else:
-            state = "not used" if all(torch.equal(y, x + 3) for y in ys) else "wrong values"
-        record |= {"ok": state == "used in place", "shared_weight": state}
+            state = "not used" if all(torch.equal(y, x - 16 + 3) for y in ys) else "wrong values"
+        read = "in place" if torch.equal(moved - refilled, torch.full_like(x, 16)) else "stale"
+        ok = state == "used in place" and read == "in place"
+        record |= {"ok": ok, "shared_weight": state, "input": read}
     except Exception as e:  # recorded: the steps after it say what it means for them
         record |= {"ok": False, "error": f"{type(e).__name__}: {e}"}
     return record | {"seconds": time.perf_counter() - t0}

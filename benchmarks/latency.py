@@ -104,18 +104,24 @@ class JsonLines:
             emit(Path(self.path), kind, **data)
 
 
+#: What torch's warning says of a synchronizing operation under ``set_sync_debug_mode("warn")``.
+SYNC_WARNING = "called a synchronizing CUDA operation"
+
+
 def count_syncs(session, edit, sampler) -> dict:
     """One edit under ``torch.cuda.set_sync_debug_mode("warn")``: the host syncs torch makes
-    (warnings it raises), attributed to the UNet call or the loop body of each step; and, for
-    the waits torch cannot see (ONNX Runtime synchronising inside its own run, as its CUDA
-    graph replay did before it honoured ``disable_synchronize_execution_providers``), each UNet
-    call's host time against its GPU time (CUDA events on the caller's stream). After the first
-    step, a call that does not wait returns in a small part of its GPU time; one that waits
-    takes at least all of it (``host_over_gpu`` near 1 or more)."""
+    (its :data:`SYNC_WARNING` warnings; any other warning is named apart), attributed to the
+    UNet call or the loop body of each step; and, for the waits torch cannot see (ONNX Runtime
+    synchronising inside its own run, as its CUDA graph replay did before it honoured
+    ``disable_synchronize_execution_providers``), each UNet call's host time against its GPU
+    time (CUDA events on the caller's stream). After the first step, a call that does not wait
+    returns in a small part of its GPU time; one that waits takes at least all of it
+    (``host_over_gpu`` near 1 or more)."""
     import torch
 
     where = {"now": ("setup", -1, -1)}
-    seen: list[tuple[tuple[str, int, int], str]] = []
+    seen: list[tuple[tuple[str, int, int], str]] = []  # torch's sync warnings
+    other: set[str] = set()  # any other warning meanwhile: named, not counted
     calls: list[tuple[int, float, object, object]] = []  # step, host seconds, GPU events
     unet = session.unet
 
@@ -135,9 +141,15 @@ def count_syncs(session, edit, sampler) -> dict:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("always")
-            warnings.showwarning = lambda message, *a, **k: seen.append(
-                (where["now"], str(message).splitlines()[0])
-            )
+
+            def shown(message, *args, **kwargs) -> None:
+                line = str(message).splitlines()[0]
+                if SYNC_WARNING in line:
+                    seen.append((where["now"], line))
+                else:
+                    other.add(line)
+
+            warnings.showwarning = shown
             torch.cuda.set_sync_debug_mode("warn")
             try:
                 session.edit(SOURCE, TARGET, edit, sampler)
@@ -165,6 +177,7 @@ def count_syncs(session, edit, sampler) -> dict:
         "passes": passes,
         "total": len(seen),
         "examples": sorted({f"{w[0]} b{w[1]} step {w[2]}: {m}" for w, m in seen})[:8],
+        "other_warnings": sorted(other)[:8],
         "goal_per_step": 0,
         "unet_calls_after_the_first_step": {
             "host_ms": statistics.median(h for h, _ in later) * 1e3 if later else None,
@@ -238,6 +251,7 @@ def run(a: argparse.Namespace) -> dict:
         "runs": {str(n): {"stages_s": {}, "parity": {}} for n in a.steps},
         "memory": {},
         "syncs": {},
+        "whole_alike": {},  # a runtime path → the whole UNet's run alike (CUDA graphs or not)
         "notes": notes,
     }
     out = JsonLines(a.jsonl)
@@ -310,6 +324,12 @@ def run(a: argparse.Namespace) -> dict:
         finals[n] = edits("reference", ref_edit, n)
     rec["memory"]["reference"] = peak_memory(device)
     out.emit("memory", path="reference", **rec["memory"]["reference"])
+    floor = None  # fp16's own noise: the fp16 reference against the same reference in fp32
+    if dtype == torch.float16:
+        floor = _fp32_reference_edit(components, device, edit, sampler(min(a.steps)))
+        p = parity(floor, finals[min(a.steps)])
+        rec["runs"][str(min(a.steps))]["parity"]["reference vs reference-fp32"] = p
+        out.emit("parity", path="reference", against="reference-fp32", steps=min(a.steps), **p)
     ref = components = call = unet = None
     gc.collect()
     if device == "cuda":
@@ -329,6 +349,10 @@ def run(a: argparse.Namespace) -> dict:
 
         name = f"{backend.name}-{form}" + ("" if cuda_graphs else "-nograph")
         tdev = "cuda" if backend.ort.device.type == "cuda" or backend.build == "trt" else "cpu"
+        gc.collect()  # what an earlier path left (a failed one's sessions) is not counted
+        if tdev == "cuda":
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats()
         free0 = torch.cuda.mem_get_info()[0] if tdev == "cuda" else None
         with EditSession(
             engines[backend.name], form=form, cuda_graphs=cuda_graphs, calibration_cache=None
@@ -355,14 +379,24 @@ def run(a: argparse.Namespace) -> dict:
                 p = parity(finals[n], r)
                 rec["runs"][str(n)]["parity"][f"{name} vs reference"] = p
                 out.emit("parity", path=name, against="reference", steps=n, **p)
+                if floor is not None and n == min(a.steps):
+                    p = parity(floor, r)
+                    rec["runs"][str(n)]["parity"][f"{name} vs reference-fp32"] = p
+                    out.emit("parity", path=name, against="reference-fp32", steps=n, **p)
             feeds = _feeds(np_x, np_ctx, tdev, given.precision)
             calls = {name: _unet_call(session, form, a.batch, feeds, size)}
-            whole = _whole_runner(session, export_dir, given, a.batch, backend)
-            if whole is not None:
-                calls[f"{backend.name}-whole"] = lambda w=whole, f=feeds: w.infer(f)
+            wholes = {}
+            for suffix, g in whole_runs(form, cuda_graphs, tdev == "cuda").items():
+                whole = _whole_runner(session, export_dir, given, a.batch, backend, g)
+                if whole is not None:
+                    wholes[f"{backend.name}-whole{suffix}"] = whole
+            for whole_name, whole in wholes.items():
+                calls[whole_name] = lambda w=whole, f=feeds: w.infer(f)
+            if wholes:  # the last is the run alike
+                rec["whole_alike"][name] = whole_name
             with session.on_stream():
                 unet_calls(interleaved(calls, tdev, a.warmup, a.repeats))
-            if whole is not None:
+            for whole in wholes.values():
                 whole.deactivate()
             if tdev == "cuda" and a.syncs:
                 rec["syncs"][name] = count_syncs(session, edit, sampler(min(a.steps)))
@@ -393,18 +427,21 @@ def run(a: argparse.Namespace) -> dict:
             gpu = backend.ort.device.type == "cuda" or backend.build == "trt"
             try:
                 measure(backend, form, cuda_graphs=True)
+                continue
             except Exception as e:
                 _failed(out, notes, f"{backend.name}-{form}", e)
-                if gpu and form == "fused":  # the numbers without CUDA graphs, named as such
-                    why_not = _why_not_without_graphs(rec, f"{backend.name}-{form}")
-                    if why_not is not None:
-                        notes.append(f"{backend.name}-{form}-nograph not run: {why_not}")
-                        out.emit("skipped", path=f"{backend.name}-{form}-nograph", reason=why_not)
-                        continue
-                    try:
-                        measure(backend, form, cuda_graphs=False)
-                    except Exception as e2:
-                        _failed(out, notes, f"{backend.name}-{form}-nograph", e2)
+            # out of the except: its traceback (and the failed session's GPU memory) is gone
+            if not (gpu and form == "fused"):
+                continue
+            why_not = _why_not_without_graphs(rec, f"{backend.name}-{form}")
+            if why_not is not None:  # else the numbers without CUDA graphs, named as such
+                notes.append(f"{backend.name}-{form}-nograph not run: {why_not}")
+                out.emit("skipped", path=f"{backend.name}-{form}-nograph", reason=why_not)
+                continue
+            try:
+                measure(backend, form, cuda_graphs=False)
+            except Exception as e:
+                _failed(out, notes, f"{backend.name}-{form}-nograph", e)
     rec["goals"] = goals(rec)
     out.emit("goals", **rec["goals"])
     shutil.rmtree(work, ignore_errors=True)
@@ -453,9 +490,23 @@ def _feeds(x, ctx, device: str, precision: str) -> dict:
     }
 
 
-def _whole_runner(session, export_dir: Path, manifest, batch: int, backend):
+def whole_runs(form: str, cuda_graphs: bool, gpu: bool) -> dict[str, bool]:
+    """The whole UNet's runs timed beside a path's UNet call: name suffix → replayed as a CUDA
+    graph; the last is run as the path's call is (its alike). On a GPU the fused call with CUDA
+    graphs is set against the whole UNet replayed (``""``), without them against it run plainly
+    (``"-nograph"``); the segmented form, never replayed, against the plain run, and the
+    replayed one is timed too, for command 1's fused call (the whole UNet is exported with the
+    segmented form, in command 2). On the CPU there are no CUDA graphs: one plain run."""
+    if not gpu:
+        return {"": False}
+    if form == "segmented":
+        return {"": True, "-nograph": False}
+    return {"": True} if cuda_graphs else {"-nograph": False}
+
+
+def _whole_runner(session, export_dir: Path, manifest, batch: int, backend, cuda_graph: bool):
     """The export's whole UNet at ``batch`` on the session's stream and its one weight pool
-    (ONNX Runtime backends), or None."""
+    (ONNX Runtime backends), replayed as a CUDA graph on a GPU when ``cuda_graph``, or None."""
     from adapedit.engines.ort import OrtRunner
 
     u = manifest.unet_graphs(batch)
@@ -466,7 +517,7 @@ def _whole_runner(session, export_dir: Path, manifest, batch: int, backend):
     return OrtRunner(
         export_dir / u.whole.file,
         u.whole,
-        backend.ort,
+        replace(backend.ort, cuda_graph=cuda_graph and backend.ort.device.type == "cuda"),
         stream=session.stream,
         weights=session.weights,
     )
@@ -489,12 +540,37 @@ def _unet_call(session, form: str, batch: int, feeds: dict, size: int):
     return lambda: unet(*args, ctrl, 0)
 
 
+def _fp32_reference_edit(components, device: str, edit, sampler):
+    """The reference's edit with its modules in fp32 (cast in place; cuDNN's TF32 off, so its
+    convolutions are fp32 too), the last latents recorded: what an fp16 path's parity is set
+    against to tell its own error from fp16's (an fp16 reference differs from it as well)."""
+    import torch
+
+    from adapedit.pipelines.pipeline import ReferencePipeline
+
+    tf32 = torch.backends.cudnn.allow_tf32
+    torch.backends.cudnn.allow_tf32 = False
+    try:
+        fp32 = components.to(device, torch.float32)
+        ref = ReferencePipeline(fp32, device, calibration_cache=None)
+        return ref.edit(SOURCE, TARGET, edit, sampler, record_latents=True)
+    finally:
+        torch.backends.cudnn.allow_tf32 = tf32
+
+
 def parity(ref, other) -> dict:
     """A runtime path's last timed edit against the reference's: latents, τ, images, and
     whether the GPU goals hold (latents ≤ 5e-3, τ ≤ 1e-3)."""
     from adapedit.parity import compare_edits
 
-    keys = ("latents_max_abs", "tau_max_abs", "tau_self_abs", "psnr_source_db", "psnr_edited_db")
+    keys = (
+        "latents_max_abs",
+        "latents_max_rel",
+        "tau_max_abs",
+        "tau_self_abs",
+        "psnr_source_db",
+        "psnr_edited_db",
+    )
     p = compare_edits(ref, other)
     out = {k: p[k] for k in keys}
     out["meets_goal"] = (
@@ -518,9 +594,10 @@ def goals(rec: dict) -> dict:
         for name, st in run["stages_s"].items():
             if name == "reference":
                 continue
-            backend, form = name.removesuffix("-nograph").rsplit("-", 1)
+            form = name.removesuffix("-nograph").rsplit("-", 1)[1]
             call = rec["unet_call_s"].get(name, {}).get("median")
-            whole = rec["unet_call_s"].get(f"{backend}-whole", {}).get("median")
+            whole_name = rec.get("whole_alike", {}).get(name)  # run as the call was
+            whole = rec["unet_call_s"].get(whole_name, {}).get("median")
             step = st["edit"]["median"] / int(n)
             total = st["total"]["median"]
             out[f"{name}@{n}"] = {

@@ -54,7 +54,7 @@ def test_the_smoke_graph_names_a_provider_that_cannot_run_and_passes_one_that_ca
 
     cpu = gpu_run.smoke(Backend("ort-cpu", "ort"), tmp_path)
     assert cpu["ok"] and cpu["providers"] == ["CPUExecutionProvider"] and not cpu["cuda_graph"]
-    assert cpu["shared_weight"] == "used in place"
+    assert cpu["shared_weight"] == "used in place" and cpu["input"] == "in place"
     assert (
         onnx.load(tmp_path / "smoke.onnx").ir_version == 10
     )  # as the exports: ORT 1.31 reads ≤ 13
@@ -68,7 +68,7 @@ def test_the_smoke_graph_names_a_provider_that_cannot_run_and_passes_one_that_ca
     gpu_run.write_summary(gpu_run.Settings.from_env({"GPU_DRY_RUN": "1", "OUT_DIR": str(out)}), 1)
     summary = (out / gpu_run.SUMMARY).read_text()
     assert "Smoke graph on ort-cpu (asked ['cpu'], got ['CPUExecutionProvider'], " in summary
-    assert "CUDA graph False): ok, shared weight used in place." in summary
+    assert "CUDA graph False): ok, shared weight used in place, input read in place." in summary
     assert (
         "Smoke graph on ort-cuda (asked ['cuda'], got None, CUDA graph True): FAILED (" in summary
     )
@@ -101,6 +101,34 @@ def test_the_smoke_graph_names_a_shared_weight_that_is_not_read_in_place(
         monkeypatch.setattr(WeightPool, "initializers", copies)
     check = gpu_run.smoke(Backend("ort-cpu", "ort"), tmp_path)
     assert not check["ok"] and check["shared_weight"] == state
+
+
+def test_the_smoke_graph_names_an_input_read_once_at_binding(tmp_path, monkeypatch):
+    """ONNX Runtime copies an input bound on a device it does not take as its kernels' when it
+    is bound: a runner that binds each fixed buffer once (the fused UNet's inputs) would then
+    replay its first values. The smoke graph writes new values at the bound address and names
+    it (here the binding is made to copy, as that would)."""
+    import ctypes
+
+    import numpy as np
+    import onnxruntime
+
+    from benchmarks.common import Backend
+
+    real, kept = onnxruntime.IOBinding.bind_input, []
+
+    def copying(self, name, device_type, device_id, element_type, shape, buffer_ptr):
+        if name != "x":
+            return real(self, name, device_type, device_id, element_type, shape, buffer_ptr)
+        n = int(np.prod(shape))
+        now = np.ctypeslib.as_array((ctypes.c_float * n).from_address(buffer_ptr))
+        kept.append(now.reshape(shape).copy())  # the values at binding time
+        return self.bind_cpu_input(name, kept[-1])
+
+    monkeypatch.setattr(onnxruntime.IOBinding, "bind_input", copying)
+    check = gpu_run.smoke(Backend("ort-cpu", "ort"), tmp_path)
+    assert kept and not check["ok"]
+    assert check["input"] == "stale" and check["shared_weight"] == "used in place"
 
 
 @pytest.mark.parametrize("value", ["0", "600", "ten", ""])

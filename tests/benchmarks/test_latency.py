@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from benchmarks.gpu_run import WAITS_AT, goals, host_waits
-from benchmarks.latency import _why_not_without_graphs, count_syncs
+from benchmarks.latency import _why_not_without_graphs, count_syncs, whole_runs
+from benchmarks.latency import goals as latency_goals
 
 
 def _record(*timed: str) -> dict:
@@ -74,6 +75,7 @@ class _Session:
                 self.unet(torch.zeros(batch), None, None, None, step)
                 if (batch, step) == (4, 1):
                     warnings.warn("called a synchronizing CUDA operation", stacklevel=1)
+                    warnings.warn("something else", DeprecationWarning, stacklevel=1)
 
 
 def test_the_sync_count_sees_the_waits_torch_does_not_count(monkeypatch):
@@ -93,6 +95,7 @@ def test_the_sync_count_sees_the_waits_torch_does_not_count(monkeypatch):
     quick = found[False]
     assert quick["passes"]["batch 4"]["between_first_and_last_step"] == 1
     assert quick["passes"]["batch 2"]["between_first_and_last_step"] == 0
+    assert quick["total"] == 1 and quick["other_warnings"] == ["something else"]  # not a sync
     calls = quick["unet_calls_after_the_first_step"]
     assert calls["gpu_ms"] == pytest.approx(10.0) and calls["host_over_gpu"] < WAITS_AT
     assert "no wait inside the call" in host_waits(quick)
@@ -100,3 +103,70 @@ def test_the_sync_count_sees_the_waits_torch_does_not_count(monkeypatch):
     assert "the host waits for the GPU inside the call" in host_waits(found[True])
     (goal,) = goals([{"kind": "syncs", "path": "ort-cuda-fused", **found[True]}])
     assert goal.startswith("ort-cuda-fused: 0.5 host syncs per step (goal 0); a UNet call after")
+
+
+def test_the_fused_call_is_set_against_the_whole_unet_run_alike():
+    """With CUDA graphs against with CUDA graphs, without against without (a replay saves the
+    launches a plain run pays); only the other kind measured: the ratio says it is not alike."""
+    call = [
+        {"kind": "unet_call", "path": path, "seconds": {"median": s}}
+        for path, s in (
+            ("ort-cuda-fused", 0.11),
+            ("ort-cuda-whole", 0.10),
+            ("ort-cuda-whole-nograph", 0.20),
+            ("ort-cuda-fused-nograph", 0.21),
+        )
+    ]
+    assert goals(call) == [
+        "ort-cuda-fused UNet call 1.10× the whole UNet's (goal ≤ 1.1×)",
+        "ort-cuda-fused-nograph UNet call 1.05× the whole UNet's (goal ≤ 1.1×)",
+    ]
+    (nograph,) = goals(call[1:2], earlier=call[3:])
+    assert nograph == (
+        "ort-cuda-fused-nograph UNet call 2.10× the whole UNet's (goal ≤ 1.1×) (not alike: the "
+        "whole UNet ran with CUDA graphs) (measured by command 1, the whole UNet by this one)"
+    )
+    stages = {"edit": {"median": 1.0}, "total": {"median": 1.0}, "controller_per_call": {}}
+    stages["controller_per_call"]["median"] = 0.0
+    # what latency.py times beside each call, the last run alike
+    assert list(whole_runs("fused", True, gpu=True).items())[-1] == ("", True)
+    assert list(whole_runs("fused", False, gpu=True).items())[-1] == ("-nograph", False)
+    assert whole_runs("segmented", True, gpu=True) == {"": True, "-nograph": False}
+    assert whole_runs("fused", True, gpu=False) == whole_runs("segmented", True, False)
+    assert whole_runs("fused", True, gpu=False) == {"": False}  # no CUDA graphs on the CPU
+    rec = {
+        "device": "cuda",
+        "runs": {"50": {"stages_s": {"reference": stages, "ort-cuda-fused-nograph": stages}}},
+        "unet_call_s": {x["path"]: x["seconds"] for x in call},
+        "whole_alike": {"ort-cuda-fused-nograph": "ort-cuda-whole-nograph"},
+    }
+    (row,) = latency_goals(rec).values()
+    assert row["unet_call_over_whole"] == pytest.approx(0.21 / 0.20)
+
+
+def test_an_fp16_run_sets_the_reference_and_the_runtime_against_an_fp32_reference_too(
+    tiny_fp16_fused_export, tmp_path
+):
+    """fp16 alone puts an fp16 path some way from the exact result (the tiny model's latents
+    reach ~35, where fp16's step is 0.03): each fp16 run also edits with the reference in fp32,
+    and sets the fp16 reference and the runtime against it — the scale the goal is read on."""
+    import json
+
+    from benchmarks.latency import main
+
+    folder, _ = tiny_fp16_fused_export
+    jsonl = tmp_path / "r.jsonl"
+    args = ["--export-dir", str(folder), "--precision", "fp16", "--device", "cpu"]
+    args += ["--forms", "fused", "--steps", "2", "--warmup", "0", "--repeats", "1"]
+    main([*args, "--backends", "ort-cpu", "--jsonl", str(jsonl), "--results", str(tmp_path)])
+    lines = [json.loads(x) for x in jsonl.read_text().splitlines()]
+    against = {(x["path"], x["against"]): x for x in lines if x["kind"] == "parity"}
+    assert set(against) == {
+        ("reference", "reference-fp32"),
+        ("ort-cpu-fused", "reference"),
+        ("ort-cpu-fused", "reference-fp32"),
+    }
+    floor = against["reference", "reference-fp32"]
+    assert floor["latents_max_abs"] > 0 and 0 < floor["latents_max_rel"] < 1e-2
+    (goal,) = [g for g in goals(lines) if g.startswith("reference against the fp32")]
+    assert "not a goal" in goal
