@@ -137,23 +137,25 @@ def _preload(ort) -> None:
 
 
 def provider_options(
-    wanted: list[str], device_id: int, stream: int | None, *, cuda_graph: bool
+    wanted: list[str], device_id: int, stream: int | None, *, cuda_graph: bool, fp32: bool
 ) -> list:
     """``InferenceSession``'s providers for a GPU run, each with its options under the keys and
     in the spelling that provider's parser reads (a key or value it does not know is an error):
     the device, the compute stream and CUDA graphs. CUDA: ``has_user_compute_stream`` with the
     handle, ``enable_cuda_graph`` as ``1``/``0``; TensorRT (whose Python parser knows no
     ``has_user_compute_stream``: the handle alone sets it) ``trt_cuda_graph_enable`` as
-    ``True``/``False``. The CUDA provider runs fp32 math in fp32 (``use_tf32`` off, as torch's
-    matmuls by default): an fp32 folder is the exact one, an fp16 folder's math is fp16 either
-    way."""
+    ``True``/``False``. The CUDA provider runs an ``fp32`` graph's math in fp32 (``use_tf32``
+    off, as torch's matmuls by default: an fp32 folder is the exact one) and leaves an fp16
+    graph's at its default: ONNX Runtime's cuDNN convolutions without TF32 drop every tensor-core
+    plan, fp16 ones included."""
     device = {"device_id": str(device_id)}
     handle = {} if stream is None else {"user_compute_stream": str(stream)}
     own = {
         PROVIDERS["cuda"]: device
         | ({"has_user_compute_stream": "1"} if handle else {})
         | handle
-        | {"enable_cuda_graph": "1" if cuda_graph else "0", "use_tf32": "0"},
+        | {"enable_cuda_graph": "1" if cuda_graph else "0"}
+        | ({"use_tf32": "0"} if fp32 else {}),
         PROVIDERS["tensorrt"]: device
         | handle
         | {"trt_cuda_graph_enable": "True" if cuda_graph else "False"},
@@ -299,7 +301,11 @@ class OrtRunner(Runner):
         # the device with its index: tensors on cuda:0 compare unequal to a bare "cuda"
         self._target = torch.device("cuda", index)
         stream = self.stream.cuda_stream if self.stream is not None else None
-        return provider_options(wanted, index, stream, cuda_graph=self.options.cuda_graph)
+        # a graph with no fp16 tensor at its edges computes in fp32 (the folder's precision)
+        fp32 = not any(t.dtype == "float16" for t in (*self.spec.inputs, *self.spec.outputs))
+        return provider_options(
+            wanted, index, stream, cuda_graph=self.options.cuda_graph, fp32=fp32
+        )
 
     def _deactivate(self) -> None:
         if self.stream is not None:

@@ -144,10 +144,10 @@ def test_each_gpu_provider_gets_its_own_option_keys():
     cuda, trt, cpu = "CUDAExecutionProvider", "TensorrtExecutionProvider", "CPUExecutionProvider"
     got = dict(
         (p if isinstance(p, str) else p[0], {} if isinstance(p, str) else p[1])
-        for p in provider_options([trt, cuda, cpu], 1, 1234, cuda_graph=True)
+        for p in provider_options([trt, cuda, cpu], 1, 1234, cuda_graph=True, fp32=True)
     )
     stream = {"device_id": "1", "has_user_compute_stream": "1", "user_compute_stream": "1234"}
-    assert got[cuda] == stream | {"enable_cuda_graph": "1", "use_tf32": "0"}
+    assert got[cuda] == stream | {"enable_cuda_graph": "1", "use_tf32": "0"}  # fp32: exact
     # onnxruntime's Python parser of TensorRT options (onnxruntime_pybind_state.cc) throws on a
     # key it does not know (has_user_compute_stream: the handle sets it) and on a boolean not
     # spelt True/False ("1" included)
@@ -155,11 +155,28 @@ def test_each_gpu_provider_gets_its_own_option_keys():
         "trt_cuda_graph_enable": "True"
     }
     assert got[cpu] == {}
-    plain = provider_options([cuda, trt], 0, None, cuda_graph=False)
+    plain = provider_options([cuda, trt], 0, None, cuda_graph=False, fp32=True)
     assert plain == [
         (cuda, {"device_id": "0", "enable_cuda_graph": "0", "use_tf32": "0"}),
         (trt, {"device_id": "0", "trt_cuda_graph_enable": "False"}),
     ]
+
+
+@pytest.mark.parametrize(("dtype", "tf32"), [("float32", "0"), ("float16", None)])
+def test_tf32_is_turned_off_for_fp32_graphs_only(decoder_file, monkeypatch, dtype, tf32):
+    """An fp32 graph's math stays fp32 on CUDA (``use_tf32`` 0); an fp16 graph's is left at
+    ONNX Runtime's default, whose cuDNN convolutions without TF32 drop every tensor-core plan,
+    fp16 ones included (``conv.cc``: ``deselect_numeric_notes({TENSOR_CORE})``)."""
+    file, spec = decoder_file
+    spec = GraphSpec(
+        spec.file,
+        tuple(TensorSpec(t.name, dtype, t.shape) for t in spec.inputs),
+        tuple(TensorSpec(t.name, dtype, t.shape) for t in spec.outputs),
+    )
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    r = OrtRunner(file, spec, OrtOptions(providers=("cuda",)))
+    ((name, options),) = r._providers(["CUDAExecutionProvider"])
+    assert name == "CUDAExecutionProvider" and options.get("use_tf32") == tf32
 
 
 TEXT = GraphSpec(
