@@ -134,7 +134,13 @@ def build_plan(
     opt_profile = builder.create_optimization_profile()
     for name, (lo, opt, hi) in shapes.items():
         opt_profile.set_shape(name, lo, opt, hi)
-    config.add_optimization_profile(opt_profile)
+    if config.add_optimization_profile(opt_profile) < 0:
+        raise EngineError(
+            "TensorRT refused the optimization profile",
+            where=str(onnx_path),
+            expected="a profile of the graph's inputs (min ≤ opt ≤ max, static dims as built)",
+            got=str(shapes),
+        )
     plan = builder.build_serialized_network(network, config)
     if plan is None:
         raise EngineError(
@@ -185,16 +191,32 @@ def aligned_empty(shape: tuple[int, ...], dtype: torch.dtype, device: torch.devi
 
 
 def capture_graph(enqueue, stream) -> torch.cuda.CUDAGraph:
-    """``enqueue()`` captured as a CUDA graph on ``stream`` (a torch CUDA stream)."""
+    """``enqueue()`` captured as a CUDA graph on ``stream`` (a torch CUDA stream), in
+    thread-local mode as trtexec captures (another thread's CUDA calls do not spoil it).
+
+    Raises:
+        EngineError: the enqueue failed, or the capture did (torch's error at the capture's
+            end, which would otherwise hide the enqueue's).
+    """
     graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph, stream=stream):
-        if not enqueue():
-            raise EngineError(
-                "TensorRT could not enqueue the engine inside a CUDA graph capture",
-                where="TrtRunner",
-                expected="execute_async_v3 to return True",
-                got=False,
-            )
+    ok = False
+    try:
+        with torch.cuda.graph(graph, stream=stream, capture_error_mode="thread_local"):
+            ok = enqueue()  # no raise in here: the capture must end before anything is said
+    except RuntimeError as e:  # torch's, on ending a capture CUDA invalidated
+        raise EngineError(
+            "TensorRT's enqueue could not be captured as a CUDA graph",
+            where="TrtRunner",
+            expected="a capture (or the session's cuda_graphs off)",
+            got=f"enqueue returned {ok}; {str(e).splitlines()[0]}",
+        ) from e
+    if not ok:
+        raise EngineError(
+            "TensorRT could not enqueue the engine inside a CUDA graph capture",
+            where="TrtRunner",
+            expected="execute_async_v3 to return True",
+            got=False,
+        )
     return graph
 
 

@@ -309,6 +309,7 @@ class FakeTensorRT(types.ModuleType):
         self.caches_seen: list[bytes] = []  # what each build's timing cache started from
         self.built: list[str] = []
         self.refuse_cache = False  # set_timing_cache's answer to a cache of another TensorRT
+        self.refuse_profile = False  # add_optimization_profile's -1 for an invalid profile
         fake = self
 
         class Logger:
@@ -343,7 +344,7 @@ class FakeTensorRT(types.ModuleType):
                 return self.cache
 
             def add_optimization_profile(self, p):
-                pass
+                return -1 if fake.refuse_profile else 0
 
         class Profile:
             def set_shape(self, *a):
@@ -426,6 +427,43 @@ def test_a_timing_cache_tensorrt_refuses_is_an_error_naming_it(
             tiny_static_export[0], tmp_path / "e", backend="trt", cache_dir=tmp_path / "c"
         )
     assert "timing-" in e.value.where and not (tmp_path / "e").exists()
+
+
+def test_a_profile_tensorrt_refuses_is_an_error_naming_the_graph(
+    tiny_static_export, tmp_path, fake_tensorrt
+):
+    from adapedit.engines.folder import build_engines
+
+    fake_tensorrt.refuse_profile = True
+    with pytest.raises(EngineError, match="refused the optimization profile") as e:
+        build_engines(
+            tiny_static_export[0], tmp_path / "e", backend="trt", cache_dir=tmp_path / "c"
+        )
+    assert e.value.where.endswith(".onnx") and not (tmp_path / "e").exists()
+
+
+@pytest.mark.parametrize("enqueued", [True, False])
+def test_a_failed_capture_says_what_failed(monkeypatch, enqueued):
+    """An enqueue TensorRT refuses inside a capture, or a capture CUDA invalidated: torch's
+    error at the capture's end would hide the enqueue's; the runner names both, its own way."""
+    from adapedit.engines import trt
+
+    class Capture:  # torch.cuda.graph, ending as an invalidated capture does
+        def __init__(self, graph, stream=None, capture_error_mode="global"):
+            assert capture_error_mode == "thread_local"
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            assert exc == (None, None, None)  # nothing raised inside the capture
+            raise RuntimeError("CUDA error: operation failed due to a previous error")
+
+    monkeypatch.setattr(torch.cuda, "CUDAGraph", lambda: object())
+    monkeypatch.setattr(torch.cuda, "graph", Capture)
+    with pytest.raises(EngineError, match="could not be captured") as e:
+        trt.capture_graph(lambda: enqueued, stream=None)
+    assert e.value.got.startswith(f"enqueue returned {enqueued}; CUDA error")
 
 
 def test_a_built_folder_of_plans_loads(tiny_static_export, tmp_path, fake_tensorrt):
