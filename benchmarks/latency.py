@@ -231,9 +231,9 @@ def run(a: argparse.Namespace) -> dict:
         JsonLines(a.jsonl).emit("skipped", path=" ".join(a.backends), reason=notes[-1])
     given = Manifest.load(export_dir) if backends or a.export_dir else None
     model = given.model if given else a.model
-    components = load_model(model).to(device, dtype)
+    components = load_model(model).to(device, dtype) if a.reference else None
     size = given.height if given else (a.height or components.default_size)
-    lat = size // components.vae_scale_factor
+    lat = size // (given.vae_scale_factor if given else components.vae_scale_factor)
     rec: dict = {
         "machine": machine_info(),
         "model": model,
@@ -293,44 +293,55 @@ def run(a: argparse.Namespace) -> dict:
     def sampler(steps: int) -> SamplerConfig:
         return SamplerConfig(steps=steps, seed=0, height=size, width=size)
 
-    # -- the reference ---------------------------------------------------------------------
-    # every timed edit repeats one target and seed: no calibration cache, each edit calibrates
-    ref = ReferencePipeline(components, device=device, calibration_cache=None)
+    # the UNet call's inputs: one draw, the reference's and every engine's
     g = torch.Generator().manual_seed(0)
     x = torch.randn(a.batch, 4, lat, lat, generator=g).to(device, dtype)
-    text_hidden = int(components.unet.config.cross_attention_dim)
+    text_hidden = (
+        int(components.unet.config.cross_attention_dim)
+        if components is not None
+        else given.graphs["text_encoder"].outputs[0].shape[-1]
+    )
     ctx = torch.randn(a.batch, 77, text_hidden, generator=g).to(device, dtype)
-    tt = torch.tensor(501, device=device)
-    unet = components.unet
 
-    def call():
-        with torch.no_grad():
-            unet(x, tt, encoder_hidden_states=ctx)
+    def reference() -> tuple[dict[int, object], object]:
+        """The reference's UNet calls and timed edits: its last edit per step count (parity),
+        and with fp16 the fp32 reference's edit at the fewest steps (fp16's own noise)."""
+        # every timed edit repeats one target and seed: no calibration cache, each calibrates
+        ref = ReferencePipeline(components, device=device, calibration_cache=None)
+        tt = torch.tensor(501, device=device)
+        unet = components.unet
 
-    ref.slot.self_max_queries = 10**9  # explicit attention everywhere
-    calls = {"torch-explicit": timed(call, device, a.warmup, a.repeats)}
-    ref.prepare(edit, (lat, lat), ())  # the reference as shipped
-    calls["torch-reference"] = timed(call, device, a.warmup, a.repeats)
-    unet.set_attn_processor(AttnProcessor2_0())
-    calls["torch-sdpa"] = timed(call, device, a.warmup, a.repeats)
-    install_processors(unet, ref.slot)
-    unet_calls(calls)
+        def call():
+            with torch.no_grad():
+                unet(x, tt, encoder_hidden_states=ctx)
 
-    def ref_edit(steps: int, last: bool):
-        return ref.edit(SOURCE, TARGET, edit, sampler(steps), record_latents=last)
+        ref.slot.self_max_queries = 10**9  # explicit attention everywhere
+        calls = {"torch-explicit": timed(call, device, a.warmup, a.repeats)}
+        ref.prepare(edit, (lat, lat), ())  # the reference as shipped
+        calls["torch-reference"] = timed(call, device, a.warmup, a.repeats)
+        unet.set_attn_processor(AttnProcessor2_0())
+        calls["torch-sdpa"] = timed(call, device, a.warmup, a.repeats)
+        install_processors(unet, ref.slot)
+        unet_calls(calls)
 
-    finals: dict[int, object] = {}  # the reference's last edit per step count: parity
-    for n in a.steps:
-        finals[n] = edits("reference", ref_edit, n)
-    rec["memory"]["reference"] = peak_memory(device)
-    out.emit("memory", path="reference", **rec["memory"]["reference"])
-    floor = None  # fp16's own noise: the fp16 reference against the same reference in fp32
-    if dtype == torch.float16:
-        floor = _fp32_reference_edit(components, device, edit, sampler(min(a.steps)))
-        p = parity(floor, finals[min(a.steps)])
-        rec["runs"][str(min(a.steps))]["parity"]["reference vs reference-fp32"] = p
-        out.emit("parity", path="reference", against="reference-fp32", steps=min(a.steps), **p)
-    ref = components = call = unet = None
+        def ref_edit(steps: int, last: bool):
+            return ref.edit(SOURCE, TARGET, edit, sampler(steps), record_latents=last)
+
+        finals = {n: edits("reference", ref_edit, n) for n in a.steps}
+        rec["memory"]["reference"] = peak_memory(device)
+        out.emit("memory", path="reference", **rec["memory"]["reference"])
+        if dtype != torch.float16:
+            return finals, None
+        n = min(a.steps)
+        floor = _fp32_reference_edit(components, device, edit, sampler(n))
+        p = parity(floor, finals[n])
+        rec["runs"][str(n)]["parity"]["reference vs reference-fp32"] = p
+        out.emit("parity", path="reference", against="reference-fp32", steps=n, **p)
+        return finals, floor
+
+    # -- the reference (unless asked not to: then no parity, no speed-up) -------------------
+    finals, floor = reference() if a.reference else ({}, None)
+    components = None  # the reference's memory is gone before the runtime's is measured
     gc.collect()
     if device == "cuda":
         torch.cuda.empty_cache()
@@ -371,18 +382,8 @@ def run(a: argparse.Namespace) -> dict:
                 rec["memory"][f"{name} weights"] = weights
                 out.emit("weights", path=name, **weights)
 
-            def run_edit(steps: int, last: bool):
-                return session.edit(SOURCE, TARGET, edit, sampler(steps), record_latents=last)
-
-            for n in a.steps:
-                r = edits(name, run_edit, n, clock=session)
-                p = parity(finals[n], r)
-                rec["runs"][str(n)]["parity"][f"{name} vs reference"] = p
-                out.emit("parity", path=name, against="reference", steps=n, **p)
-                if floor is not None and n == min(a.steps):
-                    p = parity(floor, r)
-                    rec["runs"][str(n)]["parity"][f"{name} vs reference-fp32"] = p
-                    out.emit("parity", path=name, against="reference-fp32", steps=n, **p)
+            # one UNet call first (seconds): the call against the whole UNet's before
+            # the edits' minutes
             feeds = _feeds(np_x, np_ctx, tdev, given.precision)
             calls = {name: _unet_call(session, form, a.batch, feeds, size)}
             wholes = {}
@@ -398,6 +399,18 @@ def run(a: argparse.Namespace) -> dict:
                 unet_calls(interleaved(calls, tdev, a.warmup, a.repeats))
             for whole in wholes.values():
                 whole.deactivate()
+
+            def run_edit(steps: int, last: bool):
+                return session.edit(SOURCE, TARGET, edit, sampler(steps), record_latents=last)
+
+            for n in a.steps:
+                r = edits(name, run_edit, n, clock=session)
+                fp32 = floor if n == min(a.steps) else None  # made at the fewest steps
+                for against, ref in (("reference", finals.get(n)), ("reference-fp32", fp32)):
+                    if ref is not None:
+                        p = parity(ref, r)
+                        rec["runs"][str(n)]["parity"][f"{name} vs {against}"] = p
+                        out.emit("parity", path=name, against=against, steps=n, **p)
             if tdev == "cuda" and a.syncs:
                 rec["syncs"][name] = count_syncs(session, edit, sampler(min(a.steps)))
                 out.emit("syncs", path=name, steps=min(a.steps), **rec["syncs"][name])
@@ -588,9 +601,8 @@ def goals(rec: dict) -> dict:
     out = {}
     gpu = rec["device"] == "cuda"
     for n, run in rec["runs"].items():
-        if "reference" not in run["stages_s"]:
-            continue
-        ref = run["stages_s"]["reference"]["total"]["median"]
+        reference = run["stages_s"].get("reference")  # None: run with --no-reference
+        ref = reference["total"]["median"] if reference else None
         for name, st in run["stages_s"].items():
             if name == "reference":
                 continue
@@ -602,7 +614,7 @@ def goals(rec: dict) -> dict:
             total = st["total"]["median"]
             out[f"{name}@{n}"] = {
                 "end_to_end_s": total,
-                "end_to_end_over_reference": total / ref,
+                "end_to_end_over_reference": total / ref if ref else None,
                 "goal_end_to_end": 1 / 3.5 if gpu else 0.80,
                 "goal_end_to_end_s": 1.0 if gpu and int(n) == 50 else None,
                 "unet_call_over_whole": call / whole if call and whole else None,
@@ -663,8 +675,9 @@ def markdown(rec: dict) -> str:
     ]
     for name, g in rec["goals"].items():
         call = f"{g['unet_call_over_whole']:.3f}" if g["unet_call_over_whole"] else "–"
+        speed = g["end_to_end_over_reference"]
         lines.append(
-            f"| {name} | {g['end_to_end_s']:.3f} | {g['end_to_end_over_reference']:.3f} "
+            f"| {name} | {g['end_to_end_s']:.3f} | {f'{speed:.3f}' if speed else '–'} "
             f"(≤ {g['goal_end_to_end']:.2f}) | {call} (≤ {g['goal_unet_call']}) | "
             f"{g['controller_share_of_step']:.4f} |"
         )
@@ -735,6 +748,12 @@ def main(argv: list[str] | None = None) -> None:
     )
     ap.add_argument("--syncs", action="store_true", help="count host syncs per step (GPU)")
     ap.add_argument(
+        "--no-reference",
+        dest="reference",
+        action="store_false",
+        help="the engines alone (an earlier run measured the reference): no parity, no speed-up",
+    )
+    ap.add_argument(
         "--ort-log-severity",
         type=int,
         choices=range(5),
@@ -754,6 +773,8 @@ def main(argv: list[str] | None = None) -> None:
         help="with --backends: when none of them is available here, record that and stop",
     )
     a = ap.parse_args(argv)
+    if not a.reference and not a.export_dir:
+        ap.error("--no-reference measures the engines of an export: name it with --export-dir")
     if a.only_if_available and a.backends:
         names = {b.name for b in available_backends()}
         if not names & set(a.backends):

@@ -369,6 +369,11 @@ def test_both_commands_run_dry_from_carried_files_and_record_everything(tmp_path
     summary = (tmp_path / "out" / gpu_run.SUMMARY).read_text()
     assert "| presets | paper median s |" in summary and "calibration cache — build:" in summary
     assert any(x["kind"] == "edit" and x["path"] == "ort-cpu-segmented" for x in lines)
+    # the reference is command 1's; the UNet calls come before the segmented edits' minutes
+    assert not any(x["kind"] in ("edit", "unet_call") and "torch" in x["path"] for x in lines)
+    assert not any(x["kind"] == "edit" and x["path"] == "reference" for x in lines)
+    kinds = [x["kind"] for x in lines if x.get("path", "").startswith("ort-cpu-")]
+    assert kinds.index("unet_call") < kinds.index("edit")
     calls = {x["path"] for x in lines if x["kind"] == "unet_call"}
     assert {"ort-cpu-segmented", "ort-cpu-whole"} <= calls  # the whole UNet, with the segments
     # the fused UNet's call (command 1) against the whole UNet's (command 2), same machine

@@ -170,3 +170,18 @@ def test_an_fp16_run_sets_the_reference_and_the_runtime_against_an_fp32_referenc
     assert floor["latents_max_abs"] > 0 and 0 < floor["latents_max_rel"] < 1e-2
     (goal,) = [g for g in goals(lines) if g.startswith("reference against the fp32")]
     assert "not a goal" in goal
+
+
+def test_command_two_sets_its_paths_against_command_one_s_reference():
+    """Command 2 measures no reference (``--no-reference``): its 50-step edits are set against
+    the reference command 1 measured on the same machine, and say so."""
+    edit = {"kind": "edit", "steps": 50}
+    ref = {**edit, "path": "reference", "stages_s": {"total": {"median": 4.0}}}
+    seg = {**edit, "path": "ort-cuda-segmented", "stages_s": {"total": {"median": 2.0}}}
+    (line,) = goals([seg], earlier=[ref])
+    assert line == "ort-cuda-segmented at 50 steps: 2.00× the reference measured by command 1 " + (
+        "(goal ≥ 3.5×); 2.000 s (goal ≤ 1.0 s on an H100)"
+    )
+    assert goals([seg]) == [
+        "ort-cuda-segmented at 50 steps: no reference; 2.000 s (goal ≤ 1.0 s on an H100)"
+    ]
