@@ -416,30 +416,26 @@ def test_every_graph_of_a_build_shares_one_timing_cache(
     assert cache.read_bytes() == b"timing;" * n
 
 
-def test_a_timing_cache_tensorrt_refuses_is_an_error_naming_it(
-    tiny_static_export, tmp_path, fake_tensorrt
+@pytest.mark.parametrize(
+    ("refused", "message", "where"),
+    [
+        ("refuse_cache", "refused the timing cache", "timing-"),
+        ("refuse_profile", "refused the optimization profile", ".onnx"),
+    ],
+)
+def test_what_the_tensorrt_builder_refuses_is_an_error_naming_it(
+    tiny_static_export, tmp_path, fake_tensorrt, refused, message, where
 ):
+    """A timing cache of another TensorRT or GPU (``set_timing_cache`` False), a profile it
+    cannot take (``add_optimization_profile`` -1): named before any plan is written."""
     from adapedit.engines.folder import build_engines
 
-    fake_tensorrt.refuse_cache = True
-    with pytest.raises(EngineError, match="refused the timing cache") as e:
+    setattr(fake_tensorrt, refused, True)
+    with pytest.raises(EngineError, match=message) as e:
         build_engines(
             tiny_static_export[0], tmp_path / "e", backend="trt", cache_dir=tmp_path / "c"
         )
-    assert "timing-" in e.value.where and not (tmp_path / "e").exists()
-
-
-def test_a_profile_tensorrt_refuses_is_an_error_naming_the_graph(
-    tiny_static_export, tmp_path, fake_tensorrt
-):
-    from adapedit.engines.folder import build_engines
-
-    fake_tensorrt.refuse_profile = True
-    with pytest.raises(EngineError, match="refused the optimization profile") as e:
-        build_engines(
-            tiny_static_export[0], tmp_path / "e", backend="trt", cache_dir=tmp_path / "c"
-        )
-    assert e.value.where.endswith(".onnx") and not (tmp_path / "e").exists()
+    assert where in e.value.where and not (tmp_path / "e").exists()
 
 
 @pytest.mark.parametrize("enqueued", [True, False])
