@@ -373,9 +373,10 @@ def run(a: argparse.Namespace) -> dict:
         with EditSession(
             engines[backend.name], form=form, cuda_graphs=cuda_graphs, calibration_cache=None
         ) as session:
-            for u in _unets(session, form, edit):  # every UNet session an edit loads
-                for r in getattr(u, "runners", None) or [u.runner]:
-                    r.activate()
+            with session.on_stream():  # the fused UNet's input buffers are made on it
+                for u in _unets(session, form, edit):  # every UNet session an edit loads
+                    for r in getattr(u, "runners", None) or [u.runner]:
+                        r.activate()
             if free0 is not None and session.weights is not None:
                 used = free0 - torch.cuda.mem_get_info()[0]
                 weights = {

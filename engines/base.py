@@ -258,8 +258,10 @@ def ordered_with_caller(stream: torch.cuda.Stream) -> Iterator[None]:
         return
     stream.wait_stream(caller)
     with torch.cuda.stream(stream):
-        yield
-    caller.wait_stream(stream)
+        try:
+            yield
+        finally:  # a run that failed may have queued kernels reading the caller's tensors
+            caller.wait_stream(stream)
 
 
 @dataclass(frozen=True)

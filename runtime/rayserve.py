@@ -253,7 +253,8 @@ class Ingress:
     def __init__(self, editor: DeploymentHandle, config: ScaleOut) -> None:
         from adapedit.runtime.session import EditSession
 
-        self.session = EditSession(config.engine_dir, ort=config.ort)  # checks only: no engine
+        # checks only: the ingress has no GPU (Ray hides every GPU from an actor asking none)
+        self.session = EditSession(config.engine_dir, ort=config.ort, checks_only=True)
         self.editor = RayEditor(editor, config.queue_size)
         self.http = config.http
 

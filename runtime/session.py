@@ -52,6 +52,11 @@ class EditSession(EditPipeline):
         calibration_cache: keep recent calibration statistics, so that a re-edit of the same
             target changing only edit-side options skips the calibration pass: a bound in bytes,
             a :class:`~adapedit.pipelines.calibration_cache.CalibrationCache` to share, or None.
+        checks_only: a session that checks requests against the folder (its manifest,
+            tokenizer and profile: :meth:`plan`, :meth:`describe`,
+            :class:`~adapedit.runtime.api.Validator`) and runs nothing, so it touches no device:
+            the HTTP ingress of a Ray Serve deployment, on a node with no GPU. No provider is
+            checked, no stream or weights are made, and :meth:`edit` is an error.
     """
 
     def __init__(
@@ -64,6 +69,7 @@ class EditSession(EditPipeline):
         form: str = "auto",
         cuda_graphs: bool = True,
         calibration_cache: CalibrationCache | int | None = DEFAULT_CACHE_BYTES,
+        checks_only: bool = False,
     ) -> None:
         self.use_calibration_cache(calibration_cache)  # a bad bound fails before any loading
         folder = Path(engine_dir)
@@ -90,17 +96,20 @@ class EditSession(EditPipeline):
         self.latent_channels = manifest.latent_channels
         self.dtype = torch.float32  # latents and scheduler in fp32; engines take their dtype
         self.engine_dtype = ENGINE_DTYPES[manifest.precision]
-        self.ort = ort
+        self.ort, self.checks_only = ort, checks_only
         options = ort or config.ort
-        if config.backend == "ort":  # before any engine is made: no silent CPU run
+        if checks_only:  # runs nothing: the device is a name here
+            pass
+        elif config.backend == "ort":  # before any engine is made: no silent CPU run
             check_providers(options, f"engine folder {folder}")
         else:
             require_cuda("a TensorRT engine folder", str(folder), "an NVIDIA GPU")
         self.device = options.device if config.backend == "ort" else torch.device("cuda")
-        self.stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
+        runs = self.device.type == "cuda" and not checks_only
+        self.stream = torch.cuda.Stream(self.device) if runs else None
         self.weights = (
             WeightPool(folder, manifest.weights, self.device)
-            if config.backend == "ort" and manifest.weights
+            if config.backend == "ort" and manifest.weights and not checks_only
             else None
         )
         self.text_encoder = self._runner(manifest.graphs["text_encoder"])
@@ -206,9 +215,11 @@ class EditSession(EditPipeline):
             u.clock.reset()
 
     def close(self) -> None:
-        """Release every engine (the session can be used again; engines reload lazily)."""
-        for r in self.runners:
-            r.deactivate()
+        """Release every engine (the session can be used again; engines reload lazily), once
+        the edit in progress, if any, is done."""
+        with self._lock:
+            for r in self.runners:
+                r.deactivate()
 
     def __enter__(self) -> EditSession:
         return self
@@ -310,6 +321,15 @@ class EditSession(EditPipeline):
         out = self.vae_encoder.infer({"image": image.to(self.device, self.engine_dtype)})
         return out["latent"].to(self.dtype, copy=True)
 
+    def _check_runs(self, what: str) -> None:
+        if self.checks_only:
+            raise EngineError(
+                "this session only checks requests: it runs no engine",
+                where=str(self.folder),
+                expected="EditSession(..., checks_only=False) where the engines' device is",
+                got=what,
+            )
+
     def on_stream(self):
         """The session's stream as the current one (a no-op on the CPU)."""
         return torch.cuda.stream(self.stream) if self.stream is not None else nullcontext()
@@ -330,6 +350,7 @@ class EditSession(EditPipeline):
         **kwargs,
     ) -> EditResult:
         """Edit ``source`` into ``target`` (see :meth:`EditPipeline.edit`); serialised."""
+        self._check_runs("an edit")
         with self._lock, self.on_stream():
             return super().edit(source, target, edit, sampler, **kwargs)
 
@@ -337,5 +358,6 @@ class EditSession(EditPipeline):
         self, prompt: str, sampler: SamplerConfig = SamplerConfig(), **kwargs
     ) -> GenerationResult:
         """Plain generation of ``prompt``; serialised."""
+        self._check_runs("a generation")
         with self._lock, self.on_stream():
             return super().generate(prompt, sampler, **kwargs)

@@ -609,7 +609,7 @@ class EditPipeline(ABC):
             controller.probs if observe_step is not None else {},
             image_record,
             pixels,
-            trajectory,
+            None if trajectory is None else trajectory.cpu(),  # on the host, as the latents
             calibration,
             None if (s := editor.dps_weight()) is None else s.cpu(),
         )

@@ -180,3 +180,22 @@ def test_a_bad_cache_size_is_refused_before_the_folder_is_read(tmp_path):
 
     with pytest.raises(ConfigError, match="positive byte count"):
         EditSession(tmp_path / "nowhere", calibration_cache=0)
+
+
+def test_a_checks_only_session_touches_no_device_and_runs_nothing(tiny_engines, monkeypatch):
+    """The Ray ingress's session, on a node with no GPU (Ray hides every GPU from an actor that
+    asks none), over a folder of CUDA engines: built, described and checking requests with no
+    CUDA device; an edit on it is an error. A session that runs is refused there."""
+    from adapedit.engines.ort import OrtOptions
+    from adapedit.runtime.api import Validator
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.cuda, "Stream", lambda *a, **k: pytest.fail("a CUDA stream"))
+    cuda = OrtOptions(providers=("cuda",))
+    with pytest.raises(EngineError):
+        EditSession(tiny_engines, ort=cuda)
+    session = EditSession(tiny_engines, ort=cuda, checks_only=True)
+    assert session.describe()["device"] == "cuda" and session.weights is None
+    Validator(session)(SRC, TGT, EditConfig(), SamplerConfig(steps=2))
+    with pytest.raises(EngineError, match="only checks requests"):
+        session.edit(SRC, TGT, EditConfig(), SamplerConfig(steps=2))
