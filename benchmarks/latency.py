@@ -402,8 +402,20 @@ def run(a: argparse.Namespace) -> dict:
             if wholes:  # the last is the run alike
                 rec["whole_alike"][name] = whole_name
             warm = max(a.warmup, CAPTURE_RUNS) if tdev == "cuda" else a.warmup  # replays timed
-            with session.on_stream():
-                unet_calls(interleaved(calls, tdev, warm, a.repeats))
+            try:
+                with session.on_stream():
+                    timings = interleaved(calls, tdev, warm, a.repeats)
+            except Exception as e:  # a whole UNet that fails must not cost this path its edits
+                if not wholes:
+                    raise
+                _failed(out, notes, f"{name}: beside {' and '.join(wholes)}", e)
+                for whole in wholes.values():
+                    whole.deactivate()
+                wholes = {}
+                rec["whole_alike"].pop(name, None)
+                with session.on_stream():
+                    timings = interleaved({name: calls[name]}, tdev, warm, a.repeats)
+            unet_calls(timings)
             for whole in wholes.values():
                 whole.deactivate()
 

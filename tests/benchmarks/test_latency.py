@@ -185,3 +185,35 @@ def test_command_two_sets_its_paths_against_command_one_s_reference():
     assert goals([seg]) == [
         "ort-cuda-segmented at 50 steps: no reference; 2.000 s (goal ≤ 1.0 s on an H100)"
     ]
+
+
+def test_a_whole_unet_that_fails_costs_the_path_only_its_comparison(
+    tiny_static_export, tmp_path, monkeypatch
+):
+    """The whole UNet is timed beside a path's own call, before its edits: when it fails (a
+    CUDA graph it cannot capture, say), the failure is recorded and the path's call and edits
+    are measured all the same."""
+    import json
+
+    from benchmarks import latency
+
+    class Broken:
+        def infer(self, feeds):
+            raise RuntimeError("no capture")
+
+        def deactivate(self):
+            pass
+
+    monkeypatch.setattr(latency, "_whole_runner", lambda *a: Broken())
+    folder, _ = tiny_static_export
+    jsonl = tmp_path / "r.jsonl"
+    args = ["--export-dir", str(folder), "--no-reference", "--device", "cpu", "--forms"]
+    args += ["segmented", "--steps", "2", "--warmup", "0", "--repeats", "1", "--backends"]
+    latency.main([*args, "ort-cpu", "--jsonl", str(jsonl), "--results", str(tmp_path)])
+    lines = [json.loads(x) for x in jsonl.read_text().splitlines()]
+    (failed,) = [x for x in lines if x["kind"] == "failed"]
+    assert failed["path"] == "ort-cpu-segmented: beside ort-cpu-whole"
+    assert "no capture" in failed["error"]
+    assert [x["path"] for x in lines if x["kind"] == "unet_call"] == ["ort-cpu-segmented"]
+    assert any(x["kind"] == "edit" and x["path"] == "ort-cpu-segmented" for x in lines)
+    assert not any(x["kind"] == "edit" and x["path"] == "reference" for x in lines)
