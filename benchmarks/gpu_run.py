@@ -858,6 +858,7 @@ def smoke(backend, folder: Path) -> dict:
         pool = WeightPool(folder, "weights.json", options.device)
         with OrtRunner(folder / spec.file, spec, options, stream=stream, weights=pool) as runner:
             x = torch.arange(16, dtype=dtype, device=options.device).reshape(2, 8)
+            start = x.clone()
             ys = [runner.infer({"x": x})["y"].clone() for _ in range(4)]
             pool.buffer("w").fill_(2)  # the caller's stream: the runner's run is ordered after
             refilled = runner.infer({"x": x})["y"].clone()
@@ -866,10 +867,10 @@ def smoke(backend, folder: Path) -> dict:
             record["providers"] = runner.session.get_providers()
         if gpu:
             torch.cuda.synchronize()
-        if all(torch.equal(y, x - 16 + 1) for y in ys):
-            state = "used in place" if torch.equal(refilled, x - 16 + 2) else "copied"
+        if all(torch.equal(y, start + 1) for y in ys):
+            state = "used in place" if torch.equal(refilled, start + 2) else "copied"
         else:
-            state = "not used" if all(torch.equal(y, x - 16 + 3) for y in ys) else "wrong values"
+            state = "not used" if all(torch.equal(y, start + 3) for y in ys) else "wrong values"
         read = "in place" if torch.equal(moved - refilled, torch.full_like(x, 16)) else "stale"
         ok = state == "used in place" and read == "in place"
         record |= {"ok": ok, "shared_weight": state, "input": read}

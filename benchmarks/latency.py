@@ -549,7 +549,7 @@ def _whole_runner(session, export_dir: Path, manifest, batch: int, backend, cuda
     return OrtRunner(
         export_dir / u.whole.file,
         u.whole,
-        replace(backend.ort, cuda_graph=cuda_graph and backend.ort.device.type == "cuda"),
+        replace(backend.ort, cuda_graph=cuda_graph),
         stream=session.stream,
         weights=session.weights,
     )

@@ -98,12 +98,11 @@ class EditSession(EditPipeline):
         self.engine_dtype = ENGINE_DTYPES[manifest.precision]
         self.ort, self.checks_only = ort, checks_only
         options = ort or config.ort
-        if checks_only:  # runs nothing: the device is a name here
-            pass
-        elif config.backend == "ort":  # before any engine is made: no silent CPU run
-            check_providers(options, f"engine folder {folder}")
-        else:
-            require_cuda("a TensorRT engine folder", str(folder), "an NVIDIA GPU")
+        if not checks_only:  # before any engine is made: no silent CPU run
+            if config.backend == "ort":
+                check_providers(options, f"engine folder {folder}")
+            else:
+                require_cuda("a TensorRT engine folder", str(folder), "an NVIDIA GPU")
         self.device = options.device if config.backend == "ort" else torch.device("cuda")
         runs = self.device.type == "cuda" and not checks_only
         self.stream = torch.cuda.Stream(self.device) if runs else None

@@ -9,7 +9,7 @@ import warnings
 import pytest
 import torch
 
-from benchmarks.gpu_run import WAITS_AT, goals, host_waits
+from benchmarks.gpu_run import WAITS_AT, goals, host_waits, read_lines
 from benchmarks.latency import _why_not_without_graphs, count_syncs, whole_runs
 from benchmarks.latency import goals as latency_goals
 
@@ -126,8 +126,11 @@ def test_the_fused_call_is_set_against_the_whole_unet_run_alike():
         "ort-cuda-fused-nograph UNet call 2.10× the whole UNet's (goal ≤ 1.1×) (not alike: the "
         "whole UNet ran with CUDA graphs) (measured by command 1, the whole UNet by this one)"
     )
-    stages = {"edit": {"median": 1.0}, "total": {"median": 1.0}, "controller_per_call": {}}
-    stages["controller_per_call"]["median"] = 0.0
+    stages = {
+        "edit": {"median": 1.0},
+        "total": {"median": 1.0},
+        "controller_per_call": {"median": 0.0},
+    }
     # what latency.py times beside each call, the last run alike
     assert list(whole_runs("fused", True, gpu=True).items())[-1] == ("", True)
     assert list(whole_runs("fused", False, gpu=True).items())[-1] == ("-nograph", False)
@@ -150,8 +153,6 @@ def test_an_fp16_run_sets_the_reference_and_the_runtime_against_an_fp32_referenc
     """fp16 alone puts an fp16 path some way from the exact result (the tiny model's latents
     reach ~35, where fp16's step is 0.03): each fp16 run also edits with the reference in fp32,
     and sets the fp16 reference and the runtime against it — the scale the goal is read on."""
-    import json
-
     from benchmarks.latency import main
 
     folder, _ = tiny_fp16_fused_export
@@ -159,7 +160,7 @@ def test_an_fp16_run_sets_the_reference_and_the_runtime_against_an_fp32_referenc
     args = ["--export-dir", str(folder), "--precision", "fp16", "--device", "cpu"]
     args += ["--forms", "fused", "--steps", "2", "--warmup", "0", "--repeats", "1"]
     main([*args, "--backends", "ort-cpu", "--jsonl", str(jsonl), "--results", str(tmp_path)])
-    lines = [json.loads(x) for x in jsonl.read_text().splitlines()]
+    lines = read_lines(jsonl)
     against = {(x["path"], x["against"]): x for x in lines if x["kind"] == "parity"}
     assert set(against) == {
         ("reference", "reference-fp32"),
@@ -193,8 +194,6 @@ def test_a_whole_unet_that_fails_costs_the_path_only_its_comparison(
     """The whole UNet is timed beside a path's own call, before its edits: when it fails (a
     CUDA graph it cannot capture, say), the failure is recorded and the path's call and edits
     are measured all the same."""
-    import json
-
     from benchmarks import latency
 
     class Broken:
@@ -210,7 +209,7 @@ def test_a_whole_unet_that_fails_costs_the_path_only_its_comparison(
     args = ["--export-dir", str(folder), "--no-reference", "--device", "cpu", "--forms"]
     args += ["segmented", "--steps", "2", "--warmup", "0", "--repeats", "1", "--backends"]
     latency.main([*args, "ort-cpu", "--jsonl", str(jsonl), "--results", str(tmp_path)])
-    lines = [json.loads(x) for x in jsonl.read_text().splitlines()]
+    lines = read_lines(jsonl)
     (failed,) = [x for x in lines if x["kind"] == "failed"]
     assert failed["path"] == "ort-cpu-segmented: beside ort-cpu-whole"
     assert "no capture" in failed["error"]
