@@ -1,4 +1,5 @@
-"""A cache of serialized engine plans keyed by (ONNX hash, backend version, GPU, profile).
+"""A cache of serialized engine plans keyed by (ONNX hash, backend version, GPU, profile,
+build recipe).
 
 Writes are atomic (temporary file, then rename). A plan whose sidecar metadata is missing, does
 not match its key, or whose bytes do not match the recorded checksum is stale or corrupt: it is
@@ -79,6 +80,7 @@ class PlanKey:
     backend_version: str
     gpu: str
     profile: str
+    recipe: str  # how the backend built it (flags, workspace), as JSON
 
     @property
     def digest(self) -> str:

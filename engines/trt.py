@@ -1,8 +1,9 @@
 """Native TensorRT: a builder from (fp16) ONNX of a static export as a strongly-typed network with
 one optimisation profile and a timing cache shared by every graph, plans cached by (hash of the
-graph and its weights, TensorRT version, GPU, profile), and a runner that binds aligned torch CUDA
-tensors with ``set_tensor_address`` and runs ``execute_async_v3`` on the runtime's stream, with
-input shapes and output buffers set once per shape.
+graph and its weights, TensorRT version, GPU, profile, build recipe), and a runner that checks a
+loaded plan's tensors against the manifest, binds aligned torch CUDA tensors with
+``set_tensor_address`` and runs ``execute_async_v3`` on the runtime's stream and its own device,
+with input shapes and output buffers set once per shape.
 
 ``tensorrt`` is imported lazily: this module imports on a machine without it, and everything but
 ``build_plan``/``TrtRunner.activate`` is plain Python (tested on the CPU). It is written against
@@ -13,6 +14,8 @@ from __future__ import annotations
 
 import json
 import logging
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass
 from functools import cache
 from pathlib import Path
 
@@ -27,7 +30,7 @@ from adapedit.engines.base import (
     ordered_with_caller,
 )
 from adapedit.engines.cache import PlanCache, PlanKey, graph_digest
-from adapedit.errors import EngineError
+from adapedit.errors import ConfigError, EngineError
 from adapedit.io import atomic_write_bytes
 from adapedit.spec import GraphSpec
 
@@ -66,29 +69,65 @@ def profile_shapes(
 
 
 def gpu_name() -> str:
-    """The GPU a plan is built for (plans are not portable across GPU models)."""
+    """The GPU a plan is built for, the current CUDA device (plans are not portable across GPU
+    models)."""
     if not torch.cuda.is_available():
         return "no-gpu"
-    p = torch.cuda.get_device_properties(0)
+    p = torch.cuda.get_device_properties(torch.cuda.current_device())
     return f"{p.name} sm{p.major}{p.minor}"
 
 
-def plan_key(onnx_path: Path, shapes: dict, version: str, gpu: str) -> PlanKey:
+@dataclass(frozen=True)
+class BuildRecipe:
+    """How :func:`build_plan` builds a plan, beyond the graph and its profile: part of every
+    plan's key, so a plan built another way (an older adapedit's flags, another workspace) is
+    rebuilt, never loaded. Any change to the builder's network flags or config is a change here.
+
+    Attributes:
+        workspace_gib: the builder's workspace memory pool (GiB; tactics needing more are
+            skipped).
+        network: what the network and config are: strongly typed (the ONNX dtypes decide the
+            precision), one optimisation profile, the builder's default optimisation level.
+    """
+
+    workspace_gib: float = 8.0
+    network: str = "strongly typed; one optimization profile; default optimization level"
+
+    def __post_init__(self) -> None:
+        if not self.workspace_gib > 0:
+            raise ConfigError(
+                "the TensorRT workspace must be positive",
+                where="BuildRecipe.workspace_gib",
+                expected="GiB > 0",
+                got=self.workspace_gib,
+            )
+
+
+def plan_key(
+    onnx_path: Path, shapes: dict, version: str, gpu: str, recipe: BuildRecipe = BuildRecipe()
+) -> PlanKey:
     """What a plan of ``onnx_path`` depends on: the graph and every weights file it reads (the
-    shared ``unet/weights-*.bin`` of a static export too), TensorRT's version, the GPU and the
-    profile's shapes."""
-    return PlanKey(graph_digest(onnx_path), version, gpu, json.dumps(shapes, sort_keys=True))
+    shared ``unet/weights-*.bin`` of a static export too), TensorRT's version, the GPU, the
+    profile's shapes and how it is built."""
+    return PlanKey(
+        graph_digest(onnx_path),
+        version,
+        gpu,
+        json.dumps(shapes, sort_keys=True),
+        json.dumps(asdict(recipe), sort_keys=True),
+    )
 
 
 def build_plan(
     onnx_path: Path,
     shapes: dict[str, tuple[tuple[int, ...], ...]],
-    workspace_gb: float = 8.0,
+    recipe: BuildRecipe = BuildRecipe(),
     *,
     timing_cache: Path | None = None,
 ) -> bytes:
-    """Build a serialized plan from an ONNX file: strongly typed (the ONNX dtypes decide the
-    precision: fp16 ONNX → fp16 engine; TensorRT 11 has no FP16 flag), one profile. With
+    """Build a serialized plan from an ONNX file as ``recipe`` says: strongly typed (the ONNX
+    dtypes decide the precision: fp16 ONNX → fp16 engine; TensorRT 11 has no FP16 flag), one
+    profile. With
     ``timing_cache`` the build starts from the kernel timings stored there and adds its own
     (every graph of a folder shares one file: the UNet's segments time the same layers)."""
     trt = _trt()
@@ -119,7 +158,9 @@ def build_plan(
             got=f"shape-tensor inputs {shape_inputs}",
         )
     config = builder.create_builder_config()
-    config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(workspace_gb * (1 << 30)))
+    config.set_memory_pool_limit(
+        trt.MemoryPoolType.WORKSPACE, int(recipe.workspace_gib * (1 << 30))
+    )
     cache = None
     if timing_cache is not None:
         stored = timing_cache.read_bytes() if timing_cache.is_file() else b""
@@ -161,20 +202,30 @@ def build_cached(
     vae_scale: int,
     unet_multiple: int,
     cache: PlanCache,
+    recipe: BuildRecipe = BuildRecipe(),
 ) -> Path:
-    """The plan for one graph, from the cache or freshly built (stale/corrupt plans rebuilt),
-    with the cache's shared timing cache."""
+    """The plan for one graph, from the cache or freshly built (stale/corrupt plans, and plans
+    built by another recipe, rebuilt), with the cache's shared timing cache."""
     trt = _trt()
     shapes = profile_shapes(spec, profile, vae_scale, unet_multiple)
     gpu = gpu_name()
-    key = plan_key(onnx_path, shapes, trt.__version__, gpu)
+    key = plan_key(onnx_path, shapes, trt.__version__, gpu, recipe)
     timing = cache.timing_cache(trt.__version__, gpu)
     path, built = cache.get_or_build(
-        key, lambda: build_plan(onnx_path, shapes, timing_cache=timing)
+        key, lambda: build_plan(onnx_path, shapes, recipe, timing_cache=timing)
     )
     log.info("%s plan for %s: %s", "built" if built else "cached", onnx_path.name, path)
     return path
 
+
+#: The ``tensorrt.DataType`` member of each manifest dtype.
+_TRT_DTYPES = {
+    "float32": "FLOAT",
+    "float16": "HALF",
+    "int64": "INT64",
+    "int32": "INT32",
+    "bool": "BOOL",
+}
 
 #: TensorRT requires every tensor address it is given to be aligned to this many bytes.
 ALIGNMENT = 256
@@ -271,16 +322,18 @@ class TrtRunner(Runner):
                 expected="a plan built by 'adapedit build --backend trt'",
                 got="no such file",
             )
-        runtime = trt.Runtime(_logger())
-        self.engine = runtime.deserialize_cuda_engine(self.plan_path.read_bytes())
-        if self.engine is None:
-            raise EngineError(
-                "TensorRT could not load the plan (corrupt, or built for another TensorRT or GPU)",
-                where=str(self.plan_path),
-                expected=f"a plan for {gpu_name()}",
-                got="deserialization failed",
-            )
-        self.context = self.engine.create_execution_context()
+        with self._on_device():  # an engine belongs to the device current when it loads
+            runtime = trt.Runtime(_logger())
+            self.engine = runtime.deserialize_cuda_engine(self.plan_path.read_bytes())
+            if self.engine is None:
+                raise EngineError(
+                    "TensorRT could not load the plan (corrupt, or built for another TensorRT "
+                    "or GPU)",
+                    where=str(self.plan_path),
+                    expected=f"a plan for {gpu_name()}",
+                    got="deserialization failed",
+                )
+            self.context = self.engine.create_execution_context()
         if self.context is None:
             raise EngineError(
                 "TensorRT could not make an execution context (out of GPU memory?)",
@@ -288,6 +341,26 @@ class TrtRunner(Runner):
                 expected="an execution context",
                 got="None",
             )
+        try:
+            self._check_tensors(trt)
+        except EngineError:
+            self.context = self.engine = None  # not active: nothing of the plan is kept
+            raise
+        if self.stream is None and self.device.type == "cuda":
+            # a stream of its own: CUDA graphs cannot be captured on the default stream, and
+            # TensorRT synchronises the device after each enqueue on it
+            self.stream = torch.cuda.Stream(self.device)
+
+    def _on_device(self):
+        """The runner's CUDA device made current (TensorRT runs an engine on the device that
+        was current when it was loaded, whatever device the caller has current)."""
+        return torch.cuda.device(self.device) if self.device.type == "cuda" else nullcontext()
+
+    def _check_tensors(self, trt) -> None:
+        """The plan's tensors as the manifest's graph has them: the same names, each an input
+        or an output as in the graph, of its dtype and read from the device (a plan built from
+        another export, or by a TensorRT that placed a tensor on the host, would otherwise run
+        on buffers of the wrong size or kind)."""
         tensors = {self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)}
         graph = {t.name for t in (*self.spec.inputs, *self.spec.outputs)}
         if tensors != graph:
@@ -297,10 +370,22 @@ class TrtRunner(Runner):
                 expected=sorted(graph),
                 got=sorted(tensors),
             )
-        if self.stream is None and self.device.type == "cuda":
-            # a stream of its own: CUDA graphs cannot be captured on the default stream, and
-            # TensorRT synchronises the device after each enqueue on it
-            self.stream = torch.cuda.Stream(self.device)
+        roles = [(trt.TensorIOMode.INPUT, t) for t in self.spec.inputs]
+        roles += [(trt.TensorIOMode.OUTPUT, t) for t in self.spec.outputs]
+        for mode, t in roles:
+            want = (mode, getattr(trt.DataType, _TRT_DTYPES[t.dtype]), trt.TensorLocation.DEVICE)
+            got = (
+                self.engine.get_tensor_mode(t.name),
+                self.engine.get_tensor_dtype(t.name),
+                self.engine.get_tensor_location(t.name),
+            )
+            if got != want:
+                raise EngineError(
+                    f"the plan's tensor {t.name!r} is not the graph's (role, dtype, location)",
+                    where=str(self.plan_path),
+                    expected=", ".join(map(str, want)),
+                    got=", ".join(map(str, got)),
+                )
 
     def _deactivate(self) -> None:
         if self.stream is not None and self.device.type == "cuda":
@@ -368,7 +453,7 @@ class TrtRunner(Runner):
         host wait."""
         if self.device.type != "cuda":  # the fake TensorRT of the CPU tests
             return self._enqueue(feeds, self.stream)
-        with ordered_with_caller(self.stream):
+        with self._on_device(), ordered_with_caller(self.stream):
             return self._enqueue(feeds, self.stream)
 
     def _enqueue(self, feeds: dict[str, torch.Tensor], stream) -> dict[str, torch.Tensor]:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import importlib.util
 import logging
 import types
+from dataclasses import replace
 
 import pytest
 import torch
@@ -16,7 +17,9 @@ from adapedit.engines.trt import TrtRunner, profile_shapes
 from adapedit.errors import EngineError, ManifestError
 from adapedit.spec import GraphSpec, TensorSpec
 
-KEY = PlanKey("a" * 64, "10.9.0", "NVIDIA H100 sm90", '{"sample": [[1,4,16,16]]}')
+KEY = PlanKey(
+    "a" * 64, "10.9.0", "NVIDIA H100 sm90", '{"sample": [[1,4,16,16]]}', '{"workspace_gib": 8}'
+)
 
 
 def test_cache_builds_once_then_loads(tmp_path):
@@ -54,10 +57,11 @@ def test_corrupt_or_stale_plan_is_rebuilt_with_a_message(tmp_path, caplog):
 def test_plan_keys_differ_by_every_part():
     variants = [
         KEY,
-        PlanKey("b" * 64, *list(KEY.__dict__.values())[1:]),
-        PlanKey(KEY.onnx_sha256, "10.10.0", KEY.gpu, KEY.profile),
-        PlanKey(KEY.onnx_sha256, KEY.backend_version, "NVIDIA A100 sm80", KEY.profile),
-        PlanKey(KEY.onnx_sha256, KEY.backend_version, KEY.gpu, "{}"),
+        replace(KEY, onnx_sha256="b" * 64),
+        replace(KEY, backend_version="10.10.0"),
+        replace(KEY, gpu="NVIDIA A100 sm80"),
+        replace(KEY, profile="{}"),
+        replace(KEY, recipe='{"workspace_gib": 4}'),
     ]
     assert len({k.digest for k in variants}) == len(variants)
 
@@ -251,30 +255,138 @@ def test_an_output_whose_shape_only_the_run_decides_is_an_error(monkeypatch):
         r.infer({"x": torch.randn(2, 8)})
 
 
-def test_a_plan_of_other_tensors_than_the_graph_is_refused_on_load(monkeypatch, tmp_path):
-    """A plan whose tensors are not the manifest's graph's (built from another export): named
-    when it is loaded, not as a KeyError or a failed enqueue later."""
+class FakeEngine:
+    """A loaded plan as the runner asks it: its tensors' names, roles, dtypes and locations
+    (by default those of ``SPEC``: x in, y out, float32, on the device)."""
+
+    def __init__(self, **tensors: tuple[str, str, str]) -> None:
+        self.tensors = {"x": ("INPUT", "FLOAT", "DEVICE"), "y": ("OUTPUT", "FLOAT", "DEVICE")}
+        self.tensors = tensors or self.tensors
+        self.num_io_tensors = len(self.tensors)
+
+    def get_tensor_name(self, i):
+        return list(self.tensors)[i]
+
+    def get_tensor_mode(self, name):
+        return self.tensors[name][0]
+
+    def get_tensor_dtype(self, name):
+        return self.tensors[name][1]
+
+    def get_tensor_location(self, name):
+        return self.tensors[name][2]
+
+    def create_execution_context(self):
+        return FakeContext()
+
+
+def _loading(monkeypatch, tmp_path, engine: FakeEngine, **runner) -> TrtRunner:
+    """A runner of ``SPEC`` (on the CPU unless ``runner`` says otherwise) whose plan loads as
+    ``engine`` (a fake ``tensorrt`` whose enums are their members' names)."""
     from adapedit.engines import trt
 
-    class Engine:
-        num_io_tensors = 2
-
-        def get_tensor_name(self, i):
-            return ["x", "noise_pred"][i]
-
-        def create_execution_context(self):
-            return FakeContext()
-
-    fake = types.SimpleNamespace(
+    names = types.SimpleNamespace
+    fake = names(
         Logger=type("Logger", (), {"WARNING": 0, "__init__": lambda self, level: None}),
-        Runtime=lambda logger: types.SimpleNamespace(deserialize_cuda_engine=lambda b: Engine()),
+        Runtime=lambda logger: names(deserialize_cuda_engine=lambda b: engine),
+        TensorIOMode=names(INPUT="INPUT", OUTPUT="OUTPUT"),
+        DataType=names(FLOAT="FLOAT", HALF="HALF", INT64="INT64", INT32="INT32", BOOL="BOOL"),
+        TensorLocation=names(DEVICE="DEVICE", HOST="HOST"),
     )
     monkeypatch.setattr(trt, "_trt", lambda: fake)
     (tmp_path / "g.plan").write_bytes(b"plan")
-    r = TrtRunner(tmp_path / "g.plan", SPEC, device="cpu")
+    return TrtRunner(tmp_path / "g.plan", SPEC, **({"device": "cpu"} | runner))
+
+
+def test_a_plan_of_other_tensors_than_the_graph_is_refused_on_load(monkeypatch, tmp_path):
+    """A plan whose tensors are not the manifest's graph's (built from another export): named
+    when it is loaded, not as a KeyError or a failed enqueue later."""
+    engine = FakeEngine(x=("INPUT", "FLOAT", "DEVICE"), noise_pred=("OUTPUT", "FLOAT", "DEVICE"))
+    r = _loading(monkeypatch, tmp_path, engine)
     with pytest.raises(EngineError, match="not the graph's") as e:
         r.activate()
     assert e.value.expected == ["x", "y"] and e.value.got == ["noise_pred", "x"]
+    assert not r.is_active and r.engine is None and r.context is None
+
+
+@pytest.mark.parametrize(
+    ("tensor", "got"),
+    [
+        ("x", ("INPUT", "HALF", "DEVICE")),  # an fp16 plan for an fp32 manifest
+        ("y", ("OUTPUT", "FLOAT", "HOST")),  # read from the host: a device pointer is wrong
+        ("y", ("INPUT", "FLOAT", "DEVICE")),  # an output the plan takes as an input
+    ],
+)
+def test_a_plan_tensor_of_another_dtype_location_or_role_is_refused_on_load(
+    monkeypatch, tmp_path, tensor, got
+):
+    """Same names, but a tensor TensorRT would read or write otherwise than the runner binds
+    it: named on load, never a run over buffers of the wrong size or kind."""
+    tensors = {"x": ("INPUT", "FLOAT", "DEVICE"), "y": ("OUTPUT", "FLOAT", "DEVICE")}
+    want = tensors[tensor]
+    tensors[tensor] = got
+    r = _loading(monkeypatch, tmp_path, FakeEngine(**tensors))
+    with pytest.raises(EngineError, match=f"tensor '{tensor}' is not the graph's") as e:
+        r.activate()
+    assert e.value.expected == ", ".join(want) and e.value.got == ", ".join(got)
+    assert not r.is_active and r.engine is None
+
+
+def test_a_plan_as_the_graph_has_it_loads(monkeypatch, tmp_path):
+    r = _loading(monkeypatch, tmp_path, FakeEngine())
+    r.activate()
+    assert r.is_active and isinstance(r.context, FakeContext)
+
+
+def test_a_plan_loads_and_runs_on_the_runner_s_device_whatever_is_current(monkeypatch, tmp_path):
+    """TensorRT binds an engine to the device current when it loads, and runs it there: a
+    runner on cuda:1 makes cuda:1 current for both, whatever device its caller has current."""
+    from contextlib import contextmanager
+
+    from adapedit.engines import trt
+
+    current: list[torch.device] = []
+
+    @contextmanager
+    def device(d):
+        current.append(torch.device(d))
+        yield
+        current.pop()
+
+    seen = {}
+
+    class Engine(FakeEngine):
+        def create_execution_context(self):
+            seen["load"] = list(current)
+            return Context()
+
+    class Context(FakeContext):
+        def set_input_shape(self, name, shape):
+            return True
+
+        def get_tensor_shape(self, name):
+            return (2, 8)
+
+        def set_tensor_address(self, name, address):
+            return True
+
+        def execute_async_v3(self, stream_handle):
+            seen["run"] = list(current)
+            return True
+
+    @contextmanager
+    def ordered(stream):
+        yield
+
+    monkeypatch.setattr(torch.cuda, "device", device)
+    monkeypatch.setattr(trt, "ordered_with_caller", ordered)
+    monkeypatch.setattr(trt, "aligned_empty", lambda shape, dtype, dev: torch.zeros(shape))
+    stream = types.SimpleNamespace(cuda_stream=7)
+    r = _loading(monkeypatch, tmp_path, Engine(), device="cuda:1", stream=stream)
+    r.activate()
+    r._input = lambda name, x: x  # the CPU tensor as it is: no staging copy to cuda:1
+    r.infer({"x": torch.zeros(2, 8)})
+    assert seen == {"load": [torch.device("cuda:1")], "run": [torch.device("cuda:1")]}
 
 
 def test_cuda_graph_replays_new_data_at_the_same_address_and_recaptures_elsewhere(monkeypatch):
@@ -308,6 +420,7 @@ class FakeTensorRT(types.ModuleType):
         super().__init__("tensorrt")
         self.caches_seen: list[bytes] = []  # what each build's timing cache started from
         self.built: list[str] = []
+        self.workspaces: list[int] = []  # each build's workspace pool, bytes
         self.refuse_cache = False  # set_timing_cache's answer to a cache of another TensorRT
         self.refuse_profile = False  # add_optimization_profile's -1 for an invalid profile
         fake = self
@@ -329,8 +442,8 @@ class FakeTensorRT(types.ModuleType):
                 return self.data
 
         class Config:
-            def set_memory_pool_limit(self, *a):
-                pass
+            def set_memory_pool_limit(self, pool, size):
+                fake.workspaces.append(size)
 
             def create_timing_cache(self, data):
                 fake.caches_seen.append(bytes(data))
@@ -494,3 +607,30 @@ def test_a_plan_is_stale_when_the_shared_weights_change(tiny_static_export, tmp_
     data[len(data) // 2] ^= 0xFF  # one weight changed by a re-export; the graph file is the same
     weights.write_bytes(bytes(data))
     assert plan_key(segment, {}, "10.9.0", "gpu") != before
+
+
+def test_a_plan_built_by_another_recipe_is_rebuilt(tiny_static_export, tmp_path, fake_tensorrt):
+    """The plan's key holds how it was built: the same graph, TensorRT, GPU and profile built
+    with another workspace is built again (and the builder is given that workspace), never
+    loaded from the cache."""
+    from adapedit.engines.folder import default_profile
+    from adapedit.engines.trt import BuildRecipe, build_cached
+
+    folder, m = tiny_static_export
+    spec = m.graphs["vae_decoder"]
+    unet_multiple = m.size_multiple // m.vae_scale_factor
+    cache = PlanCache(tmp_path / "c")
+    args = (folder / spec.file, spec, default_profile(m), m.vae_scale_factor, unet_multiple, cache)
+    first = build_cached(*args)
+    assert build_cached(*args) == first and len(fake_tensorrt.built) == 1  # cached
+    other = build_cached(*args, BuildRecipe(workspace_gib=2.0))
+    assert other != first and len(fake_tensorrt.built) == 2
+    assert fake_tensorrt.workspaces == [8 << 30, 2 << 30]
+
+
+def test_a_recipe_without_workspace_is_refused():
+    from adapedit.engines.trt import BuildRecipe
+    from adapedit.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="workspace must be positive"):
+        BuildRecipe(workspace_gib=0)
