@@ -1,9 +1,10 @@
 """The peer a user would pick instead of our engines: the PyTorch UNet with the edit inside
 (``adapedit.pipelines.fused``, the processor the fused ONNX graph is traced from), eager, replayed
-as a
-CUDA graph, and compiled with ``torch.compile(mode="reduce-overhead")``; beside the plain SDPA
-UNet eager and as a CUDA graph. One UNet call at batch 4 (the edit pass), median of repeats.
-CUDA graphs and compilation run on a GPU only (on the CPU the eager rows run, as a dry run).
+as a CUDA graph, and compiled with ``torch.compile(mode="reduce-overhead")``; beside the plain
+SDPA UNet eager and as a CUDA graph; then both again with ``torch.backends.cudnn.benchmark`` on
+(``-cudnn-benchmark``: cuDNN times each convolution's algorithms, as ONNX Runtime chooses its
+own). One UNet call at batch 4 (the edit pass), median of repeats. CUDA graphs, compilation and
+cuDNN's tuning run on a GPU only (on the CPU the eager rows run, as a dry run).
 Writes JSON + markdown:
 
     python -m benchmarks.peer --model sd14-random --height 512 --precision fp16 --compile
@@ -80,17 +81,23 @@ def run(a: argparse.Namespace) -> dict:
         rec["unet_call_s"][name] = timed(fn, device, a.warmup, a.repeats)
         out.emit("peer_call", path=name, batch=4, seconds=rec["unet_call_s"][name])
 
-    rows = {"torch-sdpa": (plain, True), "torch-fused": (edit, True)}
-    for name, (fn, graphable) in rows.items():
-        with torch.no_grad():
-            row(name, lambda f=fn: f(x, t, ctx))
-            if device == "cuda" and graphable:
-                try:
-                    replay = _graphed(fn, (x, t, ctx))
-                    row(f"{name}-cudagraph", replay)
-                except Exception as e:  # one row failing must not lose the others
-                    rec["notes"].append(f"{name}-cudagraph failed: {type(e).__name__}: {e}")
-                    traceback.print_exc()
+    rows = {"torch-sdpa": plain, "torch-fused": edit}
+
+    def eager_and_graphed(suffix: str = "") -> None:
+        for name, fn in rows.items():
+            with torch.no_grad():
+                row(f"{name}{suffix}", lambda f=fn: f(x, t, ctx))
+                if device == "cuda":
+                    try:
+                        replay = _graphed(fn, (x, t, ctx))
+                        row(f"{name}{suffix}-cudagraph", replay)
+                    except Exception as e:  # one row failing must not lose the others
+                        rec["notes"].append(
+                            f"{name}{suffix}-cudagraph failed: {type(e).__name__}: {e}"
+                        )
+                        traceback.print_exc()
+
+    eager_and_graphed()  # cuDNN at torch's default: heuristic convolution algorithms
     if a.compile and device == "cuda":
         try:
             t0 = time.perf_counter()
@@ -105,6 +112,11 @@ def run(a: argparse.Namespace) -> dict:
             traceback.print_exc()
     elif a.compile:
         rec["notes"].append("torch.compile and CUDA graphs measured on a GPU only")
+    if device == "cuda":
+        # last, as a user tuning PyTorch would: each convolution's algorithm timed by cuDNN
+        # on its first call (ONNX Runtime picks its own): how much of a gap is algorithm choice
+        torch.backends.cudnn.benchmark = True
+        eager_and_graphed("-cudnn-benchmark")
     return rec
 
 
