@@ -335,6 +335,7 @@ class TrtRunner(Runner):
                 )
             self.context = self.engine.create_execution_context()
         if self.context is None:
+            self.engine = None  # not active: nothing of the plan is kept
             raise EngineError(
                 "TensorRT could not make an execution context (out of GPU memory?)",
                 where=str(self.plan_path),
