@@ -11,6 +11,7 @@ from collections.abc import Sequence
 from adapedit.config import ATTENTION_LIMITS, DEFAULT_CACHE_BYTES
 from adapedit.defaults import BUILTIN_MODELS, DEFAULT_MODEL, DEMO_SOURCE, DEMO_TARGET
 from adapedit.errors import AdapEditError, ConfigError
+from adapedit.spec import ATTENTION_OPS
 
 
 def _reweight(text: str) -> tuple[str, float]:
@@ -306,6 +307,7 @@ def cmd_export(a: argparse.Namespace) -> int:
         batches=tuple(a.batches),
         opset=a.opset,
         attention_limits=a.attention_limits,
+        attention_op=a.attention_op,
     )
     m = export_model(
         a.model,
@@ -497,6 +499,14 @@ def build_parser() -> argparse.ArgumentParser:
         choices=ATTENTION_LIMITS,
         default="scaled",
         help=_ATTENTION_LIMITS_HELP + " (recorded in the manifest; its edits must ask for it)",
+    )
+    p.add_argument(
+        "--attention-op",
+        choices=ATTENTION_OPS,
+        default="onnx",
+        help="the attention layers no edit reads: onnx, standard operators (every backend; "
+        "TensorRT fuses them itself); ort, ONNX Runtime's fused MultiHeadAttention (flash or "
+        "memory-efficient kernels on CUDA; ONNX Runtime only) (default: onnx)",
     )
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_export)

@@ -23,6 +23,12 @@ UNET_INPUTS = ("sample", "timestep", "encoder_hidden_states")
 #: The UNet's noise prediction output.
 NOISE = "noise_pred"
 
+#: How an export writes the attention layers no edit reads: ``onnx``, standard operators
+#: (MatMul, Softmax; every backend reads them, TensorRT fuses them itself); ``ort``, ONNX
+#: Runtime's ``com.microsoft.MultiHeadAttention`` (flash or memory-efficient kernels on CUDA;
+#: ONNX Runtime only).
+ATTENTION_OPS = ("onnx", "ort")
+
 
 @dataclass(frozen=True)
 class TensorSpec:
@@ -92,8 +98,9 @@ class Manifest:
     ``attention``: every attention layer (module path → queries at the export resolution);
     ``controlled``: those controlled under ``attention_limits`` (the rule, see
     :data:`~adapedit.config.ATTENTION_LIMITS`; ``self_max_queries`` its limit at the export
-    resolution). ``weights`` is the index of the
-    UNet graphs' shared weights file, relative to the folder.
+    resolution); ``attention_op``: how the other attention layers are written (``onnx``
+    standard operators, ``ort`` ONNX Runtime's MultiHeadAttention). ``weights`` is the index of
+    the UNet graphs' shared weights file, relative to the folder.
     """
 
     model: str
@@ -111,6 +118,7 @@ class Manifest:
     controlled: tuple[str, ...] = ()
     attention_limits: str = "p2p-literal"  # folders from before the rule was recorded
     self_max_queries: int = 256
+    attention_op: str = "onnx"  # folders from before the choice: standard operators
     graphs: dict[str, GraphSpec] = field(default_factory=dict)
     unet: tuple[UNetGraphs, ...] = ()
     boundaries: tuple[Boundary, ...] = ()

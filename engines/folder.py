@@ -147,6 +147,15 @@ def build_engines(
             got="shapes dynamic",
             field="shapes",
         )
+    if backend == "trt" and manifest.attention_op != "onnx":
+        raise EngineError(
+            "TensorRT builds standard ONNX operators only: this export wrote its attention as "
+            "ONNX Runtime's MultiHeadAttention, which TensorRT's parser does not know",
+            where=str(export_dir),
+            expected="an export made with 'adapedit export --attention-op onnx' (the default)",
+            got=f"attention_op {manifest.attention_op}",
+            field="attention_op",
+        )
     own = default_profile(manifest)
     if manifest.static and profile is not None and profile != own:
         raise EngineError(

@@ -39,7 +39,15 @@ from adapedit.export.weights import WeightStore, merge_stores
 from adapedit.io import atomic_folder
 from adapedit.pipelines.models import Components, load_model
 from adapedit.pipelines.processors import attention_geometry, controlled_layers
-from adapedit.spec import NOISE, Boundary, GraphSpec, Manifest, TensorSpec, UNetGraphs
+from adapedit.spec import (
+    ATTENTION_OPS,
+    NOISE,
+    Boundary,
+    GraphSpec,
+    Manifest,
+    TensorSpec,
+    UNetGraphs,
+)
 
 FORMS = ("segmented", "whole", "fused")
 SHAPES = ("dynamic", "static")
@@ -89,7 +97,10 @@ class ExportOptions:
     resolution (pixels; it also fixes which self-attention layers are controlled), opset, and
     ``attention_limits``, the rule of the controlled layers and of LocalBlend's maps
     (:data:`~adapedit.config.ATTENTION_LIMITS`; the manifest records it, and the folder runs
-    only edits asking for it)."""
+    only edits asking for it), and ``attention_op``, how the other attention layers are written
+    (:data:`~adapedit.spec.ATTENTION_OPS`: ``onnx`` standard operators for every
+    backend, ``ort`` ONNX Runtime's fused MultiHeadAttention, which native TensorRT cannot
+    build)."""
 
     precision: str = "fp32"
     forms: tuple[str, ...] = ("segmented", "whole")
@@ -97,6 +108,7 @@ class ExportOptions:
     batches: tuple[int, ...] = DEFAULT_BATCHES
     opset: int = DEFAULT_OPSET
     attention_limits: str = "scaled"
+    attention_op: str = "onnx"
 
     def __post_init__(self) -> None:
         w = "export"
@@ -121,6 +133,7 @@ class ExportOptions:
                 field="forms",
             )
         check_choice("attention_limits", self.attention_limits, ATTENTION_LIMITS, w)
+        check_choice("attention_op", self.attention_op, ATTENTION_OPS, w)
         object.__setattr__(self, "batches", tuple(sorted(set(self.batches))))
         if not self.batches or any(
             not isinstance(b, int) or not 1 <= b <= 64 for b in self.batches
@@ -240,6 +253,7 @@ def _export_into(
         controlled=tuple(controlled_layers(c.unet, latent_hw, o.attention_limits)),
         attention_limits=o.attention_limits,
         self_max_queries=self_max_queries(o.attention_limits, latent_hw),
+        attention_op=o.attention_op,
         graphs=graphs,
         unet=unets,
         boundaries=_boundaries(unets, results[0][1]),
@@ -287,7 +301,9 @@ def _unet_variant(
     segments: list[GraphSpec] = []
     layers: list[LayerExport] = []
     if {"whole", "segmented"} & set(o.forms):
-        model, layers = export_unet(c, o.precision, o.opset, latent_hw, o.attention_limits, batch)
+        model, layers = export_unet(
+            c, o.precision, o.opset, latent_hw, o.attention_limits, batch, o.attention_op
+        )
         graph = load_graph(model)
         del model
         if "whole" in o.forms:
@@ -297,7 +313,9 @@ def _unet_variant(
                 segments.append(save(part, f"segment_{k:02d}"))
         del graph
     if "fused" in o.forms:
-        model = export_fused(c, o.precision, o.opset, latent_hw, o.attention_limits, batch)
+        model = export_fused(
+            c, o.precision, o.opset, latent_hw, o.attention_limits, batch, o.attention_op
+        )
         fused = save(fold(model), "fused")
     return UNetGraphs(batch, whole, tuple(segments), fused), layers, store.close()
 

@@ -18,6 +18,7 @@ import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from functools import cache
 
 import onnx
 import torch
@@ -30,6 +31,7 @@ from adapedit.pipelines.processors import (
     attention_geometry,
     controlled_layers,
     install_processors,
+    sdpa_heads,
 )
 from adapedit.spec import NOISE, UNET_INPUTS
 
@@ -48,6 +50,61 @@ def check_opset(opset: int) -> None:
         )
 
 
+@torch.library.custom_op("adapedit::ort_multi_head_attention", mutates_args=())
+def ort_multi_head_attention(
+    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, heads: int, scale: float
+) -> torch.Tensor:
+    """:func:`~adapedit.pipelines.processors.sdpa_heads` as one operator, which the exporter
+    writes as ONNX Runtime's ``com.microsoft.MultiHeadAttention``: ``query`` [B, P, H·d],
+    ``key`` and ``value`` [B, K, H·d] → [B, P, H·d]."""
+    return sdpa_heads(query, key, value, heads, scale)
+
+
+@ort_multi_head_attention.register_fake
+def _(query, key, value, heads, scale):
+    return query.new_empty((*query.shape[:2], value.shape[-1]))  # [B, P, H·d]
+
+
+@cache
+def _microsoft_opset():
+    """onnxscript's opset ``com.microsoft``, knowing ``MultiHeadAttention`` (onnxscript writes
+    an operator only by its schema, and onnx has none for ONNX Runtime's own operators: the one
+    registered here declares the inputs and attributes written, a subset of ONNX Runtime's)."""
+    import onnxscript
+    from onnx.defs import OpSchema
+
+    try:
+        onnx.defs.get_schema("MultiHeadAttention", 1, "com.microsoft")
+    except onnx.defs.SchemaError:
+        arg = OpSchema.FormalParameter
+        onnx.defs.register_schema(
+            OpSchema(
+                "MultiHeadAttention",
+                "com.microsoft",
+                1,
+                inputs=[arg("query", "T"), arg("key", "T"), arg("value", "T")],
+                outputs=[arg("output", "T")],
+                type_constraints=[("T", ["tensor(float)", "tensor(float16)"], "")],
+                attributes=[
+                    OpSchema.Attribute("num_heads", OpSchema.AttrType.INT, "heads"),
+                    OpSchema.Attribute("scale", OpSchema.AttrType.FLOAT, "softmax scale"),
+                ],
+            )
+        )
+    return onnxscript.values.Opset("com.microsoft", 1)
+
+
+def _multi_head_attention_onnx(query, key, value, heads: int, scale: float):
+    return _microsoft_opset().MultiHeadAttention(
+        query, key, value, num_heads=heads, scale=scale
+    )  # [B, P, H·d]
+
+
+def _attend(attention_op: str):
+    """What a UNet's uncontrolled layers attend with in an export of ``attention_op``."""
+    return torch.ops.adapedit.ort_multi_head_attention if attention_op == "ort" else sdpa_heads
+
+
 def _to_onnx(
     module: torch.nn.Module,
     args: tuple,
@@ -56,7 +113,11 @@ def _to_onnx(
     output_names: list[str],
     dynamic_shapes,
     opset: int,
+    attention_op: str = "onnx",
 ) -> onnx.ModelProto:
+    table = None
+    if attention_op == "ort":
+        table = {torch.ops.adapedit.ort_multi_head_attention.default: _multi_head_attention_onnx}
     with warnings.catch_warnings(), torch.no_grad(), _quiet_loggers("torch.onnx"):
         warnings.simplefilter("ignore")
         program = torch.onnx.export(
@@ -67,6 +128,7 @@ def _to_onnx(
             input_names=input_names,
             output_names=output_names,
             dynamic_shapes=dynamic_shapes,
+            custom_translation_table=table,
             verbose=False,
         )
     model = program.model_proto
@@ -275,12 +337,15 @@ def export_unet(
     latent_hw: tuple[int, int],
     attention_limits: str = "scaled",
     batch: int | None = None,
+    attention_op: str = "onnx",
 ) -> tuple[onnx.ModelProto, list[LayerExport]]:
     """The UNet with probability and hidden-state outputs for every layer controlled at
-    ``latent_hw`` (the export resolution); see the module docstring. Static (``batch`` ×
-    ``latent_hw``) when ``batch`` is given."""
+    ``latent_hw`` (the export resolution), its other attention layers written as
+    ``attention_op`` says; see the module docstring. Static (``batch`` × ``latent_hw``) when
+    ``batch`` is given."""
     controlled = controlled_layers(c.unet, latent_hw, attention_limits)
     wrapper = _CapturingUNet(_copy_as(c.unet, precision), controlled).eval()
+    wrapper.slot.attend = _attend(attention_op)
     dtype = PRECISIONS[precision]
     sample = torch.randn(batch or 2, c.unet.config.in_channels, *latent_hw, dtype=dtype)
     t = torch.tensor([500.0])
@@ -312,6 +377,7 @@ def export_unet(
         output_names=names,
         dynamic_shapes=dims,
         opset=opset,
+        attention_op=attention_op,
     )
     geometry = {name: (module, q) for name, module, q in attention_geometry(c.unet, latent_hw)}
     layers = []
@@ -344,10 +410,11 @@ def export_fused(
     latent_hw: tuple[int, int],
     attention_limits: str,
     batch: int,
+    attention_op: str = "onnx",
 ) -> onnx.ModelProto:
     """The fused UNet (:mod:`adapedit.pipelines.fused`) of ``batch``'s mode, static at ``batch`` ×
     ``latent_hw``: the edit inside the graph (batch 4), the calibration pass's maps (batch 2),
-    or the plain UNet (batch 1).
+    or the plain UNet (batch 1); the uncontrolled attention layers as ``attention_op`` says.
 
     Raises:
         ExportError: a batch with no fused mode.
@@ -371,6 +438,7 @@ def export_fused(
     mode = MODES[batch]
     layers = controlled_layers(c.unet, latent_hw, attention_limits)
     module = FusedUNet(_copy_as(c.unet, precision), layers, mode, latent_hw).eval()
+    module.slot.attend = _attend(attention_op)
     dtype = PRECISIONS[precision]
     args = [
         torch.randn(batch, c.unet.config.in_channels, *latent_hw, dtype=dtype),
@@ -385,4 +453,5 @@ def export_fused(
         output_names=output_names(mode, layers),
         dynamic_shapes=None,
         opset=opset,
+        attention_op=attention_op,
     )

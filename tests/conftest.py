@@ -151,14 +151,26 @@ def tiny_fused_engines(tiny_components, tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def tiny_ort_attention_export(tiny_components, tmp_path_factory):
+    """The tiny model exported static at batch 4 (fp32, 128×128, segmented and whole) with the
+    attention no edit reads as ONNX Runtime's MultiHeadAttention: (folder, manifest)."""
+    from adapedit.export.api import ExportOptions, export_model
+
+    out = tmp_path_factory.mktemp("exports") / "tiny-ort-attention"
+    options = ExportOptions(shapes="static", batches=(4,), attention_op="ort")
+    return out, export_model(tiny_components, out, options, progress=False)
+
+
+@pytest.fixture(scope="session")
 def tiny_fp16_fused_export(tmp_path_factory):
     """The tiny model exported as the GPU script exports SD 1.4: static, fp16, the fused UNet at
-    batches 2 (calibration) and 4 (edit), the variants traced in two processes (``jobs=2``, the
-    model loaded there by name). Returns (folder, options)."""
+    batches 2 (calibration) and 4 (edit), the attention no edit reads as ONNX Runtime's
+    MultiHeadAttention, the variants traced in two processes (``jobs=2``, the model loaded there
+    by name). Returns (folder, options)."""
     from adapedit.export.api import ExportOptions, export_model
 
     out = tmp_path_factory.mktemp("exports") / "tiny-fp16-fused"
-    options = ExportOptions(precision="fp16", forms=("fused",), shapes="static")
+    options = ExportOptions(precision="fp16", forms=("fused",), shapes="static", attention_op="ort")
     export_model("tiny", out, options, jobs=2, progress=False)
     return out, options
 

@@ -16,15 +16,36 @@ from adapedit.algorithm.geometry import is_controlled_by_rule, is_cross_layer, s
 LayerHook = Callable[[str, bool, torch.Tensor, "torch.Tensor | None", int], torch.Tensor]
 
 
+def sdpa_heads(
+    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, heads: int, scale: float
+) -> torch.Tensor:
+    """Softmax attention of ``heads`` heads by SDPA, on and to the layer's own layout: ``query``
+    [B, P, H·d], ``key`` and ``value`` [B, K, H·d] → [B, P, H·d]. What the layers no edit reads
+    attend with."""
+    batch, queries, _ = query.shape
+    q, k, v = (
+        x.view(batch, -1, heads, x.shape[-1] // heads).transpose(1, 2) for x in (query, key, value)
+    )  # [B, H, ·, d]
+    out = F.scaled_dot_product_attention(q, k, v, scale=scale)  # [B, H, P, d]
+    return out.transpose(1, 2).reshape(batch, queries, -1)  # [B, P, H·d]
+
+
+#: What the layers outside the edit attend with: ``(query, key, value, heads, scale) -> out``,
+#: as :func:`sdpa_heads` (its arithmetic; an export may put one operator in its place).
+Attend = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, int, float], torch.Tensor]
+
+
 @dataclass
 class ControlSlot:
     """Shared by all processors of a UNet: the controller of the current UNet call (or None),
-    the call's step index in its pass, and which layers are controlled."""
+    the call's step index in its pass, which layers are controlled, and what the others attend
+    with (``attend``: :func:`sdpa_heads` unless an export traces an operator of its own)."""
 
     controller: LayerHook | None = None
     step: int = 0
     self_max_queries: int = 256
     controlled: frozenset[str] | None = None
+    attend: Attend = sdpa_heads
 
     def is_controlled(self, layer_id: str, is_cross: bool, queries: int) -> bool:
         """The fixed set ``controlled`` if one is given (an export's layers); else cross-attention
@@ -54,7 +75,7 @@ class ControlledAttnProcessor:
     ) -> torch.Tensor:
         is_cross = encoder_hidden_states is not None
         # hidden_states: [B, P, C] (transformer blocks of the SD UNet)
-        batch, queries, _ = hidden_states.shape
+        queries = hidden_states.shape[1]
         context = encoder_hidden_states if is_cross else hidden_states  # [B, K, Cc]
         query = attn.to_q(hidden_states)
         key = attn.to_k(context)
@@ -72,13 +93,7 @@ class ControlledAttnProcessor:
                 )
             out = attn.batch_to_head_dim(torch.bmm(probs, v))  # [B, P, H*d]
         else:
-            heads = attn.heads
-            q, k, v = (
-                x.view(batch, -1, heads, x.shape[-1] // heads).transpose(1, 2)
-                for x in (query, key, value)
-            )  # [B, H, ·, d]
-            out = F.scaled_dot_product_attention(q, k, v, scale=attn.scale)
-            out = out.transpose(1, 2).reshape(batch, queries, -1)  # [B, P, H*d]
+            out = self.slot.attend(query, key, value, attn.heads, attn.scale)  # [B, P, H*d]
         out = attn.to_out[1](attn.to_out[0](out))
         if attn.residual_connection:
             out = out + hidden_states

@@ -514,6 +514,19 @@ def test_a_dynamic_export_is_refused_before_any_tensorrt_build(
     assert fake_tensorrt.built == [] and not (tmp_path / "eng").exists()
 
 
+def test_native_tensorrt_refuses_an_export_of_onnx_runtime_operators(
+    tiny_ort_attention_export, tmp_path, fake_tensorrt
+):
+    from adapedit.engines.folder import build_engines
+
+    with pytest.raises(EngineError, match="TensorRT builds standard ONNX operators only") as e:
+        build_engines(
+            tiny_ort_attention_export[0], tmp_path / "eng", backend="trt", cache_dir=tmp_path
+        )
+    assert "--attention-op onnx" in str(e.value) and e.value.field == "attention_op"
+    assert fake_tensorrt.built == [] and not (tmp_path / "eng").exists()
+
+
 def test_every_graph_of_a_build_shares_one_timing_cache(
     tiny_static_export, tmp_path, fake_tensorrt
 ):

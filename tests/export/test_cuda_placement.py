@@ -20,10 +20,12 @@ from onnx import shape_inference
 
 from adapedit.spec import Manifest
 
-#: Op type → (opsets, element types of its data input) that ONNX Runtime 1.31's CUDA provider
-#: has a kernel for, read from its registered-kernel table (docs/OperatorKernels.md at commit
-#: 001d12d) for the types these graphs can hold. Only the ops the exports use are listed: an op
-#: new to a graph is checked against that table before it joins.
+#: Op type (``domain.op`` outside ONNX's own domain) → (opsets of its domain, element types of
+#: its data input) that ONNX Runtime 1.31's CUDA provider has a kernel for, read from its
+#: registered-kernel table (docs/OperatorKernels.md at commit 001d12d; ``MultiHeadAttention``
+#: from ``contrib_ops/cuda/bert/multihead_attention.cc``, T float or float16) for the types
+#: these graphs can hold. Only the ops the exports use are listed: an op new to a graph is
+#: checked against that table before it joins.
 CUDA_KERNELS: dict[str, tuple[range, frozenset[str]]] = {
     op: (opsets, frozenset(types.split()))
     for op, opsets, types in (
@@ -42,6 +44,7 @@ CUDA_KERNELS: dict[str, tuple[range, frozenset[str]]] = {
         ("IsNaN", range(13, 99), "float16 float32"),
         ("LayerNormalization", range(17, 99), "float16 float32"),
         ("MatMul", range(13, 99), "float16 float32"),
+        ("com.microsoft.MultiHeadAttention", range(1, 2), "float16 float32"),
         ("Mul", range(14, 99), "float16 float32 int64"),
         ("ReduceL2", range(18, 99), "float16 float32"),
         ("ReduceMean", range(18, 99), "float16 float32"),
@@ -92,7 +95,7 @@ def off_cuda(path: Path) -> list[str]:
         found.append(
             f"IR version {model.ir_version}: ONNX Runtime 1.31 loads up to {MAX_IR_VERSION}"
         )
-    opset = next(o.version for o in model.opset_import if o.domain in ("", "ai.onnx"))
+    opsets = {o.domain or "ai.onnx": o.version for o in model.opset_import}
     graph = shape_inference.infer_shapes(model).graph
     dtypes = {v.name: v.type.tensor_type.elem_type for v in (*graph.value_info, *graph.output)}
     dtypes |= {v.name: v.type.tensor_type.elem_type for v in graph.input}
@@ -104,9 +107,12 @@ def off_cuda(path: Path) -> list[str]:
             continue
         data = n.input[1] if n.op_type == "Where" else n.input[0]
         dtype = onnx.helper.tensor_dtype_to_np_dtype(dtypes[data]).name
-        opsets, types = CUDA_KERNELS.get(n.op_type, (range(0), frozenset()))
-        if opset not in opsets or dtype not in types:
-            found.append(f"{n.name}: {n.op_type} (opset {opset}) on {dtype}: no CUDA kernel")
+        domain = n.domain or "ai.onnx"
+        op = n.op_type if domain == "ai.onnx" else f"{domain}.{n.op_type}"
+        opset = opsets[domain]
+        versions, types = CUDA_KERNELS.get(op, (range(0), frozenset()))
+        if opset not in versions or dtype not in types:
+            found.append(f"{n.name}: {op} (opset {opset}) on {dtype}: no CUDA kernel")
         for i in HOST_INPUTS.get(n.op_type, ()):
             if i < len(n.input) and n.input[i] in produced and n.input[i] not in fixed:
                 found.append(f"{n.name}: {n.op_type} input {i} is computed on the CPU")
