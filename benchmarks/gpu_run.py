@@ -20,13 +20,15 @@ A run killed at any moment keeps every line and file written before. Exports are
     GPU_DRY_RUN=1 OUT_DIR=/tmp/o bash benchmarks/gpu.sh 1   # the same steps on the CPU
 
 Command 1 (what matters most, in this order): install, onnxruntime-gpu, backends and card, the
-static fp16 export of the fused UNet (batches 2 and 4), then one latency step: the reference and
-the fused runtime with CUDA graphs end to end at 20 and 50 steps, parity with the fp16
-reference (and, at 20 steps, both against the reference in fp32), one UNet call, controller
-time, GPU memory, host syncs per step. Command 2: the segmented form with the whole UNet (its
-UNet calls first — the whole UNet's, replayed, is what the summary sets command 1's fused call
-against —, its edits against command 1's reference), the presets on command 1's export, the
-``torch.compile`` peer, ONNX Runtime's TensorRT provider and native TensorRT when importable.
+static fp16 export of the fused UNet (batches 2 and 4; the attention no edit reads as ONNX
+Runtime's fused MultiHeadAttention, ``--attention-op ort``), then one latency step: the reference
+and the fused runtime with CUDA graphs end to end at 20 and 50 steps, parity with the fp16
+reference (and, at 20 steps, both against the reference in fp32), one UNet call, controller time,
+GPU memory, host syncs per step. Command 2: the segmented form with the whole UNet (its UNet calls
+first — the whole UNet's, replayed, is what the summary sets command 1's fused call against —, its
+edits against command 1's reference), the presets on command 1's export, the ``torch.compile``
+peer, ONNX Runtime's TensorRT provider and native TensorRT when importable (native TensorRT refuses
+these exports: its parser does not know ONNX Runtime's attention).
 ``GPU_DEADLINE_S`` (at most 540) is what is left of the loan: each step runs within it, and a
 step that cannot fit is skipped and named.
 
@@ -206,6 +208,11 @@ def commands(s: Settings) -> dict[int, list[Step]]:
             str(s.size),
             "--form",
             *form,
+            # the attention no edit reads as ONNX Runtime's fused MultiHeadAttention (flash
+            # attention on the GPU); native TensorRT, which cannot build it, is not on the
+            # lent machines
+            "--attention-op",
+            "ort",
             "--jobs",
             str(s.jobs),
             "--quiet",
