@@ -34,8 +34,8 @@ step that cannot fit is skipped and named.
 
 Other verbs: ``probe`` (backends and card, run as a step), ``pack`` (the transfer kit: a package
 directory as xz parts), ``recut`` (a kit cut again for a grown working tree) and ``unpack``
-(their reassembly on the machine). The script imports only the standard library and
-``adapedit.io`` (no torch), so it runs before the install.
+(their reassembly on the machine). The script imports only the standard library,
+``adapedit.io`` and ``adapedit.spec`` (no torch), so it runs before the install.
 """
 
 from __future__ import annotations
@@ -57,6 +57,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from adapedit.io import atomic_write_bytes
+from adapedit.spec import ATTENTION_OPS
 
 ROOT = Path(__file__).resolve().parents[1]
 #: What one command may take on the lent machine (of the 600 s a command may run).
@@ -86,6 +87,10 @@ class Settings:
     warmup: int = 1
     repeats: int = 3
     jobs: int = 3
+    #: How both exports write the attention no edit reads (``GPU_ATTENTION_OP``): ``ort``, ONNX
+    #: Runtime's fused MultiHeadAttention, or ``onnx``, standard operators — what to run again
+    #: with should the fused operator fail on the card.
+    attention_op: str = "ort"
     #: The seconds this command may take from its start (``GPU_DEADLINE_S``; at most
     #: :data:`COMMAND_LIMIT_S`): set it to what is left of the loan, so that a command started
     #: late runs what fits, in order, and skips the rest, rather than being cut mid-step.
@@ -96,6 +101,12 @@ class Settings:
         env = dict(os.environ if env is None else env)
         dry = env.get("GPU_DRY_RUN") == "1"
         deadline = _deadline(env.get("GPU_DEADLINE_S"))
+        attention_op = env.get("GPU_ATTENTION_OP", "ort")
+        if attention_op not in ATTENTION_OPS:
+            raise SystemExit(
+                f"GPU_ATTENTION_OP is not a way to write attention | where: the environment | "
+                f"expected: one of {' '.join(ATTENTION_OPS)} | got: {attention_op!r}"
+            )
         out = env.get("OUT_DIR") or env.get("OUT")
         if not out:
             if not dry:
@@ -122,9 +133,10 @@ class Settings:
                 warmup=0,
                 repeats=1,
                 jobs=1,
+                attention_op=attention_op,
                 deadline_s=deadline,
             )
-        return cls(False, **paths, deadline_s=deadline)
+        return cls(False, **paths, attention_op=attention_op, deadline_s=deadline)
 
     @property
     def exports(self) -> dict[str, Path]:
@@ -208,11 +220,11 @@ def commands(s: Settings) -> dict[int, list[Step]]:
             str(s.size),
             "--form",
             *form,
-            # the attention no edit reads as ONNX Runtime's fused MultiHeadAttention (flash
-            # attention on the GPU); native TensorRT, which cannot build it, is not on the
-            # lent machines
+            # by default the attention no edit reads as ONNX Runtime's fused MultiHeadAttention
+            # (flash attention on the GPU); native TensorRT, which cannot build it, is not on
+            # the lent machines
             "--attention-op",
-            "ort",
+            s.attention_op,
             "--jobs",
             str(s.jobs),
             "--quiet",

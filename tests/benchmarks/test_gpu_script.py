@@ -137,6 +137,23 @@ def test_a_deadline_beyond_one_command_is_refused(value, tmp_path):
         gpu_run.Settings.from_env({"OUT_DIR": str(tmp_path), "GPU_DEADLINE_S": value})
 
 
+def test_the_exports_write_attention_as_the_environment_says(tmp_path):
+    """Both commands' exports write ONNX Runtime's fused attention unless ``GPU_ATTENTION_OP``
+    says ``onnx`` (what to run again with, should the fused operator fail on a card); another
+    value is refused before any step."""
+
+    def export_ops(env: dict[str, str]) -> set[str]:
+        s = gpu_run.Settings.from_env({"OUT_DIR": str(tmp_path), **env})
+        argvs = [x.argv for c in gpu_run.commands(s).values() for x in c if "export" in x.argv]
+        assert len(argvs) == 2  # command 1's fused export, command 2's segmented one
+        return {argv[argv.index("--attention-op") + 1] for argv in argvs}
+
+    assert export_ops({}) == {"ort"}
+    assert export_ops({"GPU_ATTENTION_OP": "onnx"}) == {"onnx"}
+    with pytest.raises(SystemExit, match=r"GPU_ATTENTION_OP.*onnx ort.*got: 'flash'"):
+        gpu_run.Settings.from_env({"OUT_DIR": str(tmp_path), "GPU_ATTENTION_OP": "flash"})
+
+
 def test_pack_and_unpack_round_trip_and_refuse_a_missing_part(tmp_path):
     src = tmp_path / "wheel"
     (src / "pkg").mkdir(parents=True)
