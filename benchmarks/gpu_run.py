@@ -27,8 +27,8 @@ reference (and, at 20 steps, both against the reference in fp32), one UNet call,
 GPU memory, host syncs per step. Command 2: the segmented form with the whole UNet (its UNet calls
 first — the whole UNet's, replayed, is what the summary sets command 1's fused call against —, its
 edits against command 1's reference), the presets on command 1's export, the ``torch.compile``
-peer, ONNX Runtime's TensorRT provider and native TensorRT when importable (native TensorRT refuses
-these exports: its parser does not know ONNX Runtime's attention).
+peer, ONNX Runtime's TensorRT provider and native TensorRT when importable (both refuse
+these exports: TensorRT's parser does not know ONNX Runtime's attention).
 ``GPU_DEADLINE_S`` (at most 540) is what is left of the loan: each step runs within it, and a
 step that cannot fit is skipped and named.
 
@@ -140,7 +140,10 @@ class Settings:
 
     @property
     def exports(self) -> dict[str, Path]:
-        return {"fused": self.work / "export-fused", "segmented": self.work / "export-segmented"}
+        """The exports' folders, named by their attention too: a command run again with another
+        ``GPU_ATTENTION_OP`` exports again rather than keeping the other one's."""
+        op = self.attention_op
+        return {f: self.work / f"export-{f}-{op}" for f in ("fused", "segmented")}
 
 
 def _deadline(value: str | None) -> int:
@@ -230,7 +233,7 @@ def commands(s: Settings) -> dict[int, list[Step]]:
             "--quiet",
         )
         return Step(
-            f"export-{folder.name.removeprefix('export-')}",
+            f"export-{form[0]}",
             limit,
             min_s,
             argv,
@@ -470,6 +473,7 @@ def run_command(number: int, s: Settings) -> int:
         model=s.model,
         size=s.size,
         precision=s.precision,
+        attention_op=s.attention_op,
         steps=list(s.steps),
         limits={x.name: x.limit_s for x in steps},
         deadline_s=s.deadline_s,
@@ -608,6 +612,7 @@ def write_summary(s: Settings, number: int) -> None:
     for c in by.get("command", []):
         md.append(
             f"Command {c['number']}: {c['model']} at {c['size']}², {c['precision']}, "
+            f"attention {c.get('attention_op', 'onnx')}, "
             f"steps {c['steps']}; step limits {c['limits']} (sum {sum(c['limits'].values())} s)."
         )
     for b in by.get("backends", [])[-1:]:

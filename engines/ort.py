@@ -129,6 +129,27 @@ def check_providers(options: OrtOptions, where: str) -> None:
         require_cuda("a GPU execution provider", where, f"{wanted} with a CUDA device")
 
 
+def check_attention_for_providers(attention_op: str, options: OrtOptions, where: str) -> None:
+    """Before any session is made: ONNX Runtime's TensorRT provider is not asked to run an
+    export of ONNX Runtime's own attention (``attention_op`` ``ort``), which TensorRT's parser
+    does not know: it would hand each such node to the CUDA provider, cut the UNet into one
+    TensorRT engine per stretch between them, and capture none of it as a CUDA graph.
+
+    Raises:
+        EngineError: naming the export's attention and the providers asked for.
+    """
+    if options.providers[0] == "tensorrt" and attention_op != "onnx":
+        raise EngineError(
+            "ONNX Runtime's TensorRT provider cannot run this export's attention (ONNX "
+            "Runtime's MultiHeadAttention, which TensorRT's parser does not know)",
+            where=where,
+            expected="the CUDA provider for this folder, or for TensorRT an export made with "
+            "'adapedit export --attention-op onnx' (the default)",
+            got=f"attention_op {attention_op}, providers {list(options.providers)}",
+            field="attention_op",
+        )
+
+
 @lru_cache(maxsize=1)
 def _preload(ort) -> None:
     """onnxruntime-gpu's CUDA and cuDNN libraries from the NVIDIA pip packages torch brought

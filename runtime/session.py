@@ -16,7 +16,7 @@ from adapedit.algorithm.geometry import is_controlled_by_rule, is_cross_layer, s
 from adapedit.config import DEFAULT_CACHE_BYTES, EditConfig, SamplerConfig
 from adapedit.engines.base import Runner, require_cuda
 from adapedit.engines.folder import load_engine_folder, make_runner
-from adapedit.engines.ort import OrtOptions, check_providers
+from adapedit.engines.ort import OrtOptions, check_attention_for_providers, check_providers
 from adapedit.engines.weights import WeightPool
 from adapedit.errors import EngineError, ManifestError
 from adapedit.pipelines.calibration_cache import CalibrationCache
@@ -100,6 +100,7 @@ class EditSession(EditPipeline):
         options = ort or config.ort
         if not checks_only:  # before any engine is made: no silent CPU run
             if config.backend == "ort":
+                check_attention_for_providers(manifest.attention_op, options, str(folder))
                 check_providers(options, f"engine folder {folder}")
             else:
                 require_cuda("a TensorRT engine folder", str(folder), "an NVIDIA GPU")

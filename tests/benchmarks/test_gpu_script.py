@@ -139,17 +139,23 @@ def test_a_deadline_beyond_one_command_is_refused(value, tmp_path):
 
 def test_the_exports_write_attention_as_the_environment_says(tmp_path):
     """Both commands' exports write ONNX Runtime's fused attention unless ``GPU_ATTENTION_OP``
-    says ``onnx`` (what to run again with, should the fused operator fail on a card); another
-    value is refused before any step."""
+    says ``onnx`` (what to run again with, should the fused operator fail on a card), each into
+    a folder of its own: a command run again with the other choice on a warm machine exports
+    again rather than keeping (and measuring) the first one's export. Another value is refused
+    before any step."""
 
-    def export_ops(env: dict[str, str]) -> set[str]:
+    def exports(env: dict[str, str]) -> set[tuple[str, str]]:
         s = gpu_run.Settings.from_env({"OUT_DIR": str(tmp_path), **env})
-        argvs = [x.argv for c in gpu_run.commands(s).values() for x in c if "export" in x.argv]
-        assert len(argvs) == 2  # command 1's fused export, command 2's segmented one
-        return {argv[argv.index("--attention-op") + 1] for argv in argvs}
+        steps = [x for c in gpu_run.commands(s).values() for x in c if "export" in x.argv]
+        assert [x.name for x in steps] == ["export-fused", "export-segmented"]
+        return {
+            (x.argv[x.argv.index("--attention-op") + 1], Path(x.argv[x.argv.index("--out") + 1]))
+            for x in steps
+        }
 
-    assert export_ops({}) == {"ort"}
-    assert export_ops({"GPU_ATTENTION_OP": "onnx"}) == {"onnx"}
+    ort, onnx = exports({}), exports({"GPU_ATTENTION_OP": "onnx"})
+    assert {op for op, _ in ort} == {"ort"} and {op for op, _ in onnx} == {"onnx"}
+    assert not {folder for _, folder in ort} & {folder for _, folder in onnx}
     with pytest.raises(SystemExit, match=r"GPU_ATTENTION_OP.*onnx ort.*got: 'flash'"):
         gpu_run.Settings.from_env({"OUT_DIR": str(tmp_path), "GPU_ATTENTION_OP": "flash"})
 
@@ -500,7 +506,7 @@ def test_a_command_stopped_mid_step_records_it_and_brings_back_its_log(tmp_path,
     shutil.copytree(carried / "ort", tmp_path / "ort")
     env = _dry_env(tmp_path, carried)
     proc = _start(1, env, stdout=subprocess.PIPE, text=True)
-    export_dir = str(tmp_path / "work" / "export-fused")
+    export_dir = str(tmp_path / "work" / "export-fused-ort")
     deadline = time.monotonic() + 300
     while not _processes_naming(export_dir) and time.monotonic() < deadline:
         assert proc.poll() is None, proc.stdout.read()

@@ -199,3 +199,37 @@ def test_a_checks_only_session_touches_no_device_and_runs_nothing(tiny_engines, 
     Validator(session)(SRC, TGT, EditConfig(), SamplerConfig(steps=2))
     with pytest.raises(EngineError, match="only checks requests"):
         session.edit(SRC, TGT, EditConfig(), SamplerConfig(steps=2))
+
+
+def test_the_tensorrt_provider_is_refused_an_export_of_onnx_runtime_attention(
+    tiny_ort_attention_export, tiny_engines, tmp_path, monkeypatch
+):
+    """A folder whose attention is ONNX Runtime's MultiHeadAttention asked to run on ONNX
+    Runtime's TensorRT provider: refused before any engine or provider check, naming both (the
+    provider would cut the UNet at each such node and capture none of it); the CUDA provider
+    passes this check, and a folder of standard operators passes it on the TensorRT provider."""
+    import adapedit.runtime.session as session_module
+    from adapedit.engines.folder import build_engines
+    from adapedit.engines.ort import OrtOptions
+
+    folder = tmp_path / "eng"
+    build_engines(tiny_ort_attention_export[0], folder, backend="ort", progress=False)
+    checked = []
+    monkeypatch.setattr(
+        session_module, "check_providers", lambda options, where: checked.append(options)
+    )
+
+    def stream(*a, **k):
+        raise RuntimeError("past the checks: a CUDA stream")
+
+    monkeypatch.setattr(torch.cuda, "Stream", stream)
+    trt = OrtOptions(providers=("tensorrt", "cuda"))
+    with pytest.raises(EngineError, match="TensorRT provider cannot run") as e:
+        EditSession(folder, ort=trt)
+    assert "--attention-op onnx" in e.value.expected and "attention_op ort" in e.value.got
+    assert checked == []  # refused before the providers were even looked for
+    with pytest.raises(RuntimeError, match="past the checks"):  # standard operators pass
+        EditSession(tiny_engines, ort=trt)
+    with pytest.raises(RuntimeError, match="past the checks"):  # and so does the CUDA provider
+        EditSession(folder, ort=OrtOptions(providers=("cuda",)))
+    assert len(checked) == 2
