@@ -334,15 +334,14 @@ class TrtRunner(Runner):
                     got="deserialization failed",
                 )
             self.context = self.engine.create_execution_context()
-        if self.context is None:
-            self.engine = None  # not active: nothing of the plan is kept
-            raise EngineError(
-                "TensorRT could not make an execution context (out of GPU memory?)",
-                where=str(self.plan_path),
-                expected="an execution context",
-                got="None",
-            )
         try:
+            if self.context is None:
+                raise EngineError(
+                    "TensorRT could not make an execution context (out of GPU memory?)",
+                    where=str(self.plan_path),
+                    expected="an execution context",
+                    got="None",
+                )
             self._check_tensors(trt)
         except EngineError:
             self.context = self.engine = None  # not active: nothing of the plan is kept

@@ -113,11 +113,10 @@ def _to_onnx(
     output_names: list[str],
     dynamic_shapes,
     opset: int,
-    attention_op: str = "onnx",
 ) -> onnx.ModelProto:
-    table = None
-    if attention_op == "ort":
-        table = {torch.ops.adapedit.ort_multi_head_attention.default: _multi_head_attention_onnx}
+    # how the custom operator is written, where a module calls it (``_attend``); a module that
+    # does not is exported as without the table
+    table = {torch.ops.adapedit.ort_multi_head_attention.default: _multi_head_attention_onnx}
     with warnings.catch_warnings(), torch.no_grad(), _quiet_loggers("torch.onnx"):
         warnings.simplefilter("ignore")
         program = torch.onnx.export(
@@ -377,7 +376,6 @@ def export_unet(
         output_names=names,
         dynamic_shapes=dims,
         opset=opset,
-        attention_op=attention_op,
     )
     geometry = {name: (module, q) for name, module, q in attention_geometry(c.unet, latent_hw)}
     layers = []
@@ -453,5 +451,4 @@ def export_fused(
         output_names=output_names(mode, layers),
         dynamic_shapes=None,
         opset=opset,
-        attention_op=attention_op,
     )
