@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -32,8 +33,10 @@ def _files(root: Path, depth: int | None = None) -> set[str]:
 
 
 def pytest_configure(config):
-    # matplotlib's font cache goes to a folder of the run's, not ~/.cache/matplotlib
-    os.environ.setdefault("MPLCONFIGDIR", tempfile.mkdtemp(prefix="adapedit-mpl-"))
+    # matplotlib's font cache goes to a folder of the run's, not ~/.cache/matplotlib; removed
+    # when the run ends (pytest_unconfigure)
+    if "MPLCONFIGDIR" not in os.environ:
+        config._mpl_dir = os.environ["MPLCONFIGDIR"] = tempfile.mkdtemp(prefix="adapedit-mpl-")
     # onnxruntime ≥ 1.32 writes a device id and a database under ~/.cache/Microsoft on import
     # and on its first session unless its telemetry is off (set before any test imports it,
     # inherited by the processes tests start)
@@ -53,6 +56,13 @@ def pytest_sessionfinish(session, exitstatus):
         reporter.ensure_newline()
         reporter.write_line(f"tests wrote outside their tmp_path: {new[:20]}", red=True)
         session.exitstatus = pytest.ExitCode.TESTS_FAILED
+
+
+def pytest_unconfigure(config):
+    mpl_dir = getattr(config, "_mpl_dir", None)
+    if mpl_dir is not None:
+        shutil.rmtree(mpl_dir, ignore_errors=True)
+        del os.environ["MPLCONFIGDIR"]
 
 
 def pytest_collection_modifyitems(config, items):
