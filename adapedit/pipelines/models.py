@@ -212,6 +212,15 @@ def build_random(name: str, seed: int = 0) -> Components:
 
 
 _MARKERS = {"tokenizer": ("vocab.json", "tokenizer.json"), "scheduler": ("scheduler_config.json",)}
+#: The weight files ``from_pretrained`` reads (no variant), one of which each model must hold.
+_DIFFUSERS_WEIGHTS = tuple(
+    f"diffusion_pytorch_model.{x}" for x in ("safetensors", "bin", "safetensors.index.json")
+)
+_WEIGHTS = {
+    "unet": _DIFFUSERS_WEIGHTS,
+    "vae": _DIFFUSERS_WEIGHTS,
+    "text_encoder": ("model.safetensors", "pytorch_model.bin", "model.safetensors.index.json"),
+}
 
 
 def load_folder(path: str | Path, name: str | None = None) -> Components:
@@ -230,15 +239,19 @@ def load_folder(path: str | Path, name: str | None = None) -> Components:
             got="no such folder",
         )
     for comp in COMPONENTS:
-        markers = _MARKERS.get(comp, ("config.json",))
-        if not any((path / comp / m).is_file() for m in markers):
-            raise ModelError(
-                f"model folder is missing its {comp}",
-                where=str(path / comp),
-                expected=f"{comp}/{' or '.join(markers)} (diffusers layout of "
-                "CompVis/stable-diffusion-v1-4)",
-                got=f"folder holds {sorted(p.name for p in path.iterdir())}",
-            )
+        for what, markers in (
+            (comp, _MARKERS.get(comp, ("config.json",))),
+            (f"{comp} weights", _WEIGHTS.get(comp, ())),
+        ):
+            if markers and not any((path / comp / m).is_file() for m in markers):
+                held = path / comp if (path / comp).is_dir() else path
+                raise ModelError(
+                    f"model folder is missing its {what}",
+                    where=str(path / comp),
+                    expected=f"{comp}/{' or '.join(markers)} (diffusers layout of "
+                    "CompVis/stable-diffusion-v1-4)",
+                    got=f"{held.name}/ holds {sorted(p.name for p in held.iterdir())}",
+                )
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextModel
 

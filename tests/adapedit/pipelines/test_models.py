@@ -70,6 +70,19 @@ def test_folder_missing_a_component_is_a_clear_error(tiny_folder, tmp_path, comp
     assert str(broken / component) in str(e.value)
 
 
+@pytest.mark.parametrize("component", ["unet", "text_encoder", "vae"])
+def test_folder_missing_a_models_weights_is_a_clear_error(tiny_folder, tmp_path, component):
+    """A config without its weights is refused by name, not left to diffusers' loader (which
+    raised an OSError about a ``.bin`` file)."""
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny_folder, broken)
+    for weights in (broken / component).glob("*.safetensors"):
+        weights.unlink()
+    with pytest.raises(ModelError, match=f"missing its {component} weights") as e:
+        load_model(str(broken))
+    assert str(broken / component) in str(e.value) and "config.json" in str(e.value)
+
+
 def test_unknown_model_is_a_clear_error(tmp_path):
     with pytest.raises(ModelError, match="model not found"):
         load_model(str(tmp_path / "nowhere"))
