@@ -102,6 +102,45 @@ _BUILTIN_CONFIGS = {
 }
 
 
+def torch_device(device: str | torch.device, where: str = "device") -> torch.device:
+    """``device`` as a torch device this process can use, checked before any model work.
+
+    Raises:
+        ConfigError: a name torch does not know, or a CUDA device torch cannot see.
+    """
+    try:
+        d = torch.device(device)
+    except (RuntimeError, TypeError) as e:
+        raise ConfigError(
+            "unknown device",
+            where=where,
+            expected="cpu | cuda | cuda:N",
+            got=device,
+            field="device",
+        ) from e
+    if d.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0 or (d.index or 0) >= count:
+            raise ConfigError(
+                f"device {d} is not available",
+                where=where,
+                expected="a CUDA build of torch and a visible GPU"
+                + (f" (cuda:0 … cuda:{count - 1})" if count else ""),
+                got=f"torch {torch.__version__}, CUDA {torch.version.cuda or 'none'}, "
+                f"{count} GPU(s) visible",
+                field="device",
+            )
+    elif d.type != "cpu":
+        raise ConfigError(
+            "unsupported device",
+            where=where,
+            expected="cpu | cuda | cuda:N",
+            got=str(d),
+            field="device",
+        )
+    return d
+
+
 @dataclass(eq=False)
 class Components:
     """The parts of a Stable Diffusion v1.x model the pipelines use."""

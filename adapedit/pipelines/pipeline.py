@@ -47,7 +47,13 @@ from adapedit.pipelines.controller import (
     Controller,
     EditController,
 )
-from adapedit.pipelines.models import Components, latent_size, load_model, make_scheduler
+from adapedit.pipelines.models import (
+    Components,
+    latent_size,
+    load_model,
+    make_scheduler,
+    torch_device,
+)
 from adapedit.pipelines.processors import ControlSlot, install_processors
 
 
@@ -674,11 +680,11 @@ class ReferencePipeline(EditPipeline):
         calibration_cache: CalibrationCache | int | None = DEFAULT_CACHE_BYTES,
     ) -> None:
         self.use_calibration_cache(calibration_cache)
-        self.components = components.to(device)
+        self.device = torch_device(device, where="ReferencePipeline")
+        self.components = components.to(self.device)
         self.name = components.name
         self.tokenizer = components.tokenizer
         self.scheduler_config = components.scheduler_config
-        self.device = torch.device(device)
         # latents and scheduler in fp32, as the runtime keeps them; the models take their dtype
         self.dtype = torch.float32
         self.model_dtype = next(components.unet.parameters()).dtype
@@ -693,7 +699,9 @@ class ReferencePipeline(EditPipeline):
     def from_model(
         cls, spec: str, device: str | torch.device = "cpu", **kwargs: Any
     ) -> ReferencePipeline:
-        """Build from a built-in model name or a local diffusers folder."""
+        """Build from a built-in model name or a local diffusers folder (``device`` checked
+        before the model loads)."""
+        device = torch_device(device, where="ReferencePipeline")
         return cls(load_model(spec), device, **kwargs)
 
     @functools.cached_property

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from adapedit.config import EditConfig, SamplerConfig
-from adapedit.errors import ModelError
+from adapedit.errors import ConfigError, ModelError
 from adapedit.pipelines.models import build_random, load_model, load_tokenizer
 from adapedit.pipelines.pipeline import ReferencePipeline
 from adapedit.pipelines.processors import attention_layers
@@ -81,6 +81,19 @@ def test_folder_missing_a_models_weights_is_a_clear_error(tiny_folder, tmp_path,
     with pytest.raises(ModelError, match=f"missing its {component} weights") as e:
         load_model(str(broken))
     assert str(broken / component) in str(e.value) and "config.json" in str(e.value)
+
+
+@pytest.mark.parametrize(
+    ("device", "message"),
+    [("cdua", "unknown device"), ("meta", "unsupported device"), ("cuda:99", "not available")],
+)
+def test_a_device_torch_cannot_use_is_refused_before_the_model_loads(device, message, monkeypatch):
+    monkeypatch.setattr(
+        "adapedit.pipelines.pipeline.load_model", lambda *a: pytest.fail("the model loaded")
+    )
+    with pytest.raises(ConfigError, match=message) as e:
+        ReferencePipeline.from_model("tiny", device=device)
+    assert e.value.field == "device"
 
 
 def test_unknown_model_is_a_clear_error(tmp_path):
