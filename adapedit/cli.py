@@ -206,9 +206,10 @@ def _engine_options(a: argparse.Namespace):
 
 
 def cmd_edit(a: argparse.Namespace) -> int:
-    from adapedit.io import write_edit_outputs
+    from adapedit.io import check_output_folder, write_edit_outputs
 
     edit, sampler = configs_from_args(a)
+    check_output_folder(a.out, "adapedit edit --out")
     image, image_config = image_from_args(a)  # a bad image fails before any model is loaded
     backend = a.backend or ("engine" if a.engine_dir else "torch")
     if backend == "engine":
@@ -224,9 +225,11 @@ def cmd_edit(a: argparse.Namespace) -> int:
         pipe = EditSession(a.engine_dir, ort=_engine_options(a), form=a.form)
         model = pipe.manifest.model
     else:
+        from adapedit.pipelines.models import torch_device
         from adapedit.pipelines.pipeline import ReferencePipeline
 
-        pipe = ReferencePipeline.from_model(a.model, device=a.device)
+        device = torch_device(a.device, where="adapedit edit --device")  # before the model loads
+        pipe = ReferencePipeline.from_model(a.model, device=device)
         model = a.model
     pipe.plan(a.source, a.target, edit)  # every prompt error before any model work
     pipe.latent_hw(sampler)

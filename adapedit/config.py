@@ -186,7 +186,8 @@ class SamplerConfig:
                 raise ConfigError(
                     f"{name} must be a positive multiple of 8",
                     where=w,
-                    expected="e.g. 256, 512",
+                    expected="a multiple of 8 (the VAE's factor) and of the model's own size "
+                    "multiple, which the model checks (64 for SD 1.4, 32 for shapes)",
                     got=v,
                     field=name,
                 )

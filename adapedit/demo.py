@@ -12,7 +12,7 @@ from pathlib import Path
 
 from adapedit.config import EditConfig, SamplerConfig
 from adapedit.defaults import DEFAULT_MODEL, DEMO_SOURCE, DEMO_TARGET
-from adapedit.io import atomic_write_bytes, write_edit_outputs, write_json
+from adapedit.io import atomic_write_bytes, check_output_folder, write_edit_outputs, write_json
 from adapedit.parity import compare_edits
 from adapedit.pipelines.models import load_model
 from adapedit.pipelines.pipeline import ReferencePipeline
@@ -32,10 +32,10 @@ def run_demo(
     ``demo.md``, and the engine folder it built, ``engines/``, which ``adapedit serve`` takes);
     returns the markdown summary."""
     from adapedit.engines.folder import build_engines
-    from adapedit.export.api import ExportOptions, export_model
+    from adapedit.export.api import DEFAULT_BATCHES, ExportOptions, export_model
     from adapedit.runtime.session import EditSession
 
-    out = Path(out)
+    out = check_output_folder(out, "demo --out")
     edit, sampler = EditConfig(), SamplerConfig(steps=steps, seed=seed)
     components = load_model(model)
     reference = ReferencePipeline(components)
@@ -44,8 +44,10 @@ def run_demo(
     times: dict[str, float] = {}
     with tempfile.TemporaryDirectory(prefix="adapedit-demo-") as work:
         t = time.perf_counter()
-        # only what the runtime runs: the fused UNet, static at the model's size
-        options = ExportOptions(shapes="static", forms=("fused",))
+        # only what the runtime runs: the fused UNet, static at the model's size, at the
+        # batches of an edit and at batch 1, on which an edit of a given image inverts it (so
+        # the engines kept edit images too, on the command line and on the served page)
+        options = ExportOptions(shapes="static", forms=("fused",), batches=(1, *DEFAULT_BATCHES))
         export_model(components, Path(work) / "export", options, progress=progress)
         times["export_s"] = time.perf_counter() - t
         t = time.perf_counter()

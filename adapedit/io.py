@@ -15,6 +15,8 @@ from typing import Any
 
 from PIL import Image
 
+from adapedit.errors import ConfigError
+
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
     """Write ``data`` to a temporary file beside ``path``, then rename it into place."""
@@ -29,6 +31,35 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def check_output_folder(out: str | Path, where: str) -> Path:
+    """``out`` as a folder to write into, refused before any work when it cannot be one: it, or
+    the nearest folder above it that exists, is a file, or cannot be written.
+
+    Raises:
+        ConfigError: naming the path in the way.
+    """
+    out = Path(out)
+    for p in (out, *out.parents):
+        if not p.exists():
+            continue
+        if not p.is_dir():
+            raise ConfigError(
+                "the output folder cannot be made",
+                where=where,
+                expected="a folder, or a path that does not exist yet",
+                got=f"{p} is a file",
+            )
+        if not os.access(p, os.W_OK | os.X_OK):
+            raise ConfigError(
+                "the output folder cannot be written",
+                where=where,
+                expected="a folder this user can write",
+                got=f"{p} is not writable",
+            )
+        break
+    return out
 
 
 @contextmanager

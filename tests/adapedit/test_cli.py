@@ -8,6 +8,7 @@ import pytest
 
 from adapedit.cli import main
 from adapedit.pipelines.pipeline import ReferencePipeline
+from adapedit.spec import Manifest
 from tests.adapedit.test_image_io import png_declaring
 
 SRC, TGT = "a dog standing on the grass", "a dog sitting on the grass"
@@ -71,6 +72,9 @@ LONG = " ".join(["dog"] * 80)
         ([SRC, TGT, "--lambda-s", "1.5"], "lambda_s is out of range"),
         ([SRC, TGT, "--calibration-steps", "3"], "calibration_steps exceeds the edit's steps"),
         ([SRC, TGT, "--calibration-steps", "0"], "calibration_steps must be a positive"),
+        ([SRC, TGT, "--device", "cdua"], "unknown device | where: adapedit edit --device"),
+        ([SRC, TGT, "--device", "cuda:99"], "device cuda:99 is not available"),
+        ([SRC, TGT, "--device", "meta"], "unsupported device"),
     ],
 )
 def test_bad_input_is_a_clear_error_with_no_output(
@@ -81,6 +85,24 @@ def test_bad_input_is_a_clear_error_with_no_output(
     assert message in capsys.readouterr().err
     assert not out.exists()
     assert forbid_model_work == []  # refused before any model work
+
+
+@pytest.mark.parametrize("command", ["edit", "demo"])
+def test_an_output_folder_that_cannot_be_made_is_refused_before_model_work(
+    tmp_path, capsys, forbid_model_work, command
+):
+    """A file where the output folder would be (or above it) is exit 2 before any model loads
+    or runs, not an internal error once the edit is done."""
+    (tmp_path / "afile").write_text("mine")
+    for out in (tmp_path / "afile", tmp_path / "afile" / "sub"):
+        prompts = [SRC, TGT] if command == "edit" else []
+        assert main([command, *prompts, "--steps", "2", "--quiet", "--out", str(out)]) == 2
+        err = capsys.readouterr().err
+        assert (
+            "the output folder cannot be made" in err and f"{tmp_path / 'afile'} is a file" in err
+        )
+    assert (tmp_path / "afile").read_text() == "mine"
+    assert forbid_model_work == []
 
 
 @pytest.mark.parametrize("where", ["before", "after"])
@@ -188,6 +210,8 @@ def test_demo_writes_both_edits_and_a_parity_summary(tmp_path, capsys, monkeypat
     assert doc["parity"]["latents_max_abs"] <= 1e-4
     assert doc["parity"]["psnr_edited_db"] >= 50
     assert "Parity" in (out / "demo.md").read_text() and "Parity" in capsys.readouterr().out
+    # the engines it keeps edit given images too (their inversion runs at batch 1)
+    assert Manifest.load(out / "engines").batches == (1, 2, 4)
 
 
 @pytest.fixture()
