@@ -211,6 +211,19 @@ def cmd_edit(a: argparse.Namespace) -> int:
     edit, sampler = configs_from_args(a)
     check_output_folder(a.out, "adapedit edit --out")
     image, image_config = image_from_args(a)  # a bad image fails before any model is loaded
+    if image is not None and a.scheduler is None:
+        from adapedit.algorithm.inversion import INVERSION_SCHEDULER
+
+        if sampler.scheduler != INVERSION_SCHEDULER:  # the preset's, not one asked for
+            raise ConfigError(
+                f"--preset {a.preset} samples with {sampler.scheduler}, and an edit of a given "
+                f"image needs {INVERSION_SCHEDULER} (its inversion is DDIM's equation)",
+                where="adapedit edit --image",
+                expected=f"--scheduler {INVERSION_SCHEDULER} beside --preset {a.preset}, or "
+                "another preset",
+                got=f"--preset {a.preset}",
+                field="scheduler",
+            )
     backend = a.backend or ("engine" if a.engine_dir else "torch")
     if backend == "engine":
         if not a.engine_dir:
@@ -574,11 +587,22 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _quiet_libraries() -> None:
+    """No progress bars from transformers' and diffusers' model loading either (``--quiet``)."""
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
+
+    transformers_logging.disable_progress_bar()
+    diffusers_logging.disable_progress_bar()
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; exit code 0, 2 for an :class:`~adapedit.errors.AdapEditError`
     (bad input, a model or engine that cannot be used), 1 for an internal error (its traceback
     with ``--debug``)."""
     args = build_parser().parse_args(argv)
+    if getattr(args, "quiet", False):
+        _quiet_libraries()
     try:
         return args.func(args)
     except AdapEditError as e:

@@ -20,6 +20,7 @@ Every refusal is an :class:`~adapedit.errors.InputError` with ``field`` ``image`
 from __future__ import annotations
 
 import io
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -100,7 +101,9 @@ def decode_image(data: bytes, where: str = "image", *, max_pixels: int | None = 
 
     got = f"{len(data)} bytes"
     try:
-        im = Image.open(io.BytesIO(data), formats=FORMATS)
+        with warnings.catch_warnings():  # an image over the limit is refused below, by name
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            im = Image.open(io.BytesIO(data), formats=FORMATS)
     except Image.DecompressionBombError as e:
         raise _error(
             "the image has too many pixels (decompression bomb)",
@@ -111,7 +114,7 @@ def decode_image(data: bytes, where: str = "image", *, max_pixels: int | None = 
     except UnidentifiedImageError:
         head = data[:8]
         raise _error(
-            "not an image Pillow can read", where, " | ".join(FORMATS), f"{got}: {head!r}…"
+            "not a PNG, JPEG or WebP image", where, " | ".join(FORMATS), f"{got}: {head!r}…"
         ) from None
     except Exception as e:  # a header cut short or broken: the file's fault
         raise _error(

@@ -88,7 +88,14 @@ def tokenize(
         raise PromptError(
             "prompt must be a string", where=where, got=type(prompt).__name__, field=field
         )
-    enc = tokenizer(prompt, add_special_tokens=True, truncation=False, return_offsets_mapping=True)
+    # verbose=False: a prompt over the length is refused below, without transformers' warning
+    enc = tokenizer(
+        prompt,
+        add_special_tokens=True,
+        truncation=False,
+        return_offsets_mapping=True,
+        verbose=False,
+    )
     ids = tuple(int(i) for i in enc["input_ids"])
     if len(ids) > max_length:
         raise PromptError(

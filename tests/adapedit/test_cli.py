@@ -209,7 +209,9 @@ def test_demo_writes_both_edits_and_a_parity_summary(tmp_path, capsys, monkeypat
     assert set(doc["read_back"]) == {"source", "edited"}
     assert doc["parity"]["latents_max_abs"] <= 1e-4
     assert doc["parity"]["psnr_edited_db"] >= 50
-    assert "Parity" in (out / "demo.md").read_text() and "Parity" in capsys.readouterr().out
+    std = capsys.readouterr()
+    assert "Parity" in (out / "demo.md").read_text() and "Parity" in std.out
+    assert "Loading weights" not in std.err  # --quiet: no library's progress bar either
     # the engines it keeps edit given images too (their inversion runs at batch 1)
     assert Manifest.load(out / "engines").batches == (1, 2, 4)
 
@@ -254,7 +256,7 @@ def test_edit_of_a_given_image_writes_it_at_the_models_size_and_records_it(image
 @pytest.mark.parametrize(
     ("args", "message"),
     [
-        (["--image", "text.png"], "not an image Pillow can read"),
+        (["--image", "text.png"], "not a PNG, JPEG or WebP image"),
         (["--image", "cut.png"], "the image is truncated or corrupt"),
         (["--image", "bomb.png"], "decompression bomb"),
         (["--image", "small.png"], "the image is too small"),
@@ -263,6 +265,10 @@ def test_edit_of_a_given_image_writes_it_at_the_models_size_and_records_it(image
         (["--image", "good.png", "--inversion", "null-text"], "unknown inversion"),
         (["--image", "good.png", "--resize", "zoom"], "unknown resize"),
         (["--image", "good.png", "--scheduler", "pndm"], "needs the DDIM scheduler"),
+        (  # a preset's scheduler, not one asked for: the message names the preset
+            ["--image", "good.png", "--preset", "fast", "--calibration-steps", "2"],
+            "--preset fast samples with dpmpp",
+        ),
         (["--inversion", "ddim"], "--inversion is only for an edit of a given image"),
     ],
 )

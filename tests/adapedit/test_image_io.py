@@ -116,8 +116,9 @@ GOOD_PNG = encode(Image.fromarray(PIXELS), "PNG")
 @pytest.mark.parametrize(
     ("data", "message"),
     [
-        (b"hello, not an image", "not an image Pillow can read"),
-        (encode(Image.fromarray(PIXELS), "GIF"), "not an image Pillow can read"),
+        (b"hello, not an image", "not a PNG, JPEG or WebP image"),
+        (encode(Image.fromarray(PIXELS), "GIF"), "not a PNG, JPEG or WebP image"),
+        (encode(Image.fromarray(PIXELS), "BMP"), "not a PNG, JPEG or WebP image"),
         (GOOD_PNG[: len(GOOD_PNG) // 2], "the image is truncated or corrupt"),
         (encode(Image.fromarray(PIXELS), "JPEG")[:400], "the image is truncated or corrupt"),
         (png_declaring(100_000, 100_000), "too many pixels (decompression bomb)"),
@@ -126,7 +127,7 @@ GOOD_PNG = encode(Image.fromarray(PIXELS), "PNG")
         (encode(Image.fromarray(PIXELS[:, :40]), "PNG"), "got: 40×72"),
     ],
 )
-@pytest.mark.filterwarnings("ignore::PIL.Image.DecompressionBombWarning")
+@pytest.mark.filterwarnings("error::PIL.Image.DecompressionBombWarning")  # the error alone
 def test_bad_bytes_are_clear_input_errors(data, message):
     with pytest.raises(InputError, match=re.escape(message)) as e:
         decode_image(data, "upload")

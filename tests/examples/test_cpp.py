@@ -97,7 +97,9 @@ def test_cpp_refuses_a_bad_image_with_exit_2_and_writes_nothing(program, tiny_en
     out = tmp_path / "out"
     p = run(program, tiny_engines, SRC, TGT, out, 2, "--image", tmp_path / "notes.png")
     assert p.returncode == 2
-    assert "InputError: not an image Pillow can read | where: plain_edit: field 'image'" in p.stderr
+    assert (
+        "InputError: not a PNG, JPEG or WebP image | where: plain_edit: field 'image'" in p.stderr
+    )
     p = run(program, tiny_engines, SRC, TGT, out, 2, "--image", tmp_path / "missing.png")
     assert p.returncode == 2 and "cannot read the image file" in p.stderr
     p = run(program, tiny_engines, SRC, TGT, out, "--inversion", "ddim")

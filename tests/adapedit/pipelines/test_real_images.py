@@ -171,7 +171,7 @@ def no_model_work(tiny_pipeline, monkeypatch, forbid_model_work):
 @pytest.mark.parametrize(
     ("kwargs", "error", "field", "match"),
     [
-        ({"image": b"not an image"}, InputError, "image", "not an image Pillow can read"),
+        ({"image": b"not an image"}, InputError, "image", "not a PNG, JPEG or WebP image"),
         ({"image": lambda im: im[:60]}, InputError, "image", "too small"),
         ({"image": "/no/such/image.png"}, InputError, "image", "cannot read the image file"),
         ({"sampler": SamplerConfig(scheduler="pndm")}, ConfigError, "scheduler", "DDIM"),
