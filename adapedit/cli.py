@@ -392,6 +392,7 @@ def cmd_serve(a: argparse.Namespace) -> int:
         timeout=options.timeout,
         ort=_engine_options(a),
         calibration_cache=_cache_bytes(a),
+        page=options.page,
         **scale,
     )
     serve_ray(config, address=a.ray_address, host=a.host, port=a.port, quiet=a.quiet)

@@ -89,6 +89,7 @@ class ScaleOut:
         ort: ONNX Runtime options overriding the engine folder's (not in :func:`build` args).
         calibration_cache: each replica's calibration cache bound in bytes (None: none); a
             replica keeps its own.
+        page: serve the playground page at ``GET /`` (False: the API only).
     """
 
     engine_dir: str
@@ -101,6 +102,7 @@ class ScaleOut:
     timeout: float = 120.0
     ort: OrtOptions | None = None
     calibration_cache: int | None = DEFAULT_CACHE_BYTES
+    page: bool = True
 
     http: HttpOptions = field(init=False, repr=False)
 
@@ -130,7 +132,9 @@ class ScaleOut:
             if value is not None and (type(value) not in (int, float) or value < 0):
                 raise ConfigError(f"{name} must be a number ≥ 0", where="ScaleOut", got=value)
         object.__setattr__(
-            self, "http", HttpOptions(queue_size=self.queue_size, timeout=self.timeout)
+            self,
+            "http",
+            HttpOptions(queue_size=self.queue_size, timeout=self.timeout, page=self.page),
         )
 
     def editor_options(self, gpus: float) -> dict[str, Any]:

@@ -69,6 +69,22 @@ def test_editor_options_are_ray_serves_back_pressure_and_autoscaling():
     assert fixed.describe() == "3 replicas"
 
 
+def test_serve_hands_its_http_options_to_ray_serve_as_to_one_machine(tiny_engines, monkeypatch):
+    """``--no-page``, ``--queue`` and ``--timeout`` reach the ingress's HTTP options (the page
+    was served whatever ``--no-page`` said)."""
+    started: list[ScaleOut] = []
+    monkeypatch.setattr(
+        "adapedit.runtime.rayserve.serve_ray", lambda config, **kw: started.append(config)
+    )
+    args = ["serve", "--engine-dir", str(tiny_engines), "--replicas", "2", "--quiet"]
+    assert main([*args, "--no-page", "--queue", "3", "--timeout", "9"]) == 0
+    assert main(args) == 0
+    assert [(c.http.page, c.http.queue_size, c.http.timeout) for c in started] == [
+        (False, 3, 9.0),
+        (True, 8, 120.0),
+    ]
+
+
 def test_build_takes_the_fields_of_scale_out():
     app = build({"engine_dir": "/models/eng", "replicas": 2, "gpus_per_replica": 1})
     assert type(app).__name__ == "Application"
