@@ -164,7 +164,9 @@ class Manifest:
             expected=f"batch {' or '.join(map(str, self.batches))}; for batch {batch}, export "
             f"again with 'adapedit export --shapes static --batches {wanted}'",
             got=f"batch {batch}",
-            field="batch",
+            # the request's field behind it: batch 1 only inverts a given image; the others
+            # are the edit's own, the folder's lack alone
+            field="image" if batch == 1 else None,
         )
 
     def all_graphs(self) -> list[GraphSpec]:

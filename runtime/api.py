@@ -110,13 +110,14 @@ _FIELD_KINDS = {f.name: _KINDS[f.type] for cls in (EditConfig, SamplerConfig) fo
 
 
 def parse_options(
-    options: Mapping[str, Any], *, where: str = "edit options"
+    options: Mapping[str, Any], *, where: str = "edit options", others: tuple[str, ...] = ()
 ) -> tuple[EditConfig, SamplerConfig]:
     """Edit and sampler configurations from plain options named after their fields.
 
     Omitted fields take the configurations' defaults, or the ``preset``'s for ``steps``,
     ``scheduler`` and ``calibration_steps``; ``local_blend`` is a list of words, ``reweight``
-    an object ``{word: factor}`` (or ``[word, factor]`` pairs).
+    an object ``{word: factor}`` (or ``[word, factor]`` pairs). ``others``: the caller's own
+    fields beside these (the prompts, the image's), named with them in an unknown field's error.
 
     Raises:
         ConfigError: an unknown field, a value of the wrong JSON type, one the configurations
@@ -144,7 +145,7 @@ def parse_options(
             raise ConfigError(
                 f"unknown field {name!r}",
                 where=where,
-                expected=f"one of {sorted(OPTION_FIELDS)}",
+                expected=f"one of {sorted(OPTION_FIELDS + others)}",
                 got=name,
                 field=name,
             )
@@ -325,7 +326,7 @@ def parse_edit_request(
             )
         image_options[name] = value
     options = {k: v for k, v in request.items() if k not in PROMPT_FIELDS + IMAGE_FIELDS}
-    edit, sampler = parse_options(options, where=where)
+    edit, sampler = parse_options(options, where=where, others=PROMPT_FIELDS + IMAGE_FIELDS)
     image_config = ImageConfig(**image_options)
     image = None
     if request.get("image") is not None:
@@ -356,7 +357,7 @@ def parse_request(
         )
     source, target = _prompts(request, where)
     options = {k: v for k, v in request.items() if k not in PROMPT_FIELDS}
-    return source, target, *parse_options(options, where=where)
+    return source, target, *parse_options(options, where=where, others=PROMPT_FIELDS)
 
 
 def _prompts(request: Mapping[str, Any], where: str) -> tuple[str, str]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ast
 import json
 import subprocess
 import sys
@@ -14,7 +15,9 @@ import pytest
 from adapedit.config import EditConfig, SamplerConfig
 from adapedit.errors import ConfigError, InputError, PromptError
 from adapedit.runtime.api import (
+    OPTION_FIELDS,
     Validator,
+    parse_edit_request,
     parse_options,
     parse_request,
     plain_edit,
@@ -98,6 +101,20 @@ def test_bad_options_raise_config_errors_naming_the_field(options, field, match)
     with pytest.raises(ConfigError, match=match) as e:
         parse_options(options)
     assert e.value.field == field
+
+
+def test_an_unknown_fields_error_lists_every_field_the_caller_takes():
+    """The image's fields beside the options where the request may carry an image, the prompts
+    wherever it has them (the list named the options alone)."""
+    request = {"source": SRC, "target": TGT, "stepz": 3}
+    for parse, fields in (
+        (parse_edit_request, {"image", "inversion", "resize"}),
+        (parse_request, set()),
+    ):
+        with pytest.raises(ConfigError, match="unknown field 'stepz'") as e:
+            parse(request)
+        listed = set(ast.literal_eval(e.value.expected.removeprefix("one of ")))
+        assert listed == {*OPTION_FIELDS, "source", "target", *fields}
 
 
 def test_parse_request_needs_both_prompts_as_strings():

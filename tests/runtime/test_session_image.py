@@ -161,11 +161,12 @@ def test_a_static_folder_without_batch_one_says_so_before_model_work(
     # encoder's, made on its first image, nor any of the CLI's own session below
     with pytest.raises(EngineError, match="batch") as e:
         tiny_static_session.edit(SRC, TGT, CFG, SAMPLER, image=image)
-    assert e.value.got == "batch 1" and e.value.field == "batch"
+    assert e.value.got == "batch 1" and e.value.field == "image"  # what asked for batch 1
     assert "adapedit export --shapes static --batches 1 2 4" in str(e.value)  # how to fix it
     validate = Validator(tiny_static_session)
-    with pytest.raises(ConfigError, match="batch"):
+    with pytest.raises(ConfigError, match="batch") as e:
         validate(SRC, TGT, CFG, SAMPLER, load_image(image))
+    assert e.value.field == "image"  # a server's 422 names the request's field
     validate(SRC, TGT, CFG, SAMPLER)  # a generated source needs batches 2 and 4 only
     (tmp_path / "in.png").write_bytes(png(image))
     out = tmp_path / "out"
