@@ -536,12 +536,16 @@ class _App:
                 got=f"more than {MAX_JSON_DEPTH} levels",
             )
             return 400, _error_of(400, e)
+        where, wanted = "POST /edit: the body", "a JSON object (UTF-8) of the edit's fields"
         try:
             fields = json.loads(body)
         except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            return 400, _error(400, f"malformed JSON: {e}")
+            e = InputError("malformed JSON", where=where, expected=wanted, got=str(e))
+            return 400, _error_of(400, e)
         if not isinstance(fields, dict):
-            return 400, _error(400, f"the body must be a JSON object, got {type(fields).__name__}")
+            kind = type(fields).__name__
+            e = InputError("the body must be a JSON object", where=where, expected=wanted, got=kind)
+            return 400, _error_of(400, e)
         if fields.get("image") is None and int(length) > self.options.max_body:
             return 413, self._too_large(length, self.options.max_body, "without an image")
         try:

@@ -199,6 +199,12 @@ def test_malformed_json_is_400(url, body):
     status, _, doc = request(url, "POST", "/edit", body)
     assert status == 400 and doc["error"]["status"] == 400
     assert doc["error"]["message"].startswith(("malformed JSON", "the body must be"))
+    # in the form of every other error: what, where, expected, got
+    assert (
+        doc["error"]["type"] == "InputError"
+        and " | where: POST /edit: the body" in (doc["error"]["message"])
+    )
+    assert " | expected: " in doc["error"]["message"] and " | got: " in doc["error"]["message"]
     healthy(url)
 
 
