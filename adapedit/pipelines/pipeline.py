@@ -10,7 +10,7 @@ import itertools
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -119,6 +119,8 @@ class EditResult:
     Attributes:
         source_image / edited_image: [H, W, 3] uint8.
         tau: the temporal plan (τ per word of the edit prompt, τ_self).
+        sampler: the sampler that ran, its height and width resolved (the model's size where
+            the request gave none).
         attention_maps: [n, h, w] mean edit-branch cross-attention of the edit prompt's tokens
             1…n (start token excluded, end token included), labelled by ``attention_labels``.
         timings: seconds per stage (``text``, ``calibration``, ``edit``, ``decode``, ``total``).
@@ -601,12 +603,13 @@ class EditPipeline(ABC):
         n_tok = plan.target.length - 1  # tokens 1 … end
         maps = editor.attention_maps()[1 : n_tok + 1].cpu()
         labels = [self.tokenizer.decode([i]) for i in plan.target.ids[1 : n_tok + 1]]
+        h, w = sampler.resolved(self.default_size)
         return EditResult(
             src_img,
             edt_img,
             plan,
             tau,
-            sampler,
+            replace(sampler, height=h, width=w),  # what ran: the model's size where none given
             maps,
             labels,
             timings,

@@ -21,7 +21,7 @@ def _reuse_tiny(monkeypatch, tiny_pipeline):
     )
 
 
-def test_edit_writes_images_attention_and_json(tmp_path):
+def test_edit_writes_images_attention_and_json(tmp_path, tiny_pipeline):
     out = tmp_path / "o"
     assert (
         main(
@@ -54,6 +54,8 @@ def test_edit_writes_images_attention_and_json(tmp_path):
     assert doc["keywords"] == ["sitting"]
     assert 0.0 <= doc["tau_self"] <= 1.0
     assert doc["config"]["sampler"]["steps"] == 4 and doc["config"]["edit"]["alpha_m"] == 0.0
+    side = tiny_pipeline.default_size  # no --height or --width: the size that ran, recorded
+    assert (doc["config"]["sampler"]["height"], doc["config"]["sampler"]["width"]) == (side, side)
     assert set(doc["timings_s"]) >= {"calibration", "edit", "decode", "total"}
 
 
