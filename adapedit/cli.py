@@ -211,19 +211,10 @@ def cmd_edit(a: argparse.Namespace) -> int:
     edit, sampler = configs_from_args(a)
     check_output_folder(a.out, "adapedit edit --out")
     image, image_config = image_from_args(a)  # a bad image fails before any model is loaded
-    if image is not None and a.scheduler is None:
-        from adapedit.algorithm.inversion import INVERSION_SCHEDULER
+    if image is not None:  # named by the preset when its scheduler is the one refused
+        from adapedit.algorithm.inversion import check_sampler
 
-        if sampler.scheduler != INVERSION_SCHEDULER:  # the preset's, not one asked for
-            raise ConfigError(
-                f"--preset {a.preset} samples with {sampler.scheduler}, and an edit of a given "
-                f"image needs {INVERSION_SCHEDULER} (its inversion is DDIM's equation)",
-                where="adapedit edit --image",
-                expected=f"--scheduler {INVERSION_SCHEDULER} beside --preset {a.preset}, or "
-                "another preset",
-                got=f"--preset {a.preset}",
-                field="scheduler",
-            )
+        check_sampler(sampler, "adapedit edit --image", None if a.scheduler else a.preset)
     backend = a.backend or ("engine" if a.engine_dir else "torch")
     if backend == "engine":
         if not a.engine_dir:
@@ -602,9 +593,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     (bad input, a model or engine that cannot be used), 1 for an internal error (its traceback
     with ``--debug``)."""
     args = build_parser().parse_args(argv)
-    if getattr(args, "quiet", False):
-        _quiet_libraries()
     try:
+        if getattr(args, "quiet", False) and args.func in (cmd_edit, cmd_demo, cmd_export):
+            _quiet_libraries()  # the commands that load models
         return args.func(args)
     except AdapEditError as e:
         print(f"adapedit: error: {e}", file=sys.stderr)

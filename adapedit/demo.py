@@ -35,7 +35,7 @@ def run_demo(
     from adapedit.export.api import DEFAULT_BATCHES, ExportOptions, export_model
     from adapedit.runtime.session import EditSession
 
-    out = check_output_folder(out, "demo --out")
+    out = check_output_folder(out, "adapedit demo --out")
     edit, sampler = EditConfig(), SamplerConfig(steps=steps, seed=seed)
     components = load_model(model)
     reference = ReferencePipeline(components)

@@ -35,21 +35,23 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
 
 def check_output_folder(out: str | Path, where: str) -> Path:
     """``out`` as a folder to write into, refused before any work when it cannot be one: it, or
-    the nearest folder above it that exists, is a file, or cannot be written.
+    the nearest path above it that exists, is a file (or a link to nothing), or cannot be
+    written.
 
     Raises:
         ConfigError: naming the path in the way.
     """
     out = Path(out)
     for p in (out, *out.parents):
-        if not p.exists():
+        if not os.path.lexists(p):
             continue
-        if not p.is_dir():
+        if not p.is_dir():  # a file, or a link to none (which a write would fail on too)
+            kind = "a link to nothing" if not p.exists() else "a file"
             raise ConfigError(
                 "the output folder cannot be made",
                 where=where,
                 expected="a folder, or a path that does not exist yet",
-                got=f"{p} is a file",
+                got=f"{p} is {kind}",
             )
         if not os.access(p, os.W_OK | os.X_OK):
             raise ConfigError(

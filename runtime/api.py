@@ -330,7 +330,8 @@ def parse_edit_request(
     image_config = ImageConfig(**image_options)
     image = None
     if request.get("image") is not None:
-        check_sampler(sampler, where=where)
+        # named by the preset when its scheduler is the one refused
+        check_sampler(sampler, where, None if "scheduler" in request else request.get("preset"))
         image = parse_image(request["image"], where=where, max_pixels=max_pixels)
     return EditRequest(source, target, edit, sampler, image, image_config)
 

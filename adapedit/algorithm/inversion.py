@@ -53,21 +53,30 @@ def check_model(scheduler_config: Mapping[str, Any], model: str) -> None:
         )
 
 
-def check_sampler(sampler: SamplerConfig, where: str = "image edit") -> None:
-    """Refuse a sampler whose steps the DDIM inversion does not invert.
+def check_sampler(
+    sampler: SamplerConfig, where: str = "image edit", preset: str | None = None
+) -> None:
+    """Refuse a sampler whose steps the DDIM inversion does not invert; ``preset``: the preset
+    whose scheduler it is, when none was asked for (the message then names the preset).
 
     Raises:
         ConfigError: a scheduler other than DDIM (``field`` ``scheduler``).
     """
-    if sampler.scheduler != INVERSION_SCHEDULER:
-        raise ConfigError(
-            "editing an image needs the DDIM scheduler: the inversion is DDIM's equation run "
-            "backwards, and the other schedulers' steps are not its inverse",
-            where=where,
-            expected=INVERSION_SCHEDULER,
-            got=sampler.scheduler,
-            field="scheduler",
-        )
+    if sampler.scheduler == INVERSION_SCHEDULER:
+        return
+    why = (
+        "the inversion is DDIM's equation run backwards, and the other schedulers' steps are "
+        "not its inverse"
+    )
+    if preset is None:
+        what, expected = f"editing an image needs the DDIM scheduler: {why}", INVERSION_SCHEDULER
+    else:
+        what = f"preset {preset!r} samples with {sampler.scheduler}, and editing an image needs "
+        what += f"the DDIM scheduler: {why}"
+        expected = f"scheduler {INVERSION_SCHEDULER} beside preset {preset!r}, or another preset"
+    raise ConfigError(
+        what, where=where, expected=expected, got=sampler.scheduler, field="scheduler"
+    )
 
 
 def inversion_schedule(scheduler) -> tuple[torch.Tensor, torch.Tensor]:

@@ -251,15 +251,29 @@ def build_random(name: str, seed: int = 0) -> Components:
 
 
 _MARKERS = {"tokenizer": ("vocab.json", "tokenizer.json"), "scheduler": ("scheduler_config.json",)}
-#: The weight files ``from_pretrained`` reads (no variant), one of which each model must hold.
-_DIFFUSERS_WEIGHTS = tuple(
-    f"diffusion_pytorch_model.{x}" for x in ("safetensors", "bin", "safetensors.index.json")
-)
-_WEIGHTS = {
-    "unet": _DIFFUSERS_WEIGHTS,
-    "vae": _DIFFUSERS_WEIGHTS,
-    "text_encoder": ("model.safetensors", "pytorch_model.bin", "model.safetensors.index.json"),
-}
+
+
+def _weight_files(component: str) -> tuple[str, ...]:
+    """The weight files (no variant) that ``from_pretrained`` loads ``component`` from, one of
+    which it must hold, by the libraries' own names (none for the tokenizer and scheduler)."""
+    if component == "text_encoder":
+        from transformers.utils import (
+            SAFE_WEIGHTS_INDEX_NAME,
+            SAFE_WEIGHTS_NAME,
+            WEIGHTS_INDEX_NAME,
+            WEIGHTS_NAME,
+        )
+
+        return (SAFE_WEIGHTS_NAME, WEIGHTS_NAME, SAFE_WEIGHTS_INDEX_NAME, WEIGHTS_INDEX_NAME)
+    if component in ("unet", "vae"):  # diffusers loads no sharded .bin of these
+        from diffusers.utils.constants import (
+            SAFE_WEIGHTS_INDEX_NAME,
+            SAFETENSORS_WEIGHTS_NAME,
+            WEIGHTS_NAME,
+        )
+
+        return (SAFETENSORS_WEIGHTS_NAME, WEIGHTS_NAME, SAFE_WEIGHTS_INDEX_NAME)
+    return ()
 
 
 def load_folder(path: str | Path, name: str | None = None) -> Components:
@@ -280,7 +294,7 @@ def load_folder(path: str | Path, name: str | None = None) -> Components:
     for comp in COMPONENTS:
         for what, markers in (
             (comp, _MARKERS.get(comp, ("config.json",))),
-            (f"{comp} weights", _WEIGHTS.get(comp, ())),
+            (f"{comp} weights", _weight_files(comp)),
         ):
             if markers and not any((path / comp / m).is_file() for m in markers):
                 held = path / comp if (path / comp).is_dir() else path

@@ -96,14 +96,19 @@ def test_an_output_folder_that_cannot_be_made_is_refused_before_model_work(
     """A file where the output folder would be (or above it) is exit 2 before any model loads
     or runs, not an internal error once the edit is done."""
     (tmp_path / "afile").write_text("mine")
-    for out in (tmp_path / "afile", tmp_path / "afile" / "sub"):
-        prompts = [SRC, TGT] if command == "edit" else []
-        assert main([command, *prompts, "--steps", "2", "--quiet", "--out", str(out)]) == 2
+    (tmp_path / "dangling").symlink_to(tmp_path / "nowhere")
+    prompts = [SRC, TGT] if command == "edit" else []
+    for out, got in (
+        ("afile", "afile is a file"),
+        ("afile/sub", "afile is a file"),
+        ("dangling", "dangling is a link to nothing"),
+    ):
+        args = [command, *prompts, "--steps", "2", "--quiet", "--out", str(tmp_path / out)]
+        assert main(args) == 2
         err = capsys.readouterr().err
-        assert (
-            "the output folder cannot be made" in err and f"{tmp_path / 'afile'} is a file" in err
-        )
-    assert (tmp_path / "afile").read_text() == "mine"
+        assert "the output folder cannot be made" in err and str(tmp_path / got) in err
+        assert f"where: adapedit {command} --out" in err
+    assert (tmp_path / "afile").read_text() == "mine" and not (tmp_path / "nowhere").exists()
     assert forbid_model_work == []
 
 
@@ -269,7 +274,7 @@ def test_edit_of_a_given_image_writes_it_at_the_models_size_and_records_it(image
         (["--image", "good.png", "--scheduler", "pndm"], "needs the DDIM scheduler"),
         (  # a preset's scheduler, not one asked for: the message names the preset
             ["--image", "good.png", "--preset", "fast", "--calibration-steps", "2"],
-            "--preset fast samples with dpmpp",
+            "preset 'fast' samples with dpmpp",
         ),
         (["--inversion", "ddim"], "--inversion is only for an edit of a given image"),
     ],

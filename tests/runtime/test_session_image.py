@@ -93,12 +93,20 @@ def test_plain_edit_takes_the_image_as_bytes_base64_or_array(tiny_session, image
     [
         ({"image": "not base64!"}, ConfigError, "image", "not base64"),
         ({"image": 12}, ConfigError, "image", "wrong type"),
-        ({"image": base64.b64encode(b"GIF89a...").decode()}, InputError, "image", "not an image"),
+        (
+            {"image": base64.b64encode(b"GIF89a...").decode()},
+            InputError,
+            "image",
+            "not a PNG, JPEG or WebP image",
+        ),
         ({"image": SMALL}, InputError, "image", "too small"),
         ({"image": IMG, "inversion": "null-text"}, ConfigError, "inversion", "unknown inversion"),
         ({"image": IMG, "resize": 3}, ConfigError, "resize", "wrong type"),
         ({"inversion": "ddim"}, ConfigError, "inversion", "only for an edit of a given image"),
         ({"image": IMG, "scheduler": "euler"}, ConfigError, "scheduler", "DDIM"),
+        # a preset's scheduler, none asked for: the message names the preset
+        ({"image": IMG, "preset": "fast"}, ConfigError, "scheduler", "preset 'fast' samples"),
+        ({"image": IMG, "preset": "fast", "scheduler": "euler"}, ConfigError, "scheduler", "^edit"),
     ],
 )
 def test_bad_image_requests_name_the_field(image, request_fields, error, field, match, png):
