@@ -527,16 +527,16 @@ class _App:
             body = await request.body()
         except Exception:  # ClientDisconnect; under Ray Serve, its errors when its proxy lost it
             return CLIENT_CLOSED, None
+        where, wanted = "POST /edit: the body", "a JSON object (UTF-8) of the edit's fields"
         depth = json_depth(body, MAX_JSON_DEPTH)
         if depth > MAX_JSON_DEPTH:
             e = InputError(
                 "the JSON body nests too deeply",
-                where="POST /edit: the body",
+                where=where,
                 expected=f"arrays and objects nested at most {MAX_JSON_DEPTH} levels",
                 got=f"more than {MAX_JSON_DEPTH} levels",
             )
             return 400, _error_of(400, e)
-        where, wanted = "POST /edit: the body", "a JSON object (UTF-8) of the edit's fields"
         try:
             fields = json.loads(body)
         except (UnicodeDecodeError, json.JSONDecodeError) as e:

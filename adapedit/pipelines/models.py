@@ -110,14 +110,16 @@ def torch_device(device: str | torch.device, where: str = "device") -> torch.dev
     """
     try:
         d = torch.device(device)
-    except (RuntimeError, TypeError) as e:
+    except (RuntimeError, TypeError):
+        d = None
+    if d is None or d.type not in ("cpu", "cuda"):
         raise ConfigError(
-            "unknown device",
+            "unknown device" if d is None else "unsupported device",
             where=where,
             expected="cpu | cuda | cuda:N",
-            got=device,
+            got=device if d is None else str(d),
             field="device",
-        ) from e
+        )
     if d.type == "cuda":
         count = torch.cuda.device_count() if torch.cuda.is_available() else 0
         if count == 0 or (d.index or 0) >= count:
@@ -130,14 +132,6 @@ def torch_device(device: str | torch.device, where: str = "device") -> torch.dev
                 f"{count} GPU(s) visible",
                 field="device",
             )
-    elif d.type != "cpu":
-        raise ConfigError(
-            "unsupported device",
-            where=where,
-            expected="cpu | cuda | cuda:N",
-            got=str(d),
-            field="device",
-        )
     return d
 
 
